@@ -1,0 +1,16 @@
+import pytest
+from hydra import compose, initialize_config_dir
+
+from vae_cli.cli import _register_resolvers, config_dir
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose a config exactly as `vae <command>` would, without running it."""
+    _register_resolvers()
+
+    def _compose(overrides=(), name="train"):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+
+    return _compose

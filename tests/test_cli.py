@@ -1,0 +1,148 @@
+"""The real `vae` command in a subprocess on tiny offline data: train -> eval -> sample,
+resume, sweeps, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = ["dataset=shapes", "dataset.image_size=16", "dataset.n_train=256", "dataset.n_val=64",
+        "dataset.n_test=64", "trainer.batch_size=32", "trainer.epochs=2", "trainer.device=cpu",
+        "trainer.num_images=16"]
+TINY = [*DATA, "model.hidden=[64]", "model.latent_dim=4"]
+
+
+def vae(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", "vae_cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vae {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def rows(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    vae("train", *TINY, f"dataset.root={tmp / 'data'}", f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+    return tmp / "run"
+
+
+def test_train_writes_a_complete_run_folder(trained):
+    for name in ["checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv",
+                 ".hydra/config.yaml", "images/reconstructions_002.png",
+                 "images/samples_002.png", "train.log"]:
+        assert (trained / name).is_file(), name
+    table = rows(trained)
+    assert [r["epoch"] for r in table] == ["1", "2"]
+    for key in ["train_loss", "train_recon", "train_div", "val_loss", "val_nelbo", "val_bpd"]:
+        assert torch.isfinite(torch.tensor(float(table[-1][key]))), key
+    ckpt = torch.load(trained / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["latent_dim"] == 4 and ckpt["state"]["epoch"] == 2
+
+
+def test_eval_writes_json_and_prints_a_table(trained):
+    out = vae("eval", f"ckpt={trained / 'checkpoints/best.pt'}", "eval.split=val",
+              cwd=trained.parent)
+    result = json.loads((trained / "eval.json").read_text())
+    assert result["split"] == "val" and result["examples"] == 64
+    assert result["nelbo"] == pytest.approx(result["recon"] + result["div"])
+    assert result["bpd"] > 0 and "nelbo" in out.stdout
+
+
+def test_sample_writes_grid_and_tensor(trained):
+    vae("sample", f"ckpt={trained / 'checkpoints/best.pt'}", "num_samples=10", "seed=3",
+        cwd=trained.parent)
+    assert (trained / "samples_seed3.png").is_file()
+    saved = torch.load(trained / "samples_seed3.pt", weights_only=True)
+    assert saved["images"].shape == (10, 1, 16, 16) and saved["z"].shape == (10, 4)
+    assert 0 <= saved["images"].min() and saved["images"].max() <= 1
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = f"dataset.root={tmp_path / 'data'}"
+    vae("train", *TINY, data, "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'full'}",
+        cwd=tmp_path)
+    vae("train", *TINY, data, f"hydra.run.dir={tmp_path / 'part'}", cwd=tmp_path)
+    original = (tmp_path / "part/.hydra/config.yaml").read_text()
+    vae("train", f"ckpt={tmp_path / 'part/checkpoints/last.pt'}", "trainer.epochs=3",
+        cwd=tmp_path)
+    full, part = rows(tmp_path / "full"), rows(tmp_path / "part")
+    drop = {"seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in part] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in full]
+    a = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "part/.hydra/config.yaml").read_text() == original
+    assert list((tmp_path / "part/.hydra").glob("resume-*/config.yaml"))
+
+
+def test_resume_flag_and_refusals(tmp_path):
+    run = tmp_path / "run"
+    base = [*TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}"]
+    vae("train", *base, "trainer.epochs=1", cwd=tmp_path)
+    again = vae("train", *base, cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "trainer.resume=true" in again.stderr
+    vae("train", *base, "trainer.resume=true", cwd=tmp_path)
+    assert len(rows(run)) == 2
+    changed = vae("train", *base, "trainer.resume=true", "trainer.epochs=3",
+                  "model.latent_dim=5", cwd=tmp_path, check=False)
+    assert changed.returncode == 2 and "model.latent_dim=5" in changed.stderr
+    assert len(rows(run)) == 2
+
+
+def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    vae("train", "-m", *DATA, "trainer.epochs=1", f"dataset.root={tmp_path / 'data'}",
+        "model=mlp,conv", "model.latent_dim=4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    for job in ("0", "1"):
+        assert len(rows(sweep / job)) == 1
+        assert (sweep / job / "checkpoints/best.pt").is_file()
+    assert "conv" in (sweep / "1/.hydra/config.yaml").read_text()
+
+
+def test_help_and_cfg(tmp_path):
+    assert "train" in vae("--help", cwd=tmp_path).stdout
+    assert "vae train" in vae("train", "--help", cwd=tmp_path).stdout
+    job = vae("train", "--cfg", "job", "model=conv", cwd=tmp_path).stdout
+    assert "vae_cli.nets.conv.build" in job and "latent_dim" in job
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "trainer.epochs=abc"], "trainer.epochs"),
+    (["train", "model.latent_dim=0"], "model.latent_dim"),
+    (["train", "trainer.batch_size=100000", "dataset.n_train=64"], "batch_size"),
+    (["eval"], "ckpt"),
+    (["eval", "ckpt=nowhere/best.pt"], "does not exist"),
+    (["sample", "ckpt=README.md"], "not a readable vae checkpoint"),
+    (["bogus"], "unknown command"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, fragment):
+    if args[0] == "sample":
+        (tmp_path / "README.md").write_text("not a checkpoint\n")
+    if args[0] == "train":
+        args = [*args, f"hydra.run.dir={tmp_path / 'run'}", f"dataset.root={tmp_path}"]
+    proc = vae(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_group_option_is_refused(tmp_path):
+    proc = vae("train", "model=transformer", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "model/transformer" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,3 @@
+from vae_cli.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Checkpoints: atomic save, safe load (weights_only), and refusal of foreign files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_cli.config import check_targets
+from vae_cli.errors import UserError
+
+FORMAT = "vae_cli.checkpoint/1"
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: a reader sees the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path | None) -> dict[str, Any]:
+    """Load a checkpoint of ours without running any code from the file."""
+    if not path:
+        raise UserError("no checkpoint given; pass ckpt=outputs/<run>/checkpoints/best.pt")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass ckpt=<run>/checkpoints/best.pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
+            AttributeError, TypeError, UnicodeDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable vae checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a vae checkpoint (no {FORMAT!r} marker)")
+    for key in ("config", "model"):
+        if key not in ckpt:
+            raise UserError(f"{path} is an incomplete vae checkpoint (no {key!r})")
+    check_targets(ckpt["config"], "checkpoint config")
+    return ckpt
+
+
+def run_dir_of(ckpt_path: str | Path) -> Path:
+    """The run folder a checkpoint belongs to: <run>/checkpoints/x.pt -> <run>."""
+    p = Path(ckpt_path).resolve().parent
+    return p.parent if p.name == "checkpoints" else p

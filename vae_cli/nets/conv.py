@@ -1,0 +1,55 @@
+"""DCGAN-style convolutional encoder/decoder for square images (28, 32, 64, ...)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vae_cli.errors import UserError
+from vae_cli.nets.mlp import Unflatten
+
+
+def _plan(size: int) -> list[int]:
+    """Spatial sizes after each stride-2 conv: halve while even and above 4.
+
+    28 -> 14 -> 7, 32 -> 16 -> 8 -> 4, 64 -> ... -> 4: one rule covers MNIST, CIFAR and
+    dSprites/CelebA sizes without padding the input.
+    """
+    sizes = [size]
+    while sizes[-1] % 2 == 0 and sizes[-1] > 4:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
+          fc_hidden: int = 256, *, shape: tuple[int, int, int],
+          out_mult: int = 1) -> tuple[nn.Module, nn.Module]:
+    """Conv(4, stride 2) blocks doubling channels, a hidden linear layer, then 2z outputs."""
+    c, h, w = shape
+    if h != w:
+        raise UserError(f"model=conv needs square images, got {h}x{w}; use model=mlp")
+    sizes = _plan(h)
+    if len(sizes) < 3:
+        raise UserError(f"model=conv needs images of at least 16x16 that halve twice, got "
+                        f"{h}x{w}; use model=mlp")
+    if channels <= 0 or fc_hidden <= 0:
+        raise UserError("model.channels and model.fc_hidden must be positive")
+    widths = [min(channels * 2**i, max_channels) for i in range(len(sizes) - 1)]
+    enc: list[nn.Module] = []
+    n_in = c
+    for n_out in widths:
+        enc += [nn.Conv2d(n_in, n_out, 4, 2, 1), nn.ReLU()]
+        n_in = n_out
+    flat = widths[-1] * sizes[-1] ** 2
+    encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(flat, fc_hidden), nn.ReLU(),
+                            nn.Linear(fc_hidden, 2 * latent_dim))
+    dec: list[nn.Module] = [nn.Linear(latent_dim, fc_hidden), nn.ReLU(),
+                            nn.Linear(fc_hidden, flat), nn.ReLU(),
+                            Unflatten((widths[-1], sizes[-1], sizes[-1]))]
+    rev = widths[::-1]
+    for i, n_in in enumerate(rev):
+        last = i == len(rev) - 1
+        n_out = c * out_mult if last else rev[i + 1]
+        dec.append(nn.ConvTranspose2d(n_in, n_out, 4, 2, 1))
+        if not last:
+            dec.append(nn.ReLU())
+    return encoder, nn.Sequential(*dec)

@@ -1,0 +1,212 @@
+"""The training recipe: setup, loop, validate, checkpoint, pictures. Read top to bottom."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from vae_cli import checkpoint
+from vae_cli.batching import shuffled, to_unit
+from vae_cli.build import autocast, build_model, build_optimizer, resolve_device
+from vae_cli.config import COMPONENTS, instantiate, validate
+from vae_cli.errors import UserError
+from vae_cli.evaluate import evaluate, means
+from vae_cli.images import save_reconstructions, save_samples
+
+log = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """metrics.csv, one row per epoch; appends on resume with the same columns."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.columns: list[str] | None = None
+        if path.exists():
+            with path.open() as f:
+                self.columns = next(csv.reader(f), None)
+
+    def append(self, row: dict) -> None:
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+
+
+def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: ckpt=..., or last.pt when trainer.resume=true."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.get("ckpt"):
+        return Path(cfg.ckpt)
+    if cfg.trainer.resume:
+        if not last.exists():
+            raise UserError(f"trainer.resume=true but {last} does not exist; "
+                            "set hydra.run.dir=<run folder> or ckpt=<path>")
+        return last
+    if last.exists():
+        raise UserError(f"{run_dir} already holds checkpoints; pass trainer.resume=true to "
+                        "continue it or choose another hydra.run.dir")
+    return None
+
+
+def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> DictConfig:
+    """The checkpoint's config, with this command's trainer/optim/seed overrides on top.
+
+    Component choices (dataset, model, ...) define the weights, so changing one is refused.
+    """
+    cfg = OmegaConf.create(saved)
+    for ov in overrides:
+        key = ov.lstrip("+~").split("=", 1)[0]
+        head = key.split(".")[0].split("@")[0]
+        if head in ("ckpt", "hydra") or key == "trainer.resume":
+            continue
+        if head in COMPONENTS:
+            if key == head:  # a group choice: compare the resulting nodes
+                here, there = ov.split("=", 1)[1], "another option"
+                same = OmegaConf.to_container(current[head], resolve=True) == saved[head]
+            else:
+                here, there = OmegaConf.select(current, key), OmegaConf.select(cfg, key)
+                same = here == there
+            if not same:
+                raise UserError(f"{key}={here} differs from the checkpoint ({there}); a resumed "
+                                "run keeps its dataset/model/prior/divergence/loss")
+            continue
+        OmegaConf.update(cfg, key, OmegaConf.select(current, key), force_add=True)
+    return cfg
+
+
+def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state: dict,
+                desc: str) -> dict[str, float]:
+    """One pass over the training split; metrics stay on the device until the end."""
+    t = cfg.trainer
+    device = data.train.device
+    sums: dict[str, torch.Tensor] = {}
+    nonfinite = torch.zeros((), device=device)
+    n = len(data.train) // t.batch_size
+    bar = tqdm(total=n, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    model.train()
+    for i, xb in enumerate(shuffled(data.train, t.batch_size, order, data.binarize)):
+        with autocast(device, t.precision):
+            out = model(xb)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        state["step"] += 1
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0) + v.detach()
+        nonfinite += ~torch.isfinite(out["loss"].detach())
+        if (i + 1) % t.log_every == 0 or i + 1 == n:
+            check_finite(nonfinite, state["step"], t.log_every)
+            bar.set_postfix(loss=f"{out['loss'].item():.3f}", refresh=False)
+            bar.update((i + 1) - bar.n)
+    bar.close()
+    return means(sums, n)
+
+
+def check_finite(nonfinite: torch.Tensor, step: int, window: int) -> None:
+    if nonfinite.item():
+        raise UserError(f"loss became non-finite within steps {max(1, step - window + 1)}.."
+                        f"{step}; the last good checkpoint is kept (lower optim.lr?)")
+
+
+def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
+    """Train from a validated config; writes everything into run_dir. Returns a summary."""
+    cfg = validate(cfg)
+    t = cfg.trainer
+    run_dir = Path(run_dir)
+    device = resolve_device(t.device)
+    seed_all(cfg.seed)
+
+    data = instantiate(cfg.dataset)
+    if t.batch_size > len(data.train):
+        raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
+                        f"({len(data.train)} examples)")
+    data = data.to(device)
+    model = build_model(cfg, data.shape).to(device)
+    opt = build_optimizer(cfg.optim, model.parameters())
+    state = {"epoch": 0, "step": 0, "best_val": math.inf, "bad_epochs": 0}
+    order = torch.Generator().manual_seed(cfg.seed)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+        state.update(ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        order.set_state(ckpt["rng"]["order"])
+        log.info("resumed at epoch %d, step %d", state["epoch"], state["step"])
+    log.info("%s on %s: %d parameters, data %s x %d", cfg.model._target_, device,
+             sum(p.numel() for p in model.parameters()), tuple(data.shape), len(data.train))
+
+    ckpt_dir, img_dir = run_dir / "checkpoints", run_dir / "images"
+    metrics = MetricsLog(run_dir / "metrics.csv")
+    x_show = to_unit(data.val[: t.num_images])
+    z_show = torch.randn(t.num_images, model.latent_dim,
+                         generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    while state["epoch"] < t.epochs:
+        epoch, start = state["epoch"] + 1, time.perf_counter()
+        tr = train_epoch(model, opt, data, cfg, order, state, f"epoch {epoch}/{t.epochs}")
+        va = evaluate(model, data.val, t.batch_size, t.precision)
+        if not math.isfinite(va["loss"]):
+            raise UserError(f"validation loss is non-finite after epoch {epoch}; "
+                            "the last good checkpoint is kept (lower optim.lr?)")
+        state["epoch"] = epoch
+        improved = va["loss"] < state["best_val"]
+        state["best_val"] = min(state["best_val"], va["loss"])
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        seconds = time.perf_counter() - start
+        metrics.append({"epoch": epoch, "step": state["step"],
+                        **{f"train_{k}": v for k, v in tr.items()},
+                        **{f"val_{k}": v for k, v in va.items()}, "seconds": seconds})
+        payload = {"config": container, "shape": list(data.shape), "model": model.state_dict(),
+                   "optim": opt.state_dict(), "state": dict(state),
+                   "rng": {**rng_state(), "order": order.get_state()}}
+        checkpoint.save(ckpt_dir / "last.pt", payload)
+        if improved:
+            checkpoint.save(ckpt_dir / "best.pt", payload)
+        if epoch % t.image_every == 0 or epoch == t.epochs:
+            model.eval()
+            save_reconstructions(model, x_show, img_dir / f"reconstructions_{epoch:03d}.png")
+            save_samples(model, z_show, img_dir / f"samples_{epoch:03d}.png")
+        log.info("epoch %d/%d  train %.3f  val %.3f (recon %.3f, div %.3f)%s  %.1fs", epoch,
+                 t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
+                 "  *" if improved else "", seconds)
+        if t.patience and state["bad_epochs"] >= t.patience:
+            log.info("early stop: no val improvement in %d epochs", t.patience)
+            break
+    return {"best_val": state["best_val"], "epoch": state["epoch"], "step": state["step"],
+            "run_dir": str(run_dir)}
