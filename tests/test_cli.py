@@ -146,3 +146,26 @@ def test_unknown_group_option_is_refused(tmp_path):
     proc = vae("train", "model=transformer", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "model/transformer" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_wheel_ships_the_config_tree(tmp_path):
+    """A non-editable install must find configs/ inside the package."""
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path / "dist"), str(repo)], check=True, capture_output=True,
+                   timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(site)
+    assert "vae_cli/configs/train.yaml" in names and "vae_cli/configs/model/conv.yaml" in names
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import vae_cli.cli as c; print(c.config_dir())"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.strip().startswith(str(site))
+    job = subprocess.run([sys.executable, "-m", "vae_cli", "train", "--cfg", "job"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, check=True)
+    assert "vae_cli.data.shapes" in job.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ def load(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass ckpt=<run>/checkpoints/best.pt")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles; we refuse them anyway
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
             AttributeError, TypeError, UnicodeDecodeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
