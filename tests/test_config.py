@@ -10,7 +10,7 @@ from vae_cli.errors import UserError
 def test_default_config_validates_and_builds(compose_cfg):
     cfg = validate(compose_cfg())
     assert cfg.trainer.device == "auto"
-    model = build_model(cfg, (1, 32, 32))
+    model = build_model(cfg, (1, 32, 32), 100)
     assert model.latent_dim == cfg.model.latent_dim
 
 

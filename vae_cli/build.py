@@ -24,15 +24,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: DictConfig, shape: tuple[int, int, int]) -> VAE:
-    """Instantiate the five components and check that they fit together."""
-    latent_dim = int(cfg.model.latent_dim)
-    likelihood = instantiate(cfg.loss)
-    encoder, decoder = instantiate(cfg.model, shape=tuple(shape), out_mult=likelihood.out_mult)
-    prior = instantiate(cfg.prior, latent_dim=latent_dim)
-    divergence = instantiate(cfg.divergence)
-    divergence.check(prior)
-    return VAE(encoder, decoder, prior, divergence, likelihood, latent_dim)
+def build_model(cfg: DictConfig, shape: tuple[int, int, int], dataset_size: int) -> VAE:
+    """Instantiate the components and check, before any work, that they fit together."""
+    shape = tuple(shape)
+    runtime = {"shape": shape, "latent_dim": int(cfg.model.latent_dim),
+               "dataset_size": int(dataset_size)}
+    likelihood = instantiate(cfg.loss, **runtime)
+    encoder, decoder = instantiate(cfg.model, out_mult=likelihood.out_mult, **runtime)
+    prior = instantiate(cfg.prior, **runtime)
+    divergence = instantiate(cfg.divergence, **runtime)
+    schedule = instantiate(cfg.schedule, **runtime)
+    iw = int(cfg.trainer.iw_samples)
+    if iw > 1 and not divergence.bounds_likelihood:
+        raise UserError(f"trainer.iw_samples={iw} needs a likelihood bound; "
+                        f"divergence={type(divergence).__name__} is not one: use divergence=kl")
+    model = VAE(encoder, decoder, prior, divergence, likelihood, runtime["latent_dim"],
+                schedule, iw)
+    divergence.check(prior)  # after VAE() bound the encoder to a VampPrior
+    return model
 
 
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -56,7 +65,7 @@ def load_model(path: str, device: torch.device) -> tuple[VAE, dict]:
 
     ckpt = checkpoint.load(path)
     cfg = validate(OmegaConf.create(ckpt["config"]))
-    model = build_model(cfg, tuple(ckpt["shape"]))
+    model = build_model(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1))
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:

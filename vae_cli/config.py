@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vae_cli.errors import UserError
 
-COMPONENTS = ("dataset", "model", "prior", "divergence", "loss")
+COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule")
 
 
 @dataclasses.dataclass
@@ -34,6 +34,7 @@ class TrainerConfig:
     log_every: int = 50  # steps between progress-bar refreshes (each one syncs)
     image_every: int = 1  # epochs between reconstruction/sample grids
     num_images: int = 64
+    iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
 
 
 @dataclasses.dataclass
@@ -141,7 +142,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     t, o = cfg.trainer, cfg.optim
     positive = {"trainer.epochs": t.epochs, "trainer.batch_size": t.batch_size,
                 "trainer.log_every": t.log_every, "trainer.image_every": t.image_every,
-                "trainer.num_images": t.num_images, "model.latent_dim": cfg.model.latent_dim}
+                "trainer.num_images": t.num_images, "trainer.iw_samples": t.iw_samples,
+                "model.latent_dim": cfg.model.latent_dim}
     for key, value in positive.items():
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"{key}={value} must be a positive integer")
@@ -161,10 +163,13 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 
 def instantiate(node: DictConfig, **runtime: Any) -> Any:
-    """Call a component's ``_target_`` with its keys plus runtime arguments."""
+    """Call a component's ``_target_`` with its keys plus those runtime arguments (data
+    shape, latent size, dataset size...) that its signature asks for."""
+    fn = locate(node._target_)
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
               if k != "_target_"}
-    return locate(node._target_)(**kwargs, **runtime)
+    params = inspect.signature(fn).parameters
+    return fn(**kwargs, **{k: v for k, v in runtime.items() if k in params and k not in kwargs})
 
 
 def dataset_config(saved: dict, overrides: DictConfig | None) -> DictConfig:

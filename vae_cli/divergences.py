@@ -1,25 +1,33 @@
 """Divergences that pull q(z|x) towards p(z), weighted by beta in the objective.
 
 Protocol: ``forward(q, z, prior)`` gets the posterior distribution, the sample z used for
-the reconstruction and the prior module, and returns a dict of batch-mean scalars whose
+the reconstruction and the prior module, and returns a dict of batch-level scalars whose
 "div" entry enters the loss; other entries are logged as extra metric columns.
 ``check(prior)`` runs at start-up and refuses impossible combinations with one line.
+Sample-based divergences (mmd, sliced, adversarial) compare the batch of z, i.e. the
+aggregate posterior, with as many prior samples: they need a batch of at least 2.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vae_cli.errors import UserError
 from vae_cli.priors import Prior
 
 ESTIMATORS = ("auto", "analytic", "mc")
+KERNELS = ("imq", "rbf")
+# WAE's scales: the base bandwidth C = 2 * d * sigma_p^2 times each of these.
+MMD_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 class Divergence(nn.Module):
-    # True when recon + div is a negative ELBO (at beta = 1): enables nelbo/bits-per-dim.
+    # True when recon + KL is a negative ELBO: enables nelbo, bits/dim and the IWAE bound.
+    # The KL is the "kl" entry of forward's result when present, else "div".
     bounds_likelihood: bool = False
 
     def __init__(self, beta: float = 1.0):
@@ -31,8 +39,16 @@ class Divergence(nn.Module):
     def check(self, prior: Prior) -> None:
         """Refuse a prior this divergence cannot handle (called once before training)."""
 
+    def weight(self) -> float:
+        """The factor on div in the objective (before any schedule)."""
+        return self.beta
+
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def _probe(latent_dim: int) -> Distribution:
+    return Independent(Normal(torch.zeros(1, latent_dim), torch.ones(1, latent_dim)), 1)
 
 
 def _has_closed_form(q: Distribution, p: Distribution) -> bool:
@@ -47,30 +63,212 @@ class KL(Divergence):
     """KL(q(z|x) || p(z)): closed form when torch.distributions has one, else Monte Carlo.
 
     The Monte Carlo estimate log q(z|x) - log p(z) uses the same z as the reconstruction,
-    so it is unbiased and costs no extra decoder pass.
+    so it is unbiased and costs no extra decoder pass. ``free_bits`` (Kingma et al. 2016)
+    floors the batch-mean KL of each latent dimension at that many nats.
     """
 
     bounds_likelihood = True
 
-    def __init__(self, beta: float = 1.0, estimator: str = "auto"):
+    def __init__(self, beta: float = 1.0, estimator: str = "auto", free_bits: float = 0.0):
         super().__init__(beta)
         if estimator not in ESTIMATORS:
             raise UserError(f"divergence.estimator={estimator!r} is not one of {ESTIMATORS}")
-        self.estimator = estimator
+        if free_bits < 0:
+            raise UserError(f"divergence.free_bits={free_bits} must be >= 0")
+        self.estimator, self.free_bits = estimator, float(free_bits)
         self._analytic: bool | None = None
 
     def check(self, prior: Prior) -> None:
-        z = torch.zeros(1, prior.latent_dim)
-        probe = torch.distributions.Independent(torch.distributions.Normal(z, 1.0), 1)
-        closed = _has_closed_form(probe, prior.dist())
+        closed = _has_closed_form(_probe(prior.latent_dim), prior.dist())
         if self.estimator == "analytic" and not closed:
             raise UserError(f"divergence.estimator=analytic has no closed form against "
                             f"{type(prior).__name__}; use divergence.estimator=mc or auto")
         self._analytic = closed and self.estimator != "mc"
+        if self.free_bits and not self._analytic:
+            raise UserError("divergence.free_bits needs a per-dimension KL, i.e. a diagonal "
+                            "Gaussian prior (prior=normal or learned) and estimator auto")
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         if self._analytic is None:
             self.check(prior)
         p = prior.dist()
-        kl = kl_divergence(q, p) if self._analytic else q.log_prob(z) - p.log_prob(z)
-        return {"div": kl.mean()}
+        if not self._analytic:
+            return {"div": (q.log_prob(z) - p.log_prob(z)).mean()}
+        if not self.free_bits:
+            return {"div": kl_divergence(q, p).mean()}
+        per_dim = kl_divergence(q.base_dist, p.base_dist).mean(0)  # [D], batch mean
+        kl = per_dim.sum()
+        # The floor changes only the gradient: logged "kl" stays the true value.
+        return {"div": per_dim.clamp(min=self.free_bits).sum(), "kl": kl}
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b).pow(2)
+
+
+class MMD(Divergence):
+    """WAE-MMD (Tolstikhin et al. 2018) between the batch of z and prior samples.
+
+    Unbiased U-statistic: off-diagonal means within each sample (n(n-1) pairs), the full
+    mean across (n^2 pairs). Kernels summed over WAE's scales of C = 2 d sigma_p^2:
+    imq C / (C + |x-y|^2), or rbf exp(-|x-y|^2 / C).
+    """
+
+    def __init__(self, beta: float = 10.0, kernel: str = "imq", prior_scale: float = 1.0):
+        super().__init__(beta)
+        if kernel not in KERNELS:
+            raise UserError(f"divergence.kernel={kernel!r} is not one of {KERNELS}")
+        self.kernel, self.prior_scale = kernel, prior_scale
+
+    def k(self, d2: torch.Tensor, dim: int) -> torch.Tensor:
+        base = 2.0 * dim * self.prior_scale**2
+        out = torch.zeros_like(d2)
+        for s in MMD_SCALES:
+            c = base * s
+            out = out + (c / (c + d2) if self.kernel == "imq" else torch.exp(-d2 / c))
+        return out
+
+    def mmd(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n, m, d = len(x), len(y), x.shape[1]
+        if n < 2 or m < 2:
+            raise UserError("divergence=mmd needs trainer.batch_size >= 2")
+        kxx, kyy = self.k(_sq_dists(x, x), d), self.k(_sq_dists(y, y), d)
+        kxy = self.k(_sq_dists(x, y), d)
+        off = lambda k, n: (k.sum() - k.diagonal().sum()) / (n * (n - 1))  # noqa: E731
+        return off(kxx, n) + off(kyy, m) - 2 * kxy.mean()
+
+    def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
+        return {"div": self.mmd(z.float(), prior.sample(len(z)).float())}
+
+
+class SlicedWasserstein(Divergence):
+    """Sliced Wasserstein distance SW_p^p (Kolouri et al. 2019): project both batches on
+    random unit directions, sort each projection, average |difference|^p."""
+
+    def __init__(self, beta: float = 10.0, projections: int = 50, p: float = 2.0):
+        super().__init__(beta)
+        if projections < 1 or p < 1:
+            raise UserError("divergence.projections must be >= 1 and divergence.p >= 1")
+        self.projections, self.p = projections, p
+
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        theta = torch.randn(x.shape[1], self.projections, device=x.device)
+        theta = theta / theta.norm(dim=0, keepdim=True)
+        px, _ = (x @ theta).sort(dim=0)
+        py, _ = (y @ theta).sort(dim=0)
+        return (px - py).abs().pow(self.p).mean()
+
+    def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
+        return {"div": self.distance(z.float(), prior.sample(len(z)).float())}
+
+
+class Adversarial(Divergence):
+    """Wasserstein-1 between the aggregate posterior and the prior, estimated by a critic on
+    z with a gradient penalty (Gulrajani et al. 2017) standing in for the Lipschitz
+    constraint. The critic has its own Adam and takes ``critic_steps`` steps on detached
+    samples before each encoder step; the encoder then minimises E_q f(z) - E_p f(z)."""
+
+    def __init__(self, beta: float = 1.0, hidden: int = 256, critic_steps: int = 5,
+                 lr: float = 1e-4, gp_weight: float = 10.0, *, latent_dim: int):
+        super().__init__(beta)
+        if critic_steps < 1 or hidden < 1 or not lr > 0:
+            raise UserError("divergence.critic_steps, hidden and lr must be positive")
+        self.critic = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2),
+                                    nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+                                    nn.Linear(hidden, 1))
+        self.critic_steps, self.gp_weight = critic_steps, gp_weight
+        self.opt = torch.optim.Adam(self.critic.parameters(), lr=lr, betas=(0.5, 0.9))
+
+    def w1(self, zq: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        return self.critic(zq).mean() - self.critic(zp).mean()
+
+    def penalty(self, zq: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        eps = torch.rand(len(zq), 1, device=zq.device)
+        mid = (eps * zq + (1 - eps) * zp).requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.critic(mid).sum(), mid, create_graph=True)
+        return (grad.norm(dim=1) - 1).pow(2).mean()
+
+    def fit_critic(self, zq: torch.Tensor, prior: Prior, steps: int) -> torch.Tensor:
+        """Maximise the W1 estimate minus the penalty; returns the last estimate."""
+        with torch.enable_grad(), torch.autocast(zq.device.type, enabled=False):
+            for _ in range(steps):
+                zp = prior.sample(len(zq)).detach().float()
+                w = self.w1(zq, zp)
+                loss = -w + self.gp_weight * self.penalty(zq, zp)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+        return w.detach()
+
+    def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
+        if self.training and torch.is_grad_enabled():
+            self.fit_critic(z.detach().float(), prior, self.critic_steps)
+        # The critic's own gradients from this term are discarded: only self.opt updates it.
+        return {"div": self.w1(z.float(), prior.sample(len(z)).float())}
+
+    def get_extra_state(self) -> dict:
+        return {"opt": self.opt.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+
+
+class TotalCorrelation(Divergence):
+    """beta-TCVAE (Chen et al. 2018): KL = index-code MI + total correlation + dimension-wise
+    KL, each with its own weight; ``beta`` weights the total correlation and the objective
+    adds the weighted sum with weight 1 (a schedule still scales it).
+
+    log q(z) and log prod_d q(z_d) are estimated from the batch with the true training-set
+    size N. ``estimator=mss`` (minibatch stratified sampling, the paper's appendix): weights
+    1/N on the example's own posterior, (N-M)/(NM) on one other, 1/M on the remaining M-1
+    (M = batch - 1); each row sums to one, so the estimate of q(z) is unbiased and TC of a
+    factorised batch is ~0. ``mws`` (minibatch weighted sampling): every weight 1/(N * batch),
+    which offsets TC by up to (D-1) log(N * batch) nats; the offset is constant in the
+    parameters, so gradients match, but reported values do not.
+    """
+
+    bounds_likelihood = True  # at alpha = beta = gamma = 1 the three terms sum to the KL
+
+    def __init__(self, alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
+                 estimator: str = "mss", *, dataset_size: int):
+        super().__init__(beta)
+        if min(alpha, gamma) < 0:
+            raise UserError("divergence.alpha and divergence.gamma must be >= 0")
+        if estimator not in ("mss", "mws"):
+            raise UserError(f"divergence.estimator={estimator!r} is not one of ('mss', 'mws')")
+        self.alpha, self.gamma, self.estimator = alpha, gamma, estimator
+        self.dataset_size = dataset_size
+
+    def log_weights(self, b: int, device: torch.device) -> torch.Tensor:
+        """[b, b] log importance weights of q(z_i | x_j) in the estimate of q(z_i)."""
+        n = self.dataset_size
+        if self.estimator == "mws":
+            return torch.full((b, b), -math.log(n * b), device=device)
+        m = b - 1
+        w = torch.full((b, b), 1.0 / m, device=device)
+        idx = torch.arange(b, device=device)
+        w[idx, idx] = 1.0 / n
+        w[idx, (idx + 1) % b] = max(n - m, 0) / (n * m)
+        return w.log()
+
+    def terms(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
+        b = len(z)
+        if b < 2:
+            raise UserError("divergence=tc needs trainer.batch_size >= 2")
+        base = q.base_dist
+        # log q(z_i,d | x_j) for every pair (i, j): [B, B, D]
+        pair = Normal(base.loc.unsqueeze(0), base.scale.unsqueeze(0)).log_prob(z.unsqueeze(1))
+        lw = self.log_weights(b, z.device)
+        log_qz = torch.logsumexp(pair.sum(2) + lw, dim=1)
+        log_prod = torch.logsumexp(pair + lw.unsqueeze(2), dim=1).sum(1)
+        log_qzx, log_pz = q.log_prob(z), prior.log_prob(z)
+        return {"mi": (log_qzx - log_qz).mean(), "tc": (log_qz - log_prod).mean(),
+                "dwkl": (log_prod - log_pz).mean()}
+
+    def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
+        t = self.terms(q, z, prior)
+        div = self.alpha * t["mi"] + self.beta * t["tc"] + self.gamma * t["dwkl"]
+        return {"div": div, "kl": t["mi"] + t["tc"] + t["dwkl"], **t}
+
+    def weight(self) -> float:
+        return 1.0  # the weights are inside div

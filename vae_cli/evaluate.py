@@ -40,8 +40,8 @@ def evaluate(model: VAE, x: torch.Tensor, batch_size: int, precision: str = "fp3
     model.train(was_training)
     result = means(sums, len(x))
     if model.divergence.bounds_likelihood:
-        # recon + KL is the negative ELBO only at beta = 1, so report it separately.
-        result["nelbo"] = result["recon"] + result["div"]
+        # recon + KL is the negative ELBO whatever beta trained it, so report it apart.
+        result["nelbo"] = result["recon"] + result.get("kl", result["div"])
         result["bpd"] = bits_per_dim(result["nelbo"], math.prod(x.shape[1:]))
     return result
 

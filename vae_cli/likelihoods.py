@@ -2,7 +2,8 @@
 
 Protocol: ``out_mult`` decoder outputs per data channel; ``nll(out, x)`` returns [B] nats;
 ``mean(out)`` returns the image to show, in [0, 1]. Log-densities are computed in float32
-even when the decoder ran under autocast.
+even when the decoder ran under autocast. ``discrete`` says whether nll is the probability
+of 8-bit data (so bits/dim compare across models) or a density on [0, 1].
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vae_cli.errors import UserError
 
 class Likelihood(nn.Module):
     out_mult: int = 1
+    discrete: bool = False
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -29,9 +31,11 @@ class Likelihood(nn.Module):
 class Bernoulli(Likelihood):
     """Bernoulli with logits: binary_cross_entropy_with_logits, never sigmoid then BCE.
 
-    On grey-level targets in [0, 1] this is the usual 'continuous Bernoulli-free' BCE
-    used by pytorch/examples; it is a likelihood in nats only on binary data.
+    On grey-level targets in [0, 1] this is the cross-entropy used by pytorch/examples;
+    it is a probability in nats only on binary data (dataset=binarized_mnist, shapes).
     """
+
+    discrete = True
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         bce = F.binary_cross_entropy_with_logits(out.float(), x, reduction="none")
@@ -41,19 +45,106 @@ class Bernoulli(Likelihood):
         return torch.sigmoid(out.float())
 
 
-class Gaussian(Likelihood):
-    """Gaussian with the decoder output as mean and a fixed standard deviation sigma."""
+class _Scaled(Likelihood):
+    """A location family with one scale, fixed or learned (one scalar, as in the two-stage
+    VAE of Dai & Wipf 2019, where learning it balances recon against the divergence)."""
 
-    def __init__(self, sigma: float = 0.1):
+    def __init__(self, scale: float, learn: bool, name: str):
         super().__init__()
-        if not sigma > 0:
-            raise UserError(f"loss.sigma={sigma} must be > 0")
-        self.sigma = float(sigma)
-        self._log_norm = math.log(self.sigma) + 0.5 * math.log(2 * math.pi)
-
-    def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        sq = ((x - out.float()) / self.sigma).pow(2).flatten(1)
-        return 0.5 * sq.sum(1) + sq.shape[1] * self._log_norm
+        if not scale > 0:
+            raise UserError(f"loss.{name}={scale} must be > 0")
+        log_scale = torch.tensor(math.log(scale))
+        if learn:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return out.float().clamp(0, 1)
+
+
+class Gaussian(_Scaled):
+    """-log N(x | decoder mean, sigma^2)."""
+
+    def __init__(self, sigma: float = 0.1, learn_sigma: bool = False):
+        super().__init__(sigma, learn_sigma, "sigma")
+
+    def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        sq = ((x - out.float()) * torch.exp(-self.log_scale)).pow(2).flatten(1)
+        return 0.5 * sq.sum(1) + sq.shape[1] * (self.log_scale + 0.5 * math.log(2 * math.pi))
+
+
+class Laplace(_Scaled):
+    """-log Laplace(x | decoder location, b): an L1 reconstruction with a proper scale."""
+
+    def __init__(self, scale: float = 0.1, learn_scale: bool = False):
+        super().__init__(scale, learn_scale, "scale")
+
+    def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a = (x - out.float()).abs().flatten(1) * torch.exp(-self.log_scale)
+        return a.sum(1) + a.shape[1] * (self.log_scale + math.log(2))
+
+
+def _levels(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """[0, 1] floats back to integer levels 0..bins-1 (exact for x = k / (bins - 1))."""
+    return (x * (bins - 1)).round().long().clamp_(0, bins - 1)
+
+
+class Categorical(Likelihood):
+    """A softmax over 256 levels per sub-pixel: a discrete likelihood of 8-bit images."""
+
+    discrete = True
+
+    def __init__(self, classes: int = 256):
+        super().__init__()
+        if classes < 2:
+            raise UserError(f"loss.classes={classes} must be >= 2")
+        self.classes = classes
+        self.out_mult = classes
+
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        b, ck, h, w = out.shape
+        return out.float().view(b, ck // self.classes, self.classes, h, w)
+
+    def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(self._logits(out).transpose(1, 2), _levels(x, self.classes),
+                             reduction="none")
+        return ce.flatten(1).sum(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        p = self._logits(out).softmax(2)
+        levels = torch.arange(self.classes, device=out.device, dtype=p.dtype)
+        return (p * levels.view(1, 1, -1, 1, 1)).sum(2) / (self.classes - 1)
+
+
+class Logistic(Likelihood):
+    """Discretized logistic (Salimans et al. 2017, one component): the probability mass of
+    the bin [x - 1/255, x + 1/255] in [-1, 1] coordinates, edges open to +-infinity."""
+
+    discrete = True
+    out_mult = 2
+
+    def __init__(self, bins: int = 256, min_log_scale: float = -7.0):
+        super().__init__()
+        self.bins, self.min_log_scale = bins, min_log_scale
+
+    def _params(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, log_scale = out.float().chunk(2, dim=1)
+        return loc, log_scale.clamp(min=self.min_log_scale)
+
+    def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        loc, log_scale = self._params(out)
+        y = 2 * _levels(x, self.bins).float() / (self.bins - 1) - 1
+        half, inv = 1.0 / (self.bins - 1), torch.exp(-log_scale)
+        plus, minus = inv * (y - loc + half), inv * (y - loc - half)
+        log_cdf_plus = F.logsigmoid(plus)  # log P(X <= upper edge), used at the bottom bin
+        log_sf_minus = F.logsigmoid(-minus)  # log P(X > lower edge), used at the top bin
+        # log(s(plus) - s(minus)) without cancellation: s(a) - s(b) = s(a) s(-b) (1 - e^(b-a)).
+        mid = F.logsigmoid(plus) + F.logsigmoid(-minus) + torch.log(
+            -torch.expm1(minus - plus).clamp(max=-1e-12))
+        logp = torch.where(y < -1 + half, log_cdf_plus, torch.where(y > 1 - half, log_sf_minus,
+                                                                    mid))
+        return -logp.flatten(1).sum(1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return ((self._params(out)[0] + 1) / 2).clamp(0, 1)

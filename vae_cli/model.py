@@ -1,4 +1,4 @@
-"""VAE = encoder + decoder + prior + divergence + likelihood, composed, nothing more."""
+"""VAE = encoder + decoder + prior + divergence + likelihood (+ schedule), composed."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch.distributions import Distribution, Independent, Normal
 from vae_cli.divergences import Divergence
 from vae_cli.likelihoods import Likelihood
 from vae_cli.priors import Prior
+from vae_cli.schedules import Constant, Schedule
 
 # Argument validation in torch.distributions syncs with the device on every call and costs
 # more than the maths at these sizes; inputs here are built by the model itself.
@@ -21,11 +22,14 @@ LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32 and std > 0
 
 class VAE(nn.Module):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: Prior,
-                 divergence: Divergence, likelihood: Likelihood, latent_dim: int):
+                 divergence: Divergence, likelihood: Likelihood, latent_dim: int,
+                 schedule: Schedule | None = None, iw_samples: int = 1):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.prior, self.divergence, self.likelihood = prior, divergence, likelihood
-        self.latent_dim = latent_dim
+        self.latent_dim, self.iw_samples = latent_dim, iw_samples
+        self.schedule = schedule or Constant()
+        prior.bind(self.posterior)
 
     def posterior(self, x: torch.Tensor) -> Distribution:
         mu, logvar = self.encoder(x).float().chunk(2, dim=-1)
@@ -35,14 +39,37 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, beta: float | None = None) -> dict[str, torch.Tensor]:
-        """Batch-mean loss = recon + beta * div, with every term for logging."""
+    def forward(self, x: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
+        """Batch-mean loss = recon + scheduled weight * div, with every term for logging."""
+        if self.iw_samples > 1:
+            return self.iwae(x, self.iw_samples, step)
         q = self.posterior(x)
         z = q.rsample()
         recon = self.likelihood.nll(self.decode(z), x).mean()
         terms = self.divergence(q, z, self.prior)
-        b = self.divergence.beta if beta is None else beta
-        return {"loss": recon + b * terms["div"], "recon": recon, **terms}
+        div = self.schedule.term(terms["div"], self.divergence.weight(), step)
+        return {"loss": recon + div, "recon": recon, **terms}
+
+    def log_weights(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """log p(x|z), log p(z), log q(z|x) for k samples z ~ q(z|x): each [k, B]."""
+        q = self.posterior(x)
+        z = q.rsample((k,))
+        flat = z.reshape(-1, z.shape[-1])
+        xs = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *x.shape[1:])
+        log_px = -self.likelihood.nll(self.decode(flat), xs).view(k, -1)
+        return log_px, self.prior.log_prob(z), q.log_prob(z)
+
+    def iwae(self, x: torch.Tensor, k: int, step: int | None = None) -> dict[str, torch.Tensor]:
+        """The importance-weighted bound (Burda et al. 2016) as a loss; k = 1 is the ELBO.
+        The weight scales log p(z) - log q(z|x) inside each importance weight."""
+        log_px, log_pz, log_qz = self.log_weights(x, k)
+        w = self.schedule.factor(step) * self.divergence.weight()
+        bound = torch.logsumexp(log_px + w * (log_pz - log_qz), dim=0) - math.log(k)
+        return {"loss": -bound.mean(), "recon": -log_px.mean(), "div": (log_qz - log_pz).mean()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the main optimizer steps: all but a divergence's own (critic) parameters."""
+        return [p for n, p in self.named_parameters() if not n.startswith("divergence.")]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,22 @@
 """Priors p(z): small modules that hand out a torch.distributions object.
 
 Protocol: ``dist()`` returns a distribution with event shape [latent_dim]; ``sample(n)``
-and ``log_prob(z)`` follow from it, so any divergence meets any prior.
+and ``log_prob(z)`` follow from it, so any divergence meets any prior. Learned priors are
+trained with the model through whatever the divergence evaluates (log p(z) for KL,
+reparameterised samples where the distribution has them).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
+
+from vae_cli.errors import UserError
 
 
 class Prior(nn.Module):
@@ -19,8 +27,12 @@ class Prior(nn.Module):
     def dist(self) -> Distribution:
         raise NotImplementedError
 
+    def bind(self, posterior: Callable[[torch.Tensor], Distribution]) -> None:
+        """Called once by the VAE with its encoder; only the VampPrior needs it."""
+
     def sample(self, n: int) -> torch.Tensor:
-        return self.dist().sample((n,))
+        d = self.dist()
+        return d.rsample((n,)) if d.has_rsample else d.sample((n,))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return self.dist().log_prob(z)
@@ -37,3 +49,68 @@ class NormalPrior(Prior):
 
     def dist(self) -> Distribution:
         return Independent(Normal(self.loc, self.scale), 1)
+
+
+class LearnedPrior(Prior):
+    """Diagonal Gaussian with trainable mean and log-variance (starts at N(0, I))."""
+
+    def __init__(self, *, latent_dim: int):
+        super().__init__(latent_dim)
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.logvar = nn.Parameter(torch.zeros(latent_dim))
+
+    def dist(self) -> Distribution:
+        return Independent(Normal(self.loc, torch.exp(0.5 * self.logvar)), 1)
+
+
+def _mixture(logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> Distribution:
+    return MixtureSameFamily(Categorical(logits=logits), Independent(Normal(loc, scale), 1))
+
+
+class MixturePrior(Prior):
+    """Mixture of K diagonal Gaussians with trainable weights, means and variances.
+
+    Means start spread as N(0, init_spread^2) so components do not collapse onto each other.
+    """
+
+    def __init__(self, components: int = 10, init_spread: float = 1.0, *, latent_dim: int):
+        super().__init__(latent_dim)
+        if components < 1:
+            raise UserError(f"prior.components={components} must be >= 1")
+        g = torch.Generator().manual_seed(0)  # the init must not consume the training RNG
+        self.logits = nn.Parameter(torch.zeros(components))
+        self.loc = nn.Parameter(init_spread * torch.randn(components, latent_dim, generator=g))
+        self.logvar = nn.Parameter(torch.zeros(components, latent_dim))
+
+    def dist(self) -> Distribution:
+        return _mixture(self.logits, self.loc, torch.exp(0.5 * self.logvar))
+
+
+class VampPrior(Prior):
+    """VampPrior (Tomczak & Welling 2018): p(z) = (1/K) sum_k q(z | u_k) with K trainable
+    pseudo-inputs u_k in data space, passed through a hardtanh to stay in [0, 1]."""
+
+    def __init__(self, components: int = 500, init_mean: float = 0.05, init_std: float = 0.01,
+                 *, latent_dim: int, shape: tuple[int, int, int]):
+        super().__init__(latent_dim)
+        if components < 1:
+            raise UserError(f"prior.components={components} must be >= 1")
+        g = torch.Generator().manual_seed(0)
+        self.pseudo = nn.Parameter(init_mean + init_std * torch.randn(components, *shape,
+                                                                      generator=g))
+        self._posterior: Callable[[torch.Tensor], Distribution] | None = None
+
+    def bind(self, posterior: Callable[[torch.Tensor], Distribution]) -> None:
+        # Kept outside the module tree: the encoder already belongs to the VAE.
+        self.__dict__["_posterior"] = posterior
+
+    def pseudo_inputs(self) -> torch.Tensor:
+        return F.hardtanh(self.pseudo, 0.0, 1.0)
+
+    def dist(self) -> Distribution:
+        if self._posterior is None:
+            raise RuntimeError("VampPrior used before bind(encoder)")
+        q = self._posterior(self.pseudo_inputs())  # Independent(Normal), batch [K]
+        k = self.pseudo.shape[0]
+        logits = torch.full((k,), -math.log(k), device=self.pseudo.device)
+        return _mixture(logits, q.base_dist.loc, q.base_dist.scale)

@@ -122,7 +122,7 @@ def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state
     model.train()
     for i, xb in enumerate(shuffled(data.train, t.batch_size, order, data.binarize)):
         with autocast(device, t.precision):
-            out = model(xb)
+            out = model(xb, state["step"])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -157,8 +157,8 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
                         f"({len(data.train)} examples)")
     data = data.to(device)
-    model = build_model(cfg, data.shape).to(device)
-    opt = build_optimizer(cfg.optim, model.parameters())
+    model = build_model(cfg, data.shape, len(data.train)).to(device)
+    opt = build_optimizer(cfg.optim, model.trainable_parameters())
     state = {"epoch": 0, "step": 0, "best_val": math.inf, "bad_epochs": 0}
     order = torch.Generator().manual_seed(cfg.seed)
     if ckpt is not None:
@@ -192,7 +192,8 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
         metrics.append({"epoch": epoch, "step": state["step"],
                         **{f"train_{k}": v for k, v in tr.items()},
                         **{f"val_{k}": v for k, v in va.items()}, "seconds": seconds})
-        payload = {"config": container, "shape": list(data.shape), "model": model.state_dict(),
+        payload = {"config": container, "shape": list(data.shape),
+                   "dataset_size": len(data.train), "model": model.state_dict(),
                    "optim": opt.state_dict(), "state": dict(state),
                    "rng": {**rng_state(), "order": order.get_state()}}
         checkpoint.save(ckpt_dir / "last.pt", payload)

@@ -1,0 +1,51 @@
+"""Residual convolutional encoder/decoder for 32x32 and 64x64 images (any size _plan takes).
+
+Each resolution has ``blocks`` pre-activation residual blocks, then a stride-2 conv (encoder)
+or a stride-2 transposed conv (decoder). No batch norm: its batch statistics would make a
+sample's encoding depend on its batch-mates, which IWAE and the likelihood estimates assume
+it does not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vae_cli.errors import UserError
+from vae_cli.nets.conv import _plan
+from vae_cli.nets.mlp import Unflatten
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blocks: int = 1,
+          *, shape: tuple[int, int, int], out_mult: int = 1) -> tuple[nn.Module, nn.Module]:
+    c, h, w = shape
+    sizes = _plan(h)
+    if h != w or len(sizes) < 3:
+        raise UserError(f"model=resnet needs square images that halve at least twice, got "
+                        f"{h}x{w}; use model=mlp")
+    if channels <= 0 or blocks < 0:
+        raise UserError("model.channels must be positive and model.blocks >= 0")
+    widths = [min(channels * 2**i, max_channels) for i in range(len(sizes))]
+    enc: list[nn.Module] = [nn.Conv2d(c, widths[0], 3, padding=1)]
+    for i in range(len(sizes) - 1):
+        enc += [ResBlock(widths[i]) for _ in range(blocks)]
+        enc.append(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1))
+    flat = widths[-1] * sizes[-1] ** 2
+    encoder = nn.Sequential(*enc, nn.SiLU(), nn.Flatten(), nn.Linear(flat, 2 * latent_dim))
+    dec: list[nn.Module] = [nn.Linear(latent_dim, flat),
+                            Unflatten((widths[-1], sizes[-1], sizes[-1]))]
+    for i in range(len(sizes) - 1, 0, -1):
+        dec += [ResBlock(widths[i]) for _ in range(blocks)]
+        dec.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))
+    dec += [nn.SiLU(), nn.Conv2d(widths[0], c * out_mult, 3, padding=1)]
+    return encoder, nn.Sequential(*dec)

@@ -1,0 +1,72 @@
+"""How the divergence term enters the loss over training steps.
+
+Protocol: ``term(div, weight, step)`` returns the term added to the reconstruction loss;
+``step`` counts optimizer steps (it advances in training only) and ``None`` means the end
+of the schedule, which evaluation uses so scores do not depend on when they were taken.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vae_cli.errors import UserError
+
+
+class Schedule:
+    def factor(self, step: int | None) -> float:
+        return 1.0
+
+    def term(self, div: torch.Tensor, weight: float, step: int | None) -> torch.Tensor:
+        return weight * self.factor(step) * div
+
+
+class Constant(Schedule):
+    """beta * div, always."""
+
+
+class Linear(Schedule):
+    """KL warm-up (Bowman et al. 2016; Sonderby et al. 2016): the weight rises linearly
+    from ``start`` to beta over ``warmup_steps`` steps, then stays."""
+
+    def __init__(self, warmup_steps: int = 10000, start: float = 0.0):
+        if warmup_steps < 1 or not 0 <= start <= 1:
+            raise UserError("schedule.warmup_steps must be >= 1 and schedule.start in [0, 1]")
+        self.warmup_steps, self.start = warmup_steps, start
+
+    def factor(self, step: int | None) -> float:
+        if step is None:
+            return 1.0
+        return self.start + (1 - self.start) * min(1.0, step / self.warmup_steps)
+
+
+class Cyclical(Schedule):
+    """Cyclical annealing (Fu et al. 2019): ``cycles`` cycles of ``cycle_steps`` steps, each
+    rising linearly from 0 to beta over the first ``ramp`` fraction, then holding; after
+    the last cycle the weight stays at beta."""
+
+    def __init__(self, cycle_steps: int = 10000, cycles: int = 4, ramp: float = 0.5):
+        if cycle_steps < 1 or cycles < 1 or not 0 < ramp <= 1:
+            raise UserError("schedule.cycle_steps, cycles >= 1 and schedule.ramp in (0, 1]")
+        self.cycle_steps, self.cycles, self.ramp = cycle_steps, cycles, ramp
+
+    def factor(self, step: int | None) -> float:
+        if step is None or step >= self.cycle_steps * self.cycles:
+            return 1.0
+        phase = (step % self.cycle_steps) / self.cycle_steps
+        return min(1.0, phase / self.ramp)
+
+
+class Capacity(Schedule):
+    """Controlled capacity (Burgess et al. 2018): gamma * beta * |div - C|, with the target
+    C rising linearly from 0 to ``c_max`` nats over ``steps`` steps."""
+
+    def __init__(self, c_max: float = 25.0, steps: int = 100000, gamma: float = 1000.0):
+        if c_max < 0 or steps < 1 or gamma <= 0:
+            raise UserError("schedule.c_max >= 0, schedule.steps >= 1, schedule.gamma > 0")
+        self.c_max, self.steps, self.gamma = c_max, steps, gamma
+
+    def capacity(self, step: int | None) -> float:
+        return self.c_max if step is None else self.c_max * min(1.0, step / self.steps)
+
+    def term(self, div: torch.Tensor, weight: float, step: int | None) -> torch.Tensor:
+        return self.gamma * weight * (div - self.capacity(step)).abs()
