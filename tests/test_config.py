@@ -72,3 +72,14 @@ def test_impossible_analytic_estimator_is_refused():
     kl = KL(estimator="auto")
     kl.check(Odd(2))
     assert kl._analytic is False
+
+
+def test_trainer_and_optim_yaml_match_their_schemas(compose_cfg):
+    import dataclasses
+
+    from vae_cli.config import OptimConfig, TrainerConfig
+
+    for name in ("adam", "adamw"):
+        cfg = compose_cfg([f"optim={name}"])
+        assert set(cfg.optim) == {f.name for f in dataclasses.fields(OptimConfig)}
+    assert set(compose_cfg().trainer) == {f.name for f in dataclasses.fields(TrainerConfig)}

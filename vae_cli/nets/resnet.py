@@ -1,12 +1,14 @@
 """Residual convolutional encoder/decoder for 32x32 and 64x64 images (any size _plan takes).
 
 Each resolution has ``blocks`` pre-activation residual blocks, then a stride-2 conv (encoder)
-or a stride-2 transposed conv (decoder). No batch norm: its batch statistics would make a
-sample's encoding depend on its batch-mates, which IWAE and the likelihood estimates assume
-it does not.
+or a stride-2 transposed conv (decoder). Group norm, not batch norm: batch statistics would
+make a sample's encoding depend on its batch-mates, which IWAE and the likelihood estimates
+assume it does not.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -19,8 +21,15 @@ from vae_cli.nets.mlp import Unflatten
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-                                  nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+        groups = math.gcd(channels, 8)
+        self.body = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.GroupNorm(groups, channels), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        # Zero-init the last conv: each block starts as the identity, which keeps an
+        # unnormalised residual stack stable at Adam's usual 1e-3 (Goyal et al. 2017).
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)

@@ -1,0 +1,139 @@
+"""The one container every dataset function returns, plus small shared helpers.
+
+Images stay uint8 [N, C, H, W] end to end: 4x less memory than float, so whole datasets fit
+on the training device and batches are converted (and, for binarized data, resampled) there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vae_cli.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def _none_per_split() -> dict[str, torch.Tensor | None]:
+    return {s: None for s in SPLITS}
+
+
+@dataclass
+class ImageData:
+    name: str
+    train: torch.Tensor  # uint8 [N, C, H, W], 0..255
+    val: torch.Tensor
+    test: torch.Tensor
+    # True: the trainer resamples Bernoulli(x/255) per TRAIN batch (dynamic binarization);
+    # val/test were binarized once here with a fixed seed, so their values are exactly 0/255.
+    binarize: bool = False
+    labels: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
+    factors: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
+    factor_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        shape = check_images(self.train, f"{self.name} train").shape[1:]
+        for s in ("val", "test"):
+            if check_images(self.split(s), f"{self.name} {s}").shape[1:] != shape:
+                raise UserError(f"{self.name}: {s} images are {tuple(self.split(s).shape[1:])}, "
+                                f"train images are {tuple(shape)}")
+        for kind in (self.labels, self.factors):
+            for s in SPLITS:
+                t = kind.setdefault(s, None)
+                if t is not None and len(t) != len(self.split(s)):
+                    raise UserError(f"{self.name}: {len(t)} labels/factors for "
+                                    f"{len(self.split(s))} {s} images")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.shape[1:]
+        return int(c), int(h), int(w)
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in SPLITS:
+            raise UserError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def to(self, device: torch.device | str) -> ImageData:
+        def move(d: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+            return {k: None if v is None else v.to(device) for k, v in d.items()}
+
+        return dataclasses.replace(
+            self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device),
+            labels=move(self.labels), factors=move(self.factors),
+        )
+
+
+def check_images(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Reject what would otherwise fail deep inside the trainer with an obscure error."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+        raise UserError(f"{name}: expected a uint8 image tensor, got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+    if t.ndim != 4:
+        raise UserError(f"{name}: expected images shaped [N, C, H, W], got {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise UserError(f"{name}: the dataset split is empty")
+    if t.shape[1] not in (1, 3):
+        raise UserError(f"{name}: expected 1 or 3 channels, got {t.shape[1]}")
+    return t
+
+
+def binarize_once(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One fixed Bernoulli(x/255) draw, as uint8 0/255: the evaluation convention for
+    binarized MNIST (a static test set, while training resamples every batch)."""
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return (u < x.float() / 255).to(torch.uint8) * 255
+
+
+def to_float(batch: torch.Tensor) -> torch.Tensor:
+    return batch.float().div_(255)
+
+
+def seeded_split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
+    """Disjoint random index sets of the given sizes (the rest goes to the first one when
+    sizes[0] is -1); a CPU generator so the split is the same on every machine."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if sizes[0] == -1:
+        sizes = [n - sum(sizes[1:]), *sizes[1:]]
+    return list(torch.split(perm, sizes))
+
+
+def check_positive(**kwargs: int | float) -> None:
+    for k, v in kwargs.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise UserError(f"dataset.{k} must be a positive number, got {v!r}")
+
+
+def load_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: rebuild rather than fail
+        log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, type(e).__name__)
+        return None
+
+
+def save_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomic (temp file + os.replace) so an interrupted run never leaves a half-written
+    cache that a later run would trust; an unwritable location only costs the speed-up."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(tensors, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        log.warning("could not write dataset cache %s (%s); continuing without it", path, e)
