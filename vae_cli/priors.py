@@ -31,8 +31,16 @@ class Prior(nn.Module):
         """Called once by the VAE with its encoder; only the VampPrior needs it."""
 
     def sample(self, n: int) -> torch.Tensor:
+        """Reparameterised where possible, so sample-based divergences train the prior too:
+        a mixture draws component indices, then rsamples the chosen components (gradients
+        reach means, scales and VampPrior pseudo-inputs; not the mixture weights)."""
         d = self.dist()
-        return d.rsample((n,)) if d.has_rsample else d.sample((n,))
+        if d.has_rsample:
+            return d.rsample((n,))
+        if isinstance(d, MixtureSameFamily):
+            k = d.mixture_distribution.sample((n,))
+            return d.component_distribution.rsample((n,))[torch.arange(n, device=k.device), k]
+        return d.sample((n,))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return self.dist().log_prob(z)
