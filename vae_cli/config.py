@@ -25,7 +25,7 @@ COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule")
 
 @dataclasses.dataclass
 class TrainerConfig:
-    epochs: int = 20
+    epochs: int = 40
     batch_size: int = 128
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; log-densities stay fp32)
