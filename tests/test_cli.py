@@ -56,20 +56,52 @@ def test_train_writes_a_complete_run_folder(trained):
 
 def test_eval_writes_json_and_prints_a_table(trained):
     out = vae("eval", f"ckpt={trained / 'checkpoints/best.pt'}", "eval.split=val",
-              cwd=trained.parent)
-    result = json.loads((trained / "eval.json").read_text())
+              "eval.iw_samples=20", cwd=trained.parent)
+    result = json.loads((trained / "eval_val.json").read_text())
     assert result["split"] == "val" and result["examples"] == 64
     assert result["nelbo"] == pytest.approx(result["recon"] + result["div"])
-    assert result["bpd"] > 0 and "nelbo" in out.stdout
+    assert result["bpd"] > 0 and "nelbo" in out.stdout and "nll_iwae" in out.stdout
+    assert result["nll_iwae"] <= result["nelbo_iw"]
+    assert 0 <= result["active_units"] <= 4 and len(result["kl_per_dim"]) == 4
+    assert set(result["mig_per_factor"]) <= {"shape", "scale", "orientation", "posX", "posY"}
+    vae("eval", f"ckpt={trained / 'checkpoints/best.pt'}", "eval.iw_samples=5",
+        "eval.max_examples=10", cwd=trained.parent)
+    assert json.loads((trained / "eval.json").read_text())["split"] == "test"
 
 
-def test_sample_writes_grid_and_tensor(trained):
-    vae("sample", f"ckpt={trained / 'checkpoints/best.pt'}", "num_samples=10", "seed=3",
-        cwd=trained.parent)
+def test_sample_writes_grid_tensor_and_pictures(trained):
+    out = vae("sample", f"ckpt={trained / 'checkpoints/best.pt'}", "num_samples=10", "seed=3",
+              cwd=trained.parent)
     assert (trained / "samples_seed3.png").is_file()
     saved = torch.load(trained / "samples_seed3.pt", weights_only=True)
     assert saved["images"].shape == (10, 1, 16, 16) and saved["z"].shape == (10, 4)
     assert 0 <= saved["images"].min() and saved["images"].max() <= 1
+    for name in ("reconstructions", "interpolations", "traversals", "latent_scatter", "curves"):
+        assert (trained / f"{name}.png").is_file() and name in out.stdout
+
+
+def test_compare_reads_a_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    vae("train", "-m", *TINY, "trainer.epochs=1", f"dataset.root={tmp_path / 'data'}",
+        "model.latent_dim=2,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    vae("eval", f"ckpt={sweep / '0/checkpoints/best.pt'}", "eval.iw_samples=2", cwd=tmp_path)
+    out = vae("compare", str(sweep), "--sort", "model.latent_dim", "--desc", cwd=tmp_path)
+    with (sweep / "compare.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["model.latent_dim"] for r in table] == ["3", "2"]
+    assert table[1]["test_nll"] and not table[0]["test_nll"]
+    assert "model.latent_dim" in out.stdout and (sweep / "compare.md").is_file()
+    bad = vae("compare", str(sweep), "--sort", "nope", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "not a column" in bad.stderr
+    empty = vae("compare", str(tmp_path / "data"), cwd=tmp_path, check=False)
+    assert empty.returncode == 2 and "no runs" in empty.stderr
+
+
+def test_tensorboard_logging(tmp_path):
+    run = tmp_path / "run"
+    vae("train", *TINY, "trainer.epochs=1", "trainer.tensorboard=true",
+        f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

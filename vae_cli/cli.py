@@ -18,7 +18,8 @@ USAGE = """usage: vae <command> [hydra overrides...]
 commands:
   train    train a model             vae train model=conv divergence=kl trainer.epochs=5
   eval     score a checkpoint        vae eval ckpt=outputs/<run>/checkpoints/best.pt
-  sample   draw prior samples        vae sample ckpt=<run>/checkpoints/best.pt num_samples=64
+  sample   samples and pictures      vae sample ckpt=<run>/checkpoints/best.pt num_samples=64
+  compare  one table over runs       vae compare multirun/<date>/<time> --sort test_nll
 
   vae <command> --help     the command's config groups and options
   vae train --cfg job      print the composed config without running
@@ -111,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command = argv[0]
+    if command == "compare":  # reads finished runs: plain arguments, no Hydra app
+        from vae_cli.compare import main as compare
+
+        try:
+            return compare(argv[1:])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}"
+        print(f"error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}, compare"
               " (see vae --help)", file=sys.stderr)
         return 2
     try:

@@ -14,6 +14,9 @@ from vae_cli import checkpoint
 from vae_cli.batching import ordered
 from vae_cli.build import autocast, load_model, resolve_device
 from vae_cli.config import dataset_config, instantiate
+from vae_cli.diagnostics import encode_all, iwae_bound, posterior_stats
+from vae_cli.disentangle import mig
+from vae_cli.errors import UserError
 from vae_cli.model import VAE, bits_per_dim
 
 log = logging.getLogger(__name__)
@@ -48,29 +51,64 @@ def evaluate(model: VAE, x: torch.Tensor, batch_size: int, precision: str = "fp3
 
 def write_report(result: dict, run_dir: Path, name: str = "eval.json") -> Path:
     path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return " ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in v)
+    if isinstance(v, dict):
+        return "  ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+SHOWN = ("split", "examples", "epoch", "loss", "recon", "div", "nelbo", "bpd", "nll_iwae",
+         "bpd_iwae", "iw_samples", "active_units", "kl_per_dim", "mig", "mig_per_factor")
+
+
 def table(result: dict) -> str:
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()]
+    rows = [(k, _fmt(result[k])) for k in SHOWN if k in result]
+    rows += [(k, _fmt(v)) for k, v in result.items()
+             if k not in SHOWN and isinstance(v, float) and k not in ("checkpoint",)]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def run(cfg: DictConfig) -> dict:
     """`vae eval`: rebuild the model from its checkpoint and score a split."""
+    e = cfg.eval
+    if e.split not in ("train", "val", "test"):
+        raise UserError(f"eval.split={e.split!r} is not one of val, test, train")
+    for key in ("batch_size", "iw_batch", "mig_bins"):
+        if not isinstance(e[key], int) or e[key] <= 0:
+            raise UserError(f"eval.{key}={e[key]!r} must be a positive integer")
+    if not isinstance(e.iw_samples, int) or e.iw_samples < 0:
+        raise UserError(f"eval.iw_samples={e.iw_samples!r} must be >= 0 (0 skips the bound)")
     model, ckpt = load_model(cfg.ckpt, resolve_device(cfg.device))
-    data = instantiate(dataset_config(ckpt["config"]["dataset"], cfg.get("dataset"))).to(
-        next(model.parameters()).device)
-    split = cfg.eval.split
-    x = data.split(split)
+    device = next(model.parameters()).device
+    data = instantiate(dataset_config(ckpt["config"]["dataset"], cfg.get("dataset"))).to(device)
+    x, factors = data.split(e.split), data.factors.get(e.split)
+    if e.max_examples:
+        x = x[: e.max_examples]
+        factors = None if factors is None else factors[: e.max_examples]
     torch.manual_seed(cfg.seed)
-    result = {"checkpoint": str(cfg.ckpt), "split": split, "examples": len(x),
+    result = {"checkpoint": str(cfg.ckpt), "split": e.split, "examples": len(x),
               "epoch": ckpt.get("state", {}).get("epoch"),
-              **evaluate(model, x, cfg.eval.batch_size)}
+              **evaluate(model, x, e.batch_size)}
+    if e.iw_samples:
+        result.update(iwae_bound(model, x, e.iw_samples, e.batch_size, e.iw_batch))
+    stats = posterior_stats(model, x, e.batch_size)
+    result.update(stats)
+    if factors is not None:
+        mu, _ = encode_all(model, x, e.batch_size)
+        result.update(mig(mu, factors, e.mig_bins, data.factor_names))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
-    path = write_report(result, out_dir)
+    path = write_report(result, out_dir, f"eval_{e.split}.json" if e.split != "test"
+                        else "eval.json")
     print(table(result))
     log.info("wrote %s", path)
     return result

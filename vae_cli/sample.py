@@ -1,4 +1,4 @@
-"""`vae sample`: prior samples from a checkpoint, as a PNG grid and a tensor file."""
+"""`vae sample`: prior samples from a checkpoint, plus the run's picture set."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from omegaconf import DictConfig
 
 from vae_cli import checkpoint
 from vae_cli.build import load_model, resolve_device
+from vae_cli.config import dataset_config, instantiate
 from vae_cli.errors import UserError
 from vae_cli.images import save_samples
+from vae_cli.pictures import write_curves, write_data_pictures
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +21,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> Path:
     if not isinstance(cfg.num_samples, int) or cfg.num_samples <= 0:
         raise UserError(f"num_samples={cfg.num_samples!r} must be a positive integer")
-    model, _ = load_model(cfg.ckpt, resolve_device(cfg.device))
+    model, ckpt = load_model(cfg.ckpt, resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         z = model.prior.sample(cfg.num_samples)
@@ -27,5 +29,17 @@ def run(cfg: DictConfig) -> Path:
     png = out_dir / f"samples_seed{cfg.seed}.png"
     images = save_samples(model, z, png)
     torch.save({"images": images.cpu(), "z": z.cpu()}, png.with_suffix(".pt"))
-    print(f"wrote {png} and {png.with_suffix('.pt')} ({cfg.num_samples} samples)")
+    written = [png, png.with_suffix(".pt")]
+    if cfg.pictures:
+        # The other pictures need the data; without it the samples alone are still useful.
+        try:
+            node = dataset_config(ckpt["config"]["dataset"], cfg.get("dataset"))
+            data = instantiate(node).to(next(model.parameters()).device)
+        except UserError as e:
+            log.warning("samples only; data pictures skipped: %s", e)
+        else:
+            written += write_data_pictures(model, data, cfg.split, out_dir)
+        curves = write_curves(checkpoint.run_dir_of(cfg.ckpt))
+        written += [curves] if curves else []
+    print("wrote " + ", ".join(str(p) for p in written))
     return png

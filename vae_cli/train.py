@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from vae_cli import checkpoint
@@ -20,7 +21,8 @@ from vae_cli.build import autocast, build_model, build_optimizer, resolve_device
 from vae_cli.config import COMPONENTS, instantiate, validate
 from vae_cli.errors import UserError
 from vae_cli.evaluate import evaluate, means
-from vae_cli.images import save_reconstructions, save_samples
+from vae_cli.images import reconstruction_rows, save_reconstructions, save_samples
+from vae_cli.pictures import write_curves, write_data_pictures
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,9 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
              sum(p.numel() for p in model.parameters()), tuple(data.shape), len(data.train))
 
     ckpt_dir, img_dir = run_dir / "checkpoints", run_dir / "images"
+    run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.csv")
+    board = tensorboard(run_dir) if t.tensorboard else None
     x_show = to_unit(data.val[: t.num_images])
     z_show = torch.randn(t.num_images, model.latent_dim,
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -189,9 +193,9 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
         state["best_val"] = min(state["best_val"], va["loss"])
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         seconds = time.perf_counter() - start
-        metrics.append({"epoch": epoch, "step": state["step"],
-                        **{f"train_{k}": v for k, v in tr.items()},
-                        **{f"val_{k}": v for k, v in va.items()}, "seconds": seconds})
+        row = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v for k, v in tr.items()},
+               **{f"val_{k}": v for k, v in va.items()}, "seconds": seconds}
+        metrics.append(row)
         payload = {"config": container, "shape": list(data.shape),
                    "dataset_size": len(data.train), "model": model.state_dict(),
                    "optim": opt.state_dict(), "state": dict(state),
@@ -202,12 +206,35 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
         if epoch % t.image_every == 0 or epoch == t.epochs:
             model.eval()
             save_reconstructions(model, x_show, img_dir / f"reconstructions_{epoch:03d}.png")
-            save_samples(model, z_show, img_dir / f"samples_{epoch:03d}.png")
+            smp = save_samples(model, z_show, img_dir / f"samples_{epoch:03d}.png")
+            if board:
+                rec = reconstruction_rows(model, x_show)
+                board.add_image("reconstructions", make_grid(rec.cpu()), state["step"])
+                board.add_image("samples", make_grid(smp.float().cpu()), state["step"])
+        if board:
+            for k, v in row.items():
+                if k not in ("epoch", "step"):
+                    board.add_scalar(k.replace("_", "/", 1), v, state["step"])
+            board.flush()
         log.info("epoch %d/%d  train %.3f  val %.3f (recon %.3f, div %.3f)%s  %.1fs", epoch,
                  t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
                  "  *" if improved else "", seconds)
         if t.patience and state["bad_epochs"] >= t.patience:
             log.info("early stop: no val improvement in %d epochs", t.patience)
             break
+    if board:
+        board.close()
+    write_data_pictures(model, data, "val", run_dir)
+    write_curves(run_dir)
     return {"best_val": state["best_val"], "epoch": state["epoch"], "step": state["step"],
             "run_dir": str(run_dir)}
+
+
+def tensorboard(run_dir: Path):
+    """A SummaryWriter under <run>/tensorboard, only when the optional package is there."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("trainer.tensorboard=true needs the tensorboard package: "
+                        "pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))

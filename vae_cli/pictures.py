@@ -1,0 +1,48 @@
+"""The picture set of a run: written at the end of training and by `vae sample`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from vae_cli.batching import to_unit
+from vae_cli.diagnostics import encode_all, posterior_stats
+from vae_cli.images import save_interpolations, save_reconstructions, save_traversals
+from vae_cli.model import VAE
+from vae_cli.plots import plot_curves, plot_scatter
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int = 64,
+                        batch_size: int = 500, max_points: int = 5000) -> list[Path]:
+    """Reconstructions, interpolations, traversals (rows ordered by KL) and a latent
+    scatter coloured by label (or the first ground-truth factor)."""
+    model.eval()
+    out_dir = Path(out_dir)
+    x_all = data.split(split)
+    x = to_unit(x_all[:count])
+    written = [save_reconstructions(model, x, out_dir / "reconstructions.png"),
+               save_interpolations(model, x, out_dir / "interpolations.png")]
+    x_stats = x_all[:max_points]
+    stats = posterior_stats(model, x_stats, batch_size)
+    order = sorted(range(model.latent_dim), key=lambda d: -stats["kl_per_dim"][d])
+    scale = torch.tensor(stats["aggregate_var"], device=x.device).sqrt().float()
+    written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png"))
+    mu, _ = encode_all(model, x_stats, batch_size)
+    labels, factors = data.labels.get(split), data.factors.get(split)
+    colour, name = None, ""
+    if labels is not None:
+        colour, name = labels[:max_points], "label"
+    elif factors is not None:
+        colour, name = factors[:max_points, 0], data.factor_names[0]
+    written.append(plot_scatter(mu, colour, name, out_dir / "latent_scatter.png"))
+    return written
+
+
+def write_curves(run_dir: Path) -> Path | None:
+    metrics = Path(run_dir) / "metrics.csv"
+    return plot_curves(metrics, Path(run_dir) / "curves.png") if metrics.exists() else None

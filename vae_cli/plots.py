@@ -1,0 +1,69 @@
+"""Matplotlib figures: training curves from metrics.csv and a 2-D latent scatter."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
+    """Train/val loss, reconstruction and divergence against epochs."""
+    with Path(metrics_csv).open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    plt = _pyplot()
+    epochs = [int(r["epoch"]) for r in rows]
+    panels = [k for k in ("loss", "recon", "div") if f"train_{k}" in rows[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=True):
+        for split, style in (("train", "-"), ("val", "--")):
+            col = f"{split}_{key}"
+            if col in rows[0]:
+                ax.plot(epochs, [float(r[col]) for r in rows], style, label=split)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def project_2d(mu: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The first two dimensions when there are two, else the top-2 principal components."""
+    mu = mu.detach().cpu().double()
+    if mu.shape[1] <= 2:
+        return (mu if mu.shape[1] == 2 else torch.cat([mu, torch.zeros_like(mu)], 1)), "z"
+    centred = mu - mu.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ v[:2].T, "PC"
+
+
+def plot_scatter(mu: torch.Tensor, colour: torch.Tensor | None, label: str,
+                 path: Path) -> Path:
+    plt = _pyplot()
+    xy, axis = project_2d(mu)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    c = None if colour is None else colour.detach().cpu().double().numpy()
+    sc = ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), c=c, s=4, cmap="viridis", alpha=0.7)
+    if c is not None:
+        fig.colorbar(sc, ax=ax, label=label)
+    ax.set_xlabel(f"{axis}1")
+    ax.set_ylabel(f"{axis}2")
+    ax.set_title("posterior means")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
