@@ -120,7 +120,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     b = torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "part/.hydra/config.yaml").read_text() == original
-    assert list((tmp_path / "part/.hydra").glob("resume-*/config.yaml"))
+    assert list((tmp_path / "part/.hydra").glob("again-*/config.yaml"))
 
 
 def test_resume_flag_and_refusals(tmp_path):

@@ -17,14 +17,15 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
-             binarize: bool = False) -> Iterator[torch.Tensor]:
+             binarize: bool = False, start: int = 0) -> Iterator[torch.Tensor]:
     """Full batches in a fresh random order (drop_last: batch statistics stay comparable).
 
     The permutation is drawn on the CPU from ``generator`` so the order is reproducible and
     resumable independently of the device; binarization draws from the device's RNG.
+    ``start`` skips that many batches of this permutation (resuming mid-epoch).
     """
     perm = torch.randperm(len(x), generator=generator).to(x.device)
-    for i in range(0, len(x) - batch_size + 1, batch_size):
+    for i in range(start * batch_size, len(x) - batch_size + 1, batch_size):
         xb = to_unit(x[perm[i:i + batch_size]])
         yield torch.bernoulli(xb) if binarize else xb
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -44,9 +45,12 @@ def _run_dir(ckpt: str | None, default: str) -> str:
     return str(run_dir_of(ckpt))
 
 
-def _output_subdir(ckpt: str | None) -> str:
-    """A resumed run keeps the original .hydra/ and records its own config beside it."""
-    return f".hydra/resume-{datetime.now():%Y%m%d-%H%M%S}" if ckpt else ".hydra"
+def _output_subdir(run_dir: str) -> str:
+    """A folder that already holds a run keeps its .hydra/ untouched: a resume (or a refused
+    second start) records its own config beside it."""
+    if (Path(run_dir) / ".hydra" / "config.yaml").exists():
+        return f".hydra/again-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    return ".hydra"
 
 
 def _register_resolvers() -> None:
@@ -55,19 +59,76 @@ def _register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+class HeldStderr:
+    """Holds what Hydra writes to stderr until the task starts. If Hydra stops before (a bad
+    override, an unknown option), its several-line report is condensed into one line."""
+
+    def __init__(self, stream):
+        self.stream, self.held, self.released = stream, [], False
+
+    def write(self, text: str) -> int:
+        if self.released:
+            return self.stream.write(text)
+        self.held.append(text)
+        return len(text)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.stream.write("".join(self.held))
+
+    def condensed(self) -> str:
+        text = "".join(self.held)
+        if "Traceback (most recent call last)" in text:  # e.g. the run folder can't be made
+            lines = [ln.strip() for ln in text.split("Set the environment variable")[0]
+                     .splitlines() if ln.strip()]
+            last = lines[-1] if lines else "unknown failure"
+            if "[Errno" in last:
+                return f"cannot write the run folder ({last}); set hydra.run.dir elsewhere"
+            return last
+        parts: list[str] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith(("Config search path", "Set the environment variable")):
+                break
+            if ": error: " in line:  # argparse: its last line says it all
+                return line
+            if line and not line.startswith(("full_key:", "object_type=")):
+                parts.append(line)
+        joined = "; ".join(parts).replace(":;", ":").replace(".;", ";")
+        return joined or "invalid command line (see vae --help)"
+
+    def __getattr__(self, name):  # isatty, fileno, flush, encoding... for tqdm and logging
+        return getattr(self.stream, name)
+
+
 def _guard(fn, cfg: DictConfig):
-    """UserError -> one line on stderr and exit 2 (in a sweep: log it, keep the others)."""
+    """UserError -> one line on stderr and exit 2 (in a sweep: log it, keep the others).
+    Anything unexpected -> one line naming it, exit 1; HYDRA_FULL_ERROR=1 shows the trace."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if isinstance(sys.stderr, HeldStderr):
+        sys.stderr.release()
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return fn(cfg)
     except UserError as e:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if sweep:
             log.error("job failed: %s", e)
             return None
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if sweep:
+            log.error("job failed: %s: %s", type(e).__name__, first)
+            return None
+        print(f"error: unexpected {type(e).__name__}: {first} "
+              "(HYDRA_FULL_ERROR=1 prints the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _train(cfg: DictConfig) -> float:
@@ -138,5 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         return _guard(task, cfg)
 
     sys.argv = [f"vae {command}", *argv[1:]]
-    hydra.main(version_base="1.3", config_path=str(cfg_dir), config_name=command)(app)()
+    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    held = sys.stderr = HeldStderr(sys.stderr) if not full else sys.stderr
+    try:
+        hydra.main(version_base="1.3", config_path=str(cfg_dir), config_name=command)(app)()
+    except SystemExit as e:
+        if isinstance(held, HeldStderr) and not held.released and e.code not in (0, None):
+            print(f"error: {held.condensed()}", file=held.stream)
+            held.held.clear()
+            return 2
+        raise
+    finally:
+        if isinstance(held, HeldStderr):
+            held.release()
+            sys.stderr = held.stream
     return 0

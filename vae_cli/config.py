@@ -36,6 +36,7 @@ class TrainerConfig:
     num_images: int = 64
     iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
     tensorboard: bool = False  # scalars and image grids under <run>/tensorboard
+    detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
 
 
 @dataclasses.dataclass
@@ -126,6 +127,10 @@ def check_component(group: str, node: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Check the whole training config; returns it with trainer/optim typed by schema."""
+    unknown = set(cfg) - {*COMPONENTS, "trainer", "optim", "seed", "ckpt"}
+    if unknown:
+        raise UserError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; "
+                        "see vae train --cfg job for the keys")
     for group in COMPONENTS:
         if group not in cfg:
             raise UserError(f"config has no {group!r} group")

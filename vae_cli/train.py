@@ -6,6 +6,8 @@ import csv
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from vae_cli.batching import shuffled, to_unit
 from vae_cli.build import autocast, build_model, build_optimizer, resolve_device
 from vae_cli.config import COMPONENTS, instantiate, validate
 from vae_cli.errors import UserError
-from vae_cli.evaluate import evaluate, means
+from vae_cli.evaluate import evaluate
 from vae_cli.images import reconstruction_rows, save_reconstructions, save_samples
 from vae_cli.pictures import write_curves, write_data_pictures
 
@@ -112,38 +114,90 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
     return cfg
 
 
+class Interrupted(UserError):
+    """SIGTERM/SIGINT during training: a checkpoint was saved; exit 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopFlag:
+    """SIGTERM and SIGINT set a flag that the loop reads between steps, so the checkpoint
+    is taken at a consistent point; a second SIGINT interrupts at once (atomic writes keep
+    the files intact either way)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state: dict,
-                desc: str) -> dict[str, float]:
-    """One pass over the training split; metrics stay on the device until the end."""
+                desc: str, stop: StopFlag | None = None) -> dict[str, float] | None:
+    """One pass over the training split; metrics stay on the device until the end.
+
+    Returns None when ``stop`` was raised: state["progress"] then holds where the epoch
+    stands (batch-order generator state, next batch, metric sums), enough to finish the
+    epoch after a resume exactly as if it had not stopped.
+    """
     t = cfg.trainer
     device = data.train.device
-    sums: dict[str, torch.Tensor] = {}
-    nonfinite = torch.zeros((), device=device)
+    progress = state.pop("progress", None)
+    epoch_order = progress["order"] if progress else order.get_state()
+    order.set_state(epoch_order)
+    first = progress["batch"] if progress else 0
+    names: list[str] | None = progress["names"] if progress else None
+    sums = progress["sums"].to(device) if progress else None
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
     n = len(data.train) // t.batch_size
-    bar = tqdm(total=n, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    bar = tqdm(total=n, initial=first, desc=desc, leave=False, disable=None,
+               dynamic_ncols=True)
     model.train()
-    for i, xb in enumerate(shuffled(data.train, t.batch_size, order, data.binarize)):
+    batches = shuffled(data.train, t.batch_size, order, data.binarize, start=first)
+    for i, xb in enumerate(batches, start=first):
         with autocast(device, t.precision):
             out = model(xb, state["step"])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
         state["step"] += 1
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v.detach()
-        nonfinite += ~torch.isfinite(out["loss"].detach())
-        if (i + 1) % t.log_every == 0 or i + 1 == n:
-            check_finite(nonfinite, state["step"], t.log_every)
-            bar.set_postfix(loss=f"{out['loss'].item():.3f}", refresh=False)
+        values = torch.stack([v.detach().float() for v in out.values()])
+        if sums is None:
+            names, sums = list(out), torch.zeros_like(values)
+        sums += values
+        # Remember the first non-finite step on the device: no host sync per step.
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values[0]),
+                               state["step"], bad_step)
+        last = i + 1 == n
+        if (i + 1) % t.log_every == 0 or last or (stop and stop.signum):
+            if bad_step.item() >= 0:
+                raise UserError(f"loss became non-finite at step {bad_step.item()}; the last "
+                                "good checkpoint is kept (lower optim.lr, or "
+                                "trainer.detect_anomaly=true to find the operation)")
+            bar.set_postfix(loss=f"{values[0].item():.3f}", refresh=False)
             bar.update((i + 1) - bar.n)
+            if stop and stop.signum and not last:
+                state["progress"] = {"order": epoch_order, "batch": i + 1, "names": names,
+                                     "sums": sums.cpu()}
+                bar.close()
+                return None
     bar.close()
-    return means(sums, n)
-
-
-def check_finite(nonfinite: torch.Tensor, step: int, window: int) -> None:
-    if nonfinite.item():
-        raise UserError(f"loss became non-finite within steps {max(1, step - window + 1)}.."
-                        f"{step}; the last good checkpoint is kept (lower optim.lr?)")
+    return dict(zip(names, sums.div(n).tolist(), strict=True))
 
 
 def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
@@ -166,6 +220,9 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optim"])
+        for group in opt.param_groups:  # an optim.* override on resume wins over the saved one
+            group.update(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                         weight_decay=cfg.optim.weight_decay)
         state.update(ckpt["state"])
         set_rng_state(ckpt["rng"])
         order.set_state(ckpt["rng"]["order"])
@@ -173,61 +230,82 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
     log.info("%s on %s: %d parameters, data %s x %d", cfg.model._target_, device,
              sum(p.numel() for p in model.parameters()), tuple(data.shape), len(data.train))
 
-    ckpt_dir, img_dir = run_dir / "checkpoints", run_dir / "images"
+    ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.csv")
     board = tensorboard(run_dir) if t.tensorboard else None
-    x_show = to_unit(data.val[: t.num_images])
-    z_show = torch.randn(t.num_images, model.latent_dim,
-                         generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    show = (to_unit(data.val[: t.num_images]),
+            torch.randn(t.num_images, model.latent_dim,
+                        generator=torch.Generator().manual_seed(cfg.seed)).to(device))
     container = OmegaConf.to_container(cfg, resolve=True)
-    while state["epoch"] < t.epochs:
-        epoch, start = state["epoch"] + 1, time.perf_counter()
-        tr = train_epoch(model, opt, data, cfg, order, state, f"epoch {epoch}/{t.epochs}")
-        va = evaluate(model, data.val, t.batch_size, t.precision)
-        if not math.isfinite(va["loss"]):
-            raise UserError(f"validation loss is non-finite after epoch {epoch}; "
-                            "the last good checkpoint is kept (lower optim.lr?)")
-        state["epoch"] = epoch
-        improved = va["loss"] < state["best_val"]
-        state["best_val"] = min(state["best_val"], va["loss"])
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        seconds = time.perf_counter() - start
-        row = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v for k, v in tr.items()},
-               **{f"val_{k}": v for k, v in va.items()}, "seconds": seconds}
-        metrics.append(row)
-        payload = {"config": container, "shape": list(data.shape),
-                   "dataset_size": len(data.train), "model": model.state_dict(),
-                   "optim": opt.state_dict(), "state": dict(state),
-                   "rng": {**rng_state(), "order": order.get_state()}}
-        checkpoint.save(ckpt_dir / "last.pt", payload)
-        if improved:
-            checkpoint.save(ckpt_dir / "best.pt", payload)
-        if epoch % t.image_every == 0 or epoch == t.epochs:
-            model.eval()
-            save_reconstructions(model, x_show, img_dir / f"reconstructions_{epoch:03d}.png")
-            smp = save_samples(model, z_show, img_dir / f"samples_{epoch:03d}.png")
+
+    def save(name: str) -> Path:
+        checkpoint.save(ckpt_dir / name, {
+            "config": container, "shape": list(data.shape), "dataset_size": len(data.train),
+            "model": model.state_dict(), "optim": opt.state_dict(), "state": dict(state),
+            "rng": {**rng_state(), "order": order.get_state()}})
+        return ckpt_dir / name
+
+    with StopFlag() as stop, torch.autograd.set_detect_anomaly(t.detect_anomaly):
+        while state["epoch"] < t.epochs:
+            epoch, start = state["epoch"] + 1, time.perf_counter()
+            tr = train_epoch(model, opt, data, cfg, order, state, f"epoch {epoch}/{t.epochs}",
+                             stop)
+            if tr is None:
+                raise interrupted(stop, save("last.pt"), state)
+            va = evaluate(model, data.val, t.batch_size, t.precision)
+            if not math.isfinite(va["loss"]):
+                raise UserError(f"validation loss is non-finite after epoch {epoch}; "
+                                "the last good checkpoint is kept (lower optim.lr?)")
+            state["epoch"] = epoch
+            improved = va["loss"] < state["best_val"]
+            state["best_val"] = min(state["best_val"], va["loss"])
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+            row = {"epoch": epoch, "step": state["step"],
+                   **{f"train_{k}": v for k, v in tr.items()},
+                   **{f"val_{k}": v for k, v in va.items()}}
+            metrics.append(row)  # no wall time in it: same seed, same file (tested)
+            save("last.pt")
+            if improved:
+                save("best.pt")
+            if epoch % t.image_every == 0 or epoch == t.epochs:
+                epoch_pictures(model, show, run_dir / "images", epoch, board, state["step"])
             if board:
-                rec = reconstruction_rows(model, x_show)
-                board.add_image("reconstructions", make_grid(rec.cpu()), state["step"])
-                board.add_image("samples", make_grid(smp.float().cpu()), state["step"])
-        if board:
-            for k, v in row.items():
-                if k not in ("epoch", "step"):
-                    board.add_scalar(k.replace("_", "/", 1), v, state["step"])
-            board.flush()
-        log.info("epoch %d/%d  train %.3f  val %.3f (recon %.3f, div %.3f)%s  %.1fs", epoch,
-                 t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
-                 "  *" if improved else "", seconds)
-        if t.patience and state["bad_epochs"] >= t.patience:
-            log.info("early stop: no val improvement in %d epochs", t.patience)
-            break
+                for k, v in row.items():
+                    if k not in ("epoch", "step"):
+                        board.add_scalar(k.replace("_", "/", 1), v, state["step"])
+                board.flush()
+            log.info("epoch %d/%d  train %.3f  val %.3f (recon %.3f, div %.3f)%s  %.1fs", epoch,
+                     t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
+                     "  *" if improved else "", time.perf_counter() - start)
+            if stop.signum and epoch < t.epochs:
+                raise interrupted(stop, ckpt_dir / "last.pt", state)
+            if t.patience and state["bad_epochs"] >= t.patience:
+                log.info("early stop: no val improvement in %d epochs", t.patience)
+                break
     if board:
         board.close()
     write_data_pictures(model, data, "val", run_dir)
     write_curves(run_dir)
     return {"best_val": state["best_val"], "epoch": state["epoch"], "step": state["step"],
             "run_dir": str(run_dir)}
+
+
+def interrupted(stop: StopFlag, path: Path, state: dict) -> Interrupted:
+    name = signal.Signals(stop.signum).name
+    return Interrupted(f"{name} at step {state['step']}; saved {path}; continue with: "
+                       f"vae train ckpt={path}", stop.signum)
+
+
+def epoch_pictures(model, show: tuple, folder: Path, epoch: int, board, step: int) -> None:
+    """Reconstructions of fixed val images and decodes of fixed prior draws, per epoch."""
+    x, z = show
+    model.eval()
+    save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png")
+    samples = save_samples(model, z, folder / f"samples_{epoch:03d}.png")
+    if board:
+        board.add_image("reconstructions", make_grid(reconstruction_rows(model, x).cpu()), step)
+        board.add_image("samples", make_grid(samples.float().cpu()), step)
 
 
 def tensorboard(run_dir: Path):

@@ -1,0 +1,151 @@
+"""Seconds per training epoch of `vae` against a bare PyTorch loop of the same model.
+
+Both run in this process on the same preloaded uint8 data (MNIST-shaped, generated, or
+real MNIST with --mnist-root), same batch, same Adam, same threads. The bare loop is the
+pytorch/examples VAE written directly (no components, no metrics). Prints a table of
+median epoch times and their ratio, and exits non-zero when a ratio misses its target.
+
+    python bench/speed.py                 # mlp 784-400-20 and conv 32x32, 3 epochs each
+    python bench/speed.py --epochs 5 --only mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from vae_cli.build import build_model, build_optimizer  # noqa: E402
+from vae_cli.cli import _register_resolvers, config_dir  # noqa: E402
+from vae_cli.config import validate  # noqa: E402
+from vae_cli.data.base import ImageData  # noqa: E402
+from vae_cli.train import train_epoch  # noqa: E402
+
+TARGETS = {"mlp": 1.10, "conv": 1.15}
+
+
+class BareMLP(nn.Module):
+    """pytorch/examples/vae: 784-400-20."""
+
+    def __init__(self, d: int = 784, h: int = 400, z: int = 20):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(d, h), nn.Linear(h, z), nn.Linear(h, z)
+        self.fc3, self.fc4 = nn.Linear(z, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x.flatten(1)))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.fc4(F.relu(self.fc3(z))).view_as(x), mu, logvar
+
+
+class BareConv(nn.Module):
+    """The same layers as vae's model=conv at 32x32 (32-64-128 channels, fc 256)."""
+
+    def __init__(self, c: int = 1, z: int = 20):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(c, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1),
+                                 nn.ReLU(), nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(2048, 256), nn.ReLU(), nn.Linear(256, 2 * z))
+        self.dec = nn.Sequential(nn.Linear(z, 256), nn.ReLU(), nn.Linear(256, 2048), nn.ReLU(),
+                                 nn.Unflatten(1, (128, 4, 4)),
+                                 nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(),
+                                 nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+                                 nn.ConvTranspose2d(32, c, 4, 2, 1))
+
+    def forward(self, x):
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.dec(z), mu, logvar
+
+
+def bare_epoch(model, opt, x_u8: torch.Tensor, batch: int, gen: torch.Generator) -> None:
+    perm = torch.randperm(len(x_u8), generator=gen)
+    for i in range(0, len(x_u8) - batch + 1, batch):
+        x = x_u8[perm[i:i + batch]].float().div_(255)
+        logits, mu, logvar = model(x)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = (recon + kl) / len(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def vae_setup(overrides: list[str], x_u8: torch.Tensor):
+    _register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = validate(compose(config_name="train", overrides=overrides))
+    data = ImageData(name="bench", train=x_u8, val=x_u8[:256], test=x_u8[:256])
+    model = build_model(cfg, data.shape, len(data.train))
+    opt = build_optimizer(cfg.optim, model.trainable_parameters())
+    state = {"step": 0}
+    gen = torch.Generator().manual_seed(0)
+    return lambda: train_epoch(model, opt, data, cfg, gen, state, "bench")
+
+
+def median_time(fn, epochs: int) -> float:
+    fn()  # warm-up: allocator, kernels, lazy init
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def data(kind: str, n: int, mnist_root: str | None) -> torch.Tensor:
+    if mnist_root and kind == "mlp":
+        from torchvision.datasets import MNIST
+        return MNIST(mnist_root, train=True, download=False).data.unsqueeze(1)[:n]
+    size = 28 if kind == "mlp" else 32
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per side (median)")
+    p.add_argument("--n", type=int, default=60000, help="training images")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--only", choices=sorted(TARGETS))
+    p.add_argument("--mnist-root", help="real MNIST (torchvision layout) for the mlp case")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows, ok = [], True
+    for kind in [args.only] if args.only else list(TARGETS):
+        x = data(kind, args.n, args.mnist_root)
+        if kind == "mlp":
+            bare = BareMLP()
+            ov = ["model=mlp", "model.hidden=[400]", "model.latent_dim=20"]
+        else:
+            bare = BareConv()
+            ov = ["model=conv", "model.latent_dim=20"]
+        ov += [f"trainer.batch_size={args.batch}", "trainer.device=cpu"]
+        opt = torch.optim.Adam(bare.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        t_bare = median_time(lambda: bare_epoch(bare, opt, x, args.batch, gen), args.epochs)
+        t_vae = median_time(vae_setup(ov, x), args.epochs)
+        ratio = t_vae / t_bare
+        ok &= ratio <= TARGETS[kind]
+        rows.append((kind, t_bare, t_vae, ratio, TARGETS[kind]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, "
+          f"batch {args.batch}, median of {args.epochs} epochs")
+    print(f"{'model':<6} {'bare s/epoch':>12} {'vae s/epoch':>12} {'ratio':>7} {'target':>7}")
+    for kind, tb, tv, r, t in rows:
+        print(f"{kind:<6} {tb:>12.3f} {tv:>12.3f} {r:>7.3f} {t:>7.2f}{'' if r <= t else '  MISS'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

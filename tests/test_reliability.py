@@ -1,0 +1,185 @@
+"""Runs survive interruption, checkpoints are never half-written, bad input gets one line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import TINY, rows, vae
+from torchvision.io import write_png
+
+from vae_cli import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+# Epochs of ~1 s (256 steps) so that a signal lands mid-epoch; log_every=1 checks each step.
+LONG = [*TINY, "dataset.image_size=32", "dataset.n_train=8192", "model.hidden=[256]",
+        "trainer.epochs=3", "trainer.log_every=1"]
+
+
+def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.Popen([sys.executable, "-m", "vae_cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints/last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path, sig):
+    data = f"dataset.root={tmp_path / 'data'}"
+    vae("train", *LONG, data, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+
+    run = tmp_path / "cut"
+    proc = _popen(["train", *LONG, data, f"hydra.run.dir={run}"], tmp_path)
+    _wait_for(run / "train.log", "epoch 1/3", proc)  # interrupt inside epoch 2
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert len(err.strip().splitlines()) == 1 and sig.name in err and "ckpt=" in err
+    saved = checkpoint.load(run / "checkpoints/last.pt")
+    assert saved["state"]["epoch"] == 1 and saved["state"]["progress"]["batch"] > 0
+
+    vae("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
+    assert rows(run) == rows(tmp_path / "full")  # bitwise: same floats printed
+    a, b = _weights(tmp_path / "full"), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+WRITER = """
+import sys, torch
+from vae_cli import checkpoint
+i = 0
+while True:
+    i += 1
+    checkpoint.save(sys.argv[1], {"config": {}, "model": {"w": torch.full((400_000,), float(i))},
+                                  "i": i})
+"""
+
+
+def test_sigkill_during_checkpoint_writes_never_leaves_it_unreadable(tmp_path):
+    target = tmp_path / "last.pt"
+    seen = set()
+    for attempt in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO)
+        time.sleep(1.0 + 0.07 * attempt)  # import time, then random-ish points in the loop
+        proc.kill()
+        proc.wait()
+        if not target.exists():
+            continue
+        ckpt = checkpoint.load(target)  # raises if half-written
+        assert torch.all(ckpt["model"]["w"] == ckpt["i"])
+        seen.add(ckpt["i"])
+    assert seen, "the writer never completed a checkpoint"
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    base = [*TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}"]
+    vae("train", *base, "trainer.epochs=1", cwd=tmp_path)
+    good = (run / "checkpoints/last.pt").read_bytes()
+    proc = vae("train", *base, "trainer.resume=true", "trainer.epochs=3", "optim.lr=1e12",
+               "trainer.log_every=1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "non-finite at step" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (run / "checkpoints/last.pt").read_bytes() == good
+    assert len(rows(run)) == 1
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    for name in ("a", "b"):
+        vae("train", *TINY, f"dataset.root={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("battery")
+    vae("train", *TINY, "trainer.epochs=1", f"dataset.root={tmp / 'data'}",
+        f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+    return tmp / "run"
+
+
+def _battery(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
+    (tmp / "empty").mkdir(exist_ok=True)
+    (tmp / "corrupt").mkdir(exist_ok=True)
+    for i in range(4):
+        write_png(torch.zeros(1, 8, 8, dtype=torch.uint8), str(tmp / f"corrupt/ok{i}.png"))
+    (tmp / "corrupt/bad.png").write_bytes(b"\x89PNG not really")
+    (tmp / "trunc.pt").write_bytes((run / "checkpoints/last.pt").read_bytes()[:1000])
+    (tmp / "a_file").write_text("not a folder")
+    d = f"dataset.root={tmp / 'data'}"
+    rd = f"hydra.run.dir={run}"
+    return [
+        (["train", "model=transformer"], "model/transformer"),
+        (["train", "trainer.epoch=3"], "trainer.epoch"),
+        (["train", "trainer.epochs=abc"], "trainer.epochs"),
+        (["train", "trainer.epochs=-1"], "trainer.epochs"),
+        (["train", "trainer.batch_size=0"], "trainer.batch_size"),
+        (["train", "model.latent_dim=0"], "model.latent_dim"),
+        (["train", "model.hidden=[0]"], "model.hidden"),
+        (["train", "optim.lr=0"], "optim.lr"),
+        (["train", "divergence.beta=-1"], "divergence.beta"),
+        (["train", "loss.sigma=0", "loss=gaussian"], "loss.sigma"),
+        (["train", "+foo=1"], "foo"),
+        (["train", "dataset.n_train=10", "trainer.batch_size=64", d], "batch_size"),
+        (["train", "dataset=mnist", "dataset.download=false", d], "dataset.root"),
+        (["train", "dataset=folder", f"dataset.path={tmp / 'empty'}"], "empty"),
+        (["train", "dataset=folder", f"dataset.path={tmp / 'corrupt'}"], "bad.png"),
+        (["train", "dataset=folder"], "dataset.path"),
+        (["train", "prior=mog", "divergence.estimator=analytic"], "estimator=mc"),
+        (["train", "divergence=mmd", "trainer.iw_samples=4"], "divergence=kl"),
+        (["train", "trainer.device=tpu"], "trainer.device"),
+        (["train", *TINY, d, rd], "trainer.resume=true"),  # would overwrite the run
+        (["train", *TINY, d, f"hydra.run.dir={tmp / 'a_file/run'}"], "hydra.run.dir"),
+        (["train", "--nonsense"], "unrecognized"),
+        (["eval"], "ckpt="),
+        (["eval", f"ckpt={tmp / 'nope.pt'}"], "does not exist"),
+        (["eval", f"ckpt={tmp / 'trunc.pt'}"], "not a readable vae checkpoint"),
+        (["eval", f"ckpt={run / 'checkpoints/last.pt'}", "eval.split=holdout"], "eval.split"),
+        (["sample", f"ckpt={run / 'checkpoints/last.pt'}", "num_samples=0"], "num_samples"),
+        (["sample", f"ckpt={run / 'metrics.csv'}"], "not a readable vae checkpoint"),
+        (["compare", str(tmp / "empty")], "no runs"),
+        (["frobnicate"], "unknown command"),
+    ]
+
+
+def test_bad_input_battery(existing_run, tmp_path):
+    before = _digest(existing_run)
+    cases = _battery(tmp_path, existing_run)
+    assert len(cases) >= 25
+    failures = []
+    for args, fragment in cases:
+        proc = vae(*args, cwd=tmp_path, check=False)
+        lines = proc.stderr.strip().splitlines()
+        if not (proc.returncode != 0 and len(lines) == 1 and fragment in lines[0]
+                and "Traceback" not in proc.stderr):
+            failures.append((args, proc.returncode, proc.stderr[-400:]))
+    assert not failures, failures
+    after = _digest(existing_run)
+    # nothing in the existing run folder changed (a refused restart may add .hydra/again-*)
+    assert {k: after.get(k) for k in before} == before
