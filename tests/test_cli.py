@@ -201,3 +201,13 @@ def test_wheel_ships_the_config_tree(tmp_path):
     job = subprocess.run([sys.executable, "-m", "vae_cli", "train", "--cfg", "job"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, check=True)
     assert "vae_cli.data.shapes" in job.stdout
+
+
+def test_cli_import_stays_light():
+    """`vae train --cfg job` and `vae --help` must not pay for torch or matplotlib."""
+    code = ("import sys, vae_cli, vae_cli.cli, vae_cli.errors; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'torchvision', 'tensorboard') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
