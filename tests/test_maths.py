@@ -107,3 +107,18 @@ def test_normal_prior_sample_and_log_prob():
     assert z.shape == (10, 4)
     expected = Normal(0.0, 1.0).log_prob(z).sum(1)
     assert torch.allclose(p.log_prob(z), expected)
+
+
+@pytest.mark.parametrize("name", ["Bernoulli", "Gaussian", "Laplace", "Categorical", "Logistic"])
+def test_nll_broadcasts_over_leading_samples(name):
+    """IWAE decodes k samples and lets x broadcast: each slice must equal the plain call."""
+    import vae_cli.likelihoods as L
+
+    lik = getattr(L, name)()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 2, 4, 4), generator=g).float() / 255
+    out = torch.randn(5, 3, 2 * lik.out_mult, 4, 4, generator=g)
+    batched = lik.nll(out, x)
+    assert batched.shape == (5, 3)
+    for i in range(5):
+        assert torch.allclose(batched[i], lik.nll(out[i], x), atol=1e-4)

@@ -1,6 +1,7 @@
 """Reconstruction terms -log p(x|z), summed over every dimension of one example.
 
-Protocol: ``out_mult`` decoder outputs per data channel; ``nll(out, x)`` returns [B] nats;
+Protocol: ``out_mult`` decoder outputs per data channel; ``nll(out, x)`` returns [B] nats
+(or [k, B] when out carries k leading samples and x broadcasts against it, as in IWAE);
 ``mean(out)`` returns the image to show, in [0, 1]. Log-densities are computed in float32
 even when the decoder ran under autocast. ``discrete`` says whether nll is the probability
 of 8-bit data (so bits/dim compare across models) or a density on [0, 1].
@@ -15,6 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.errors import UserError
+
+
+def _per_example(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the image dimensions (C, H, W), whatever leading dims come before."""
+    return t.flatten(-3).sum(-1)
 
 
 class Likelihood(nn.Module):
@@ -38,8 +44,9 @@ class Bernoulli(Likelihood):
     discrete = True
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        bce = F.binary_cross_entropy_with_logits(out.float(), x, reduction="none")
-        return bce.flatten(1).sum(1)
+        out = out.float()
+        bce = F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="none")
+        return _per_example(bce)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out.float())
@@ -70,8 +77,9 @@ class Gaussian(_Scaled):
         super().__init__(sigma, learn_sigma, "sigma")
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        sq = ((x - out.float()) * torch.exp(-self.log_scale)).pow(2).flatten(1)
-        return 0.5 * sq.sum(1) + sq.shape[1] * (self.log_scale + 0.5 * math.log(2 * math.pi))
+        sq = ((x - out.float()) * torch.exp(-self.log_scale)).pow(2)
+        dims = math.prod(sq.shape[-3:])
+        return 0.5 * _per_example(sq) + dims * (self.log_scale + 0.5 * math.log(2 * math.pi))
 
 
 class Laplace(_Scaled):
@@ -81,8 +89,8 @@ class Laplace(_Scaled):
         super().__init__(scale, learn_scale, "scale")
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        a = (x - out.float()).abs().flatten(1) * torch.exp(-self.log_scale)
-        return a.sum(1) + a.shape[1] * (self.log_scale + math.log(2))
+        a = (x - out.float()).abs() * torch.exp(-self.log_scale)
+        return _per_example(a) + math.prod(a.shape[-3:]) * (self.log_scale + math.log(2))
 
 
 def _levels(x: torch.Tensor, bins: int) -> torch.Tensor:
@@ -103,18 +111,20 @@ class Categorical(Likelihood):
         self.out_mult = classes
 
     def _logits(self, out: torch.Tensor) -> torch.Tensor:
-        b, ck, h, w = out.shape
-        return out.float().view(b, ck // self.classes, self.classes, h, w)
+        """[..., C * K, H, W] -> [..., C, K, H, W]."""
+        *lead, ck, h, w = out.shape
+        return out.float().view(*lead, ck // self.classes, self.classes, h, w)
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(self._logits(out).transpose(1, 2), _levels(x, self.classes),
-                             reduction="none")
-        return ce.flatten(1).sum(1)
+        logp = self._logits(out).log_softmax(-3)
+        target = _levels(x, self.classes).unsqueeze(-3).expand(*logp.shape[:-3], 1,
+                                                               *logp.shape[-2:])
+        return -_per_example(logp.gather(-3, target).squeeze(-3))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
-        p = self._logits(out).softmax(2)
+        p = self._logits(out).softmax(-3)
         levels = torch.arange(self.classes, device=out.device, dtype=p.dtype)
-        return (p * levels.view(1, 1, -1, 1, 1)).sum(2) / (self.classes - 1)
+        return (p * levels.view(-1, 1, 1)).sum(-3) / (self.classes - 1)
 
 
 class Logistic(Likelihood):
@@ -129,7 +139,7 @@ class Logistic(Likelihood):
         self.bins, self.min_log_scale = bins, min_log_scale
 
     def _params(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, log_scale = out.float().chunk(2, dim=1)
+        loc, log_scale = out.float().chunk(2, dim=-3)
         return loc, log_scale.clamp(min=self.min_log_scale)
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +154,7 @@ class Logistic(Likelihood):
             -torch.expm1(minus - plus).clamp(max=-1e-12))
         logp = torch.where(y < -1 + half, log_cdf_plus, torch.where(y > 1 - half, log_sf_minus,
                                                                     mid))
-        return -logp.flatten(1).sum(1)
+        return -_per_example(logp)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return ((self._params(out)[0] + 1) / 2).clamp(0, 1)

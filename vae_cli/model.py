@@ -54,9 +54,9 @@ class VAE(nn.Module):
         """log p(x|z), log p(z), log q(z|x) for k samples z ~ q(z|x): each [k, B]."""
         q = self.posterior(x)
         z = q.rsample((k,))
-        flat = z.reshape(-1, z.shape[-1])
-        xs = x.unsqueeze(0).expand(k, *x.shape).reshape(-1, *x.shape[1:])
-        log_px = -self.likelihood.nll(self.decode(flat), xs).view(k, -1)
+        out = self.decode(z.reshape(-1, z.shape[-1]))
+        # x broadcasts against the k decodes: no k copies of the batch in memory
+        log_px = -self.likelihood.nll(out.view(k, len(x), *out.shape[1:]), x)
         return log_px, self.prior.log_prob(z), q.log_prob(z)
 
     def iwae(self, x: torch.Tensor, k: int, step: int | None = None) -> dict[str, torch.Tensor]:
