@@ -6,7 +6,8 @@ pytorch/examples VAE written directly (no components, no metrics). Prints a tabl
 median epoch times and their ratio, and exits non-zero when a ratio misses its target.
 
     python bench/speed.py                 # mlp 784-400-20 and conv 32x32, 3 epochs each
-    python bench/speed.py --epochs 5 --only mlp
+    python bench/speed.py --epochs 5 --only mlp --precision bf16
+    python bench/speed.py --memory        # peak RSS of an MNIST-sized mlp epoch
 """
 
 from __future__ import annotations
@@ -86,15 +87,19 @@ def bare_epoch(model, opt, x_u8: torch.Tensor, batch: int, gen: torch.Generator)
 
 
 def vae_setup(overrides: list[str], x_u8: torch.Tensor):
+    """vae's own training epoch; also returns a function scoring the loss on held-out data."""
+    from vae_cli.evaluate import evaluate
+
     _register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = validate(compose(config_name="train", overrides=overrides))
-    data = ImageData(name="bench", train=x_u8, val=x_u8[:256], test=x_u8[:256])
+    data = ImageData(name="bench", train=x_u8[:-2000], val=x_u8[-2000:], test=x_u8[-2000:])
     model = build_model(cfg, data.shape, len(data.train))
     opt = build_optimizer(cfg.optim, model.trainable_parameters())
     state = {"step": 0}
     gen = torch.Generator().manual_seed(0)
-    return lambda: train_epoch(model, opt, data, cfg, gen, state, "bench")
+    return (lambda: train_epoch(model, opt, data, cfg, gen, state, "bench"),
+            lambda: evaluate(model, data.val, 500)["loss"])
 
 
 @torch.no_grad()
@@ -130,6 +135,8 @@ def vae_iwae(x_u8: torch.Tensor, k: int, batch: int):
 
 def median_time(fn, epochs: int) -> float:
     fn()  # warm-up: allocator, kernels, lazy init
+    if epochs == 0:
+        return math.nan
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -142,9 +149,11 @@ def data(kind: str, n: int, mnist_root: str | None) -> torch.Tensor:
     if mnist_root and kind == "mlp":
         from torchvision.datasets import MNIST
         return MNIST(mnist_root, train=True, download=False).data.unsqueeze(1)[:n]
+    # Structured stand-in (learnable, unlike noise): shapes sprites at MNIST's 28x28 / 32x32.
+    from vae_cli.data.shapes import render, sample_factors
+
     size = 28 if kind == "mlp" else 32
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g)
+    return render(sample_factors(n, torch.Generator().manual_seed(0)), size)
 
 
 def main() -> int:
@@ -155,9 +164,15 @@ def main() -> int:
     p.add_argument("--only", choices=sorted(TARGETS))
     p.add_argument("--iw-samples", type=int, default=100, help="k for the iwae row (2000 images)")
     p.add_argument("--mnist-root", help="real MNIST (torchvision layout) for the mlp case")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="vae side's trainer.precision (the bare loop stays fp32)")
+    p.add_argument("--memory", action="store_true", help="compare peak RSS instead")
+    p.add_argument("--side", choices=["bare", "vae"], help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.manual_seed(0)
-    rows, ok = [], True
+    if args.memory:
+        return memory(args)
+    rows, ok, losses = [], True, {}
     for kind in [args.only] if args.only else list(TARGETS):
         x = data("mlp" if kind == "iwae" else kind, args.n, args.mnist_root)
         if kind == "iwae":
@@ -174,22 +189,58 @@ def main() -> int:
         else:
             bare = BareConv()
             ov = ["model=conv", "model.latent_dim=20"]
-        ov += [f"trainer.batch_size={args.batch}", "trainer.device=cpu"]
+        ov += [f"trainer.batch_size={args.batch}", "trainer.device=cpu",
+               f"trainer.precision={args.precision}"]
+        if args.side == "vae":  # memory mode: one side per process
+            epoch, _ = vae_setup(ov, x)
+            epoch()
+            return report_rss()
         opt = torch.optim.Adam(bare.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)
-        t_bare = median_time(partial(bare_epoch, bare, opt, x, args.batch, gen),
+        t_bare = median_time(partial(bare_epoch, bare, opt, x[:-2000], args.batch, gen),
                              args.epochs)
-        t_vae = median_time(vae_setup(ov, x), args.epochs)
+        if args.side == "bare":
+            return report_rss()
+        epoch, score = vae_setup(ov, x)
+        t_vae = median_time(epoch, args.epochs)
         ratio = t_vae / t_bare
         ok &= ratio <= TARGETS[kind]
-        rows.append((kind, t_bare, t_vae, ratio, TARGETS[kind]))
+        label = kind if args.precision == "fp32" else f"{kind}-{args.precision}"
+        rows.append((label, t_bare, t_vae, ratio, TARGETS[kind]))
+        losses[label] = score()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, "
           f"batch {args.batch}, median of {args.epochs} epochs")
-    print(f"{'case':<6} {'bare s':>12} {'vae s':>12} {'ratio':>7} {'target':>7}"
+    print(f"{'case':<9} {'bare s':>9} {'vae s':>12} {'ratio':>7} {'target':>7}"
           "   (s per training epoch; iwae: s per pass over 2000 images)")
     for kind, tb, tv, r, t in rows:
-        print(f"{kind:<6} {tb:>12.3f} {tv:>12.3f} {r:>7.3f} {t:>7.2f}{'' if r <= t else '  MISS'}")
+        loss = f"   vae val loss after {args.epochs + 1} epochs {losses[kind]:.2f}" \
+            if kind in losses else ""
+        print(f"{kind:<9} {tb:>9.3f} {tv:>12.3f} {r:>7.3f} {t:>7.2f}"
+              f"{'' if r <= t else '  MISS'}{loss}")
     return 0 if ok else 1
+
+
+def report_rss() -> int:
+    import resource
+
+    print(f"maxrss_kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}")
+    return 0
+
+
+def memory(args) -> int:
+    """Peak resident memory of one training epoch, each side in a fresh process."""
+    import subprocess
+
+    peaks = {}
+    for side in ("bare", "vae"):
+        out = subprocess.run([sys.executable, __file__, "--only", "mlp", "--side", side,
+                              "--epochs", "0", "--n", str(args.n)], capture_output=True,
+                             text=True, check=True).stdout
+        peaks[side] = int(out.split("maxrss_kb")[1].split()[0]) / 1024
+    ratio = peaks["vae"] / peaks["bare"]
+    print(f"peak RSS MiB: bare {peaks['bare']:.0f}, vae {peaks['vae']:.0f}, ratio {ratio:.2f} "
+          f"(target 1.30){'' if ratio <= 1.3 else '  MISS'}")
+    return 0 if ratio <= 1.3 else 1
 
 
 if __name__ == "__main__":
