@@ -234,9 +234,7 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.csv")
     board = tensorboard(run_dir) if t.tensorboard else None
-    show = (to_unit(data.val[: t.num_images]),
-            torch.randn(t.num_images, model.latent_dim,
-                        generator=torch.Generator().manual_seed(cfg.seed)).to(device))
+    show = (to_unit(data.val[: t.num_images]), t.num_images, cfg.seed)
     container = OmegaConf.to_container(cfg, resolve=True)
 
     def save(name: str) -> Path:
@@ -298,9 +296,15 @@ def interrupted(stop: StopFlag, path: Path, state: dict) -> Interrupted:
 
 
 def epoch_pictures(model, show: tuple, folder: Path, epoch: int, board, step: int) -> None:
-    """Reconstructions of fixed val images and decodes of fixed prior draws, per epoch."""
-    x, z = show
+    """Reconstructions of fixed val images and decodes of prior draws, per epoch."""
+    x, n, seed = show
     model.eval()
+    # The same noise every epoch, pushed through the current (possibly learned) prior; the
+    # forked RNG leaves training's random stream untouched.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            z = model.prior.sample(n)
     save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png")
     samples = save_samples(model, z, folder / f"samples_{epoch:03d}.png")
     if board:
