@@ -4,8 +4,7 @@ from hydra import compose, initialize_config_dir
 from vae_cli.cli import _register_resolvers, config_dir
 
 
-@pytest.fixture
-def compose_cfg():
+def _composer():
     """Compose a config exactly as `vae <command>` would, without running it."""
     _register_resolvers()
 
@@ -14,3 +13,13 @@ def compose_cfg():
             return compose(config_name=name, overrides=list(overrides))
 
     return _compose
+
+
+@pytest.fixture
+def compose_cfg():
+    return _composer()
+
+
+@pytest.fixture(scope="module")
+def compose_cfg_module():
+    return _composer()

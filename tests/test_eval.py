@@ -147,21 +147,6 @@ def test_every_picture_is_written_with_its_grid_size(trained, tmp_path):
         assert (run / name).is_file(), f"end of training wrote no {name}"
 
 
-@pytest.fixture(scope="module")
-def compose_cfg_module():
-    from hydra import compose, initialize_config_dir
-
-    from vae_cli.cli import _register_resolvers, config_dir
-
-    _register_resolvers()
-
-    def _compose(overrides=()):
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
-
-    return _compose
-
-
 def test_eval_config_is_complete(compose_cfg):
     cfg = compose_cfg(name="eval")
     assert OmegaConf.select(cfg, "eval.iw_samples") == 1000

@@ -161,8 +161,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise UserError(f"trainer.device={t.device!r} is not auto, cpu, cuda, cuda:N or mps")
     if o.name not in OPTIMIZERS:
         raise UserError(f"optim.name={o.name!r} is not one of {OPTIMIZERS}")
-    if not o.lr > 0 or len(o.betas) != 2:
-        raise UserError(f"optim.lr={o.lr} must be > 0 and optim.betas two numbers")
+    if not o.lr > 0:
+        raise UserError(f"optim.lr={o.lr} must be > 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise UserError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
     if not isinstance(cfg.get("seed"), int):
         raise UserError(f"seed={cfg.get('seed')!r} must be an integer")
     return cfg
