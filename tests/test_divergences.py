@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_priors import _randomised
 from torch import nn
 from torch.distributions import Independent, Normal
 
@@ -40,14 +41,6 @@ def _posterior(b=6, d=3, seed=0, spread=1.0):
     mu = spread * torch.randn(b, d, generator=g)
     std = torch.rand(b, d, generator=g) * 1.2 + 0.3
     return Independent(Normal(mu, std), 1)
-
-
-def _randomised(prior, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in prior.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-    return prior
 
 
 def _gauss_kl(m1, s1, m2, s2):
