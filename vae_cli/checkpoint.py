@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -16,21 +19,33 @@ from vae_cli.errors import UserError
 FORMAT = "vae_cli.checkpoint/1"
 
 
-def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: a reader sees the
-    old file or the new one, never half of one."""
+@contextmanager
+def _atomic(path: Path) -> Iterator[BinaryIO]:
+    """A file handle whose content becomes ``path`` only once complete: temp file in the same
+    folder, fsync, os.replace. A reader sees the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    with _atomic(path) as f:
+        torch.save({"format": FORMAT, **payload}, f)
+
+
+def copy(src: Path, dst: Path) -> None:
+    """dst becomes a byte copy of src (best.pt from the just-written last.pt), atomically."""
+    with _atomic(dst) as f, open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
 
 
 def load(path: str | Path | None) -> dict[str, Any]:

@@ -77,15 +77,16 @@ def prior_marginals(prior_dist, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def posterior_stats(model: VAE, x: torch.Tensor, batch_size: int,
-                    mc_samples: int = 16) -> dict:
+def posterior_stats(model: VAE, x: torch.Tensor, batch_size: int, mc_samples: int = 16,
+                    encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """KL per latent dimension, active units, and the aggregate posterior against the prior.
 
     Per-dimension KL is KL(q(z_d|x) || p(z_d)) averaged over x: analytic for a diagonal
     Gaussian prior, a Monte Carlo estimate against the prior's 1-D marginals otherwise
     (then the dimensions need not sum to the total KL, the prior not being factorised).
+    ``encoded`` passes (mu, std) from encode_all when the caller needs them too.
     """
-    mu, std = encode_all(model, x, batch_size)
+    mu, std = encoded if encoded is not None else encode_all(model, x, batch_size)
     p = model.prior.dist()
     kl_sum = torch.zeros(mu.shape[1], dtype=torch.float64, device=mu.device)
     for i in range(0, len(mu), batch_size):

@@ -101,11 +101,10 @@ def run(cfg: DictConfig) -> dict:
               **evaluate(model, x, e.batch_size)}
     if e.iw_samples:
         result.update(iwae_bound(model, x, e.iw_samples, e.batch_size, e.iw_batch))
-    stats = posterior_stats(model, x, e.batch_size)
-    result.update(stats)
+    encoded = encode_all(model, x, e.batch_size)
+    result.update(posterior_stats(model, x, e.batch_size, encoded=encoded))
     if factors is not None:
-        mu, _ = encode_all(model, x, e.batch_size)
-        result.update(mig(mu, factors, e.mig_bins, data.factor_names))
+        result.update(mig(encoded[0], factors, e.mig_bins, data.factor_names))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
     path = write_report(result, out_dir, f"eval_{e.split}.json" if e.split != "test"
                         else "eval.json")

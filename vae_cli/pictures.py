@@ -28,11 +28,12 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     written = [save_reconstructions(model, x, out_dir / "reconstructions.png"),
                save_interpolations(model, x, out_dir / "interpolations.png")]
     x_stats = x_all[:max_points]
-    stats = posterior_stats(model, x_stats, batch_size)
+    encoded = encode_all(model, x_stats, batch_size)
+    stats = posterior_stats(model, x_stats, batch_size, encoded=encoded)
     order = sorted(range(model.latent_dim), key=lambda d: -stats["kl_per_dim"][d])
     scale = torch.tensor(stats["aggregate_var"], device=x.device).sqrt().float()
     written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png"))
-    mu, _ = encode_all(model, x_stats, batch_size)
+    mu = encoded[0]
     labels, factors = data.labels.get(split), data.factors.get(split)
     colour, name = None, ""
     if labels is not None:

@@ -263,9 +263,9 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
                    **{f"train_{k}": v for k, v in tr.items()},
                    **{f"val_{k}": v for k, v in va.items()}}
             metrics.append(row)  # no wall time in it: same seed, same file (tested)
-            save("last.pt")
-            if improved:
-                save("best.pt")
+            last = save("last.pt")
+            if improved:  # the same bytes: copy them rather than serialise twice
+                checkpoint.copy(last, ckpt_dir / "best.pt")
             if epoch % t.image_every == 0 or epoch == t.epochs:
                 epoch_pictures(model, show, run_dir / "images", epoch, board, state["step"])
             if board:

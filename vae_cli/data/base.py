@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from vae_cli.batching import to_unit as to_float  # noqa: F401 - re-exported
 from vae_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,6 @@ def binarize_once(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     binarized MNIST (a static test set, while training resamples every batch)."""
     u = torch.rand(x.shape, generator=generator, device=x.device)
     return (u < x.float() / 255).to(torch.uint8) * 255
-
-
-def to_float(batch: torch.Tensor) -> torch.Tensor:
-    return batch.float().div_(255)
 
 
 def seeded_split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
