@@ -71,3 +71,11 @@ def load_model(path: str, device: torch.device) -> tuple[VAE, dict]:
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} does not match its own config: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
+
+
+def load_data(ckpt: dict, overrides, device: torch.device):
+    """The dataset a checkpoint was trained on (its own config, with non-null command-line
+    keys such as dataset.root laid over it), on the given device."""
+    from vae_cli.config import dataset_config
+
+    return instantiate(dataset_config(ckpt["config"]["dataset"], overrides)).to(device)

@@ -12,8 +12,7 @@ from omegaconf import DictConfig
 
 from vae_cli import checkpoint
 from vae_cli.batching import ordered
-from vae_cli.build import autocast, load_model, resolve_device
-from vae_cli.config import dataset_config, instantiate
+from vae_cli.build import autocast, load_data, load_model, resolve_device
 from vae_cli.diagnostics import encode_all, iwae_bound, posterior_stats
 from vae_cli.disentangle import mig
 from vae_cli.errors import UserError
@@ -89,8 +88,7 @@ def run(cfg: DictConfig) -> dict:
     if not isinstance(e.iw_samples, int) or e.iw_samples < 0:
         raise UserError(f"eval.iw_samples={e.iw_samples!r} must be >= 0 (0 skips the bound)")
     model, ckpt = load_model(cfg.ckpt, resolve_device(cfg.device))
-    device = next(model.parameters()).device
-    data = instantiate(dataset_config(ckpt["config"]["dataset"], cfg.get("dataset"))).to(device)
+    data = load_data(ckpt, cfg.get("dataset"), next(model.parameters()).device)
     x, factors = data.split(e.split), data.factors.get(e.split)
     if e.max_examples:
         x = x[: e.max_examples]

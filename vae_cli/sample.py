@@ -9,8 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from vae_cli import checkpoint
-from vae_cli.build import load_model, resolve_device
-from vae_cli.config import dataset_config, instantiate
+from vae_cli.build import load_data, load_model, resolve_device
 from vae_cli.errors import UserError
 from vae_cli.images import save_samples
 from vae_cli.pictures import write_curves, write_data_pictures
@@ -33,8 +32,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.pictures:
         # The other pictures need the data; without it the samples alone are still useful.
         try:
-            node = dataset_config(ckpt["config"]["dataset"], cfg.get("dataset"))
-            data = instantiate(node).to(next(model.parameters()).device)
+            data = load_data(ckpt, cfg.get("dataset"), next(model.parameters()).device)
         except UserError as e:
             log.warning("samples only; data pictures skipped: %s", e)
         else:
