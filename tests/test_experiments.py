@@ -17,10 +17,25 @@ from vae_cli.config import validate
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 SHORT = ["trainer.epochs=1", "trainer.device=cpu", "trainer.num_images=8"]
 STAND_IN = {
-    "mnist": ["dataset.val_size=20", "trainer.batch_size=20"],
+    "mnist": ["dataset.val_size=20", "trainer.batch_size=20", "dataset.download=false"],
     "shapes": ["dataset.n_train=128", "dataset.n_val=32", "dataset.n_test=32",
-               "trainer.batch_size=32"],
+               "trainer.batch_size=32", "dataset.cache=false"],
+    "ptb": ["dataset.download=false", "trainer.batch_size=4"],
+    "sentences": ["dataset.n_train=128", "dataset.n_val=16", "dataset.n_test=16",
+                  "trainer.batch_size=32"],
 }
+
+
+def kind_of(name: str) -> str:
+    return next((k for k in ("shapes", "ptb", "sentences") if name.endswith(k)), "mnist")
+
+
+def make_ptb(root: Path) -> None:
+    """Tiny files in the layout of Mikolov's PTB (leading space, <unk>, N)."""
+    (root / "ptb").mkdir(parents=True)
+    for split, n in (("train", 40), ("valid", 8), ("test", 8)):
+        rows = [f" the <unk> company said N shares rose {i % 5} points " for i in range(n)]
+        (root / "ptb" / f"ptb.{split}.txt").write_text("\n".join(rows) + "\n")
 
 
 def test_presets_exist():
@@ -51,13 +66,15 @@ def test_presets_set_the_papers_numbers(compose_cfg):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_runs_one_short_epoch_offline(tmp_path: Path, name):
-    kind = "shapes" if name.endswith("shapes") else "mnist"
+    kind = kind_of(name)
     if kind == "mnist":
         make_mnist(tmp_path / "data", n_train=80, n_test=20)
+    if kind == "ptb":
+        make_ptb(tmp_path / "data")
     run = tmp_path / "run"
-    vae("train", f"experiment={name}", f"dataset.root={tmp_path / 'data'}",
-        "dataset.download=false" if kind == "mnist" else "dataset.cache=false",
-        *STAND_IN[kind], *SHORT, f"hydra.run.dir={run}", cwd=tmp_path)
+    root = [f"dataset.root={tmp_path / 'data'}"] if kind != "sentences" else []
+    vae("train", f"experiment={name}", *root, *STAND_IN[kind], *SHORT, f"hydra.run.dir={run}",
+        cwd=tmp_path)
     with (run / "metrics.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert math.isfinite(float(row["val_loss"]))

@@ -16,6 +16,11 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).div_(255.0)
 
 
+def as_input(x: torch.Tensor) -> torch.Tensor:
+    """What the model reads: images as float in [0, 1]; token ids unchanged."""
+    return to_unit(x) if x.dtype == torch.uint8 else x
+
+
 def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
              binarize: bool = False, start: int = 0) -> Iterator[torch.Tensor]:
     """Full batches in a fresh random order (drop_last: batch statistics stay comparable).
@@ -26,11 +31,11 @@ def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
     """
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     for i in range(start * batch_size, len(x) - batch_size + 1, batch_size):
-        xb = to_unit(x[perm[i:i + batch_size]])
+        xb = as_input(x[perm[i:i + batch_size]])
         yield torch.bernoulli(xb) if binarize else xb
 
 
 def ordered(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """Every example once, in order (evaluation)."""
     for i in range(0, len(x), batch_size):
-        yield to_unit(x[i:i + batch_size])
+        yield as_input(x[i:i + batch_size])

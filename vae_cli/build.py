@@ -24,14 +24,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: DictConfig, shape: tuple[int, int, int], dataset_size: int) -> VAE:
-    """Instantiate the components and check, before any work, that they fit together."""
+def build_model(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
+                vocab_size: int | None = None) -> VAE:
+    """Instantiate the components and check, before any work, that they fit together.
+    ``shape`` is (C, H, W) for images and (L,) for token sequences of a ``vocab_size``."""
     shape = tuple(shape)
     runtime = {"shape": shape, "latent_dim": int(cfg.model.latent_dim),
-               "dataset_size": int(dataset_size)}
+               "dataset_size": int(dataset_size), "vocab_size": vocab_size}
     likelihood = instantiate(cfg.loss, **runtime)
     encoder, decoder = instantiate(cfg.model, out_mult=likelihood.out_mult, **runtime)
-    prior = instantiate(cfg.prior, **runtime)
+    if len(shape) == 1 and not likelihood.tokens:
+        raise UserError(f"loss={type(likelihood).__name__.lower()} scores images; token "
+                        "sequences need loss=categorical")
+    # A VampPrior's pseudo-inputs live where the encoder reads continuous input: pixels in
+    # [0, 1], or, for a sequence encoder, unbounded embedded sequences.
+    soft = getattr(encoder, "soft_shape", None)
+    prior = instantiate(cfg.prior, **{**runtime, **({"shape": soft, "bounded": False}
+                                                      if soft else {})})
     divergence = instantiate(cfg.divergence, **runtime)
     schedule = instantiate(cfg.schedule, **runtime)
     iw = int(cfg.trainer.iw_samples)
@@ -65,7 +74,9 @@ def load_model(path: str, device: torch.device) -> tuple[VAE, dict]:
 
     ckpt = checkpoint.load(path)
     cfg = validate(OmegaConf.create(ckpt["config"]))
-    model = build_model(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1))
+    vocab = ckpt.get("vocab")
+    model = build_model(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
+                        len(vocab["itos"]) if vocab else None)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:
@@ -78,4 +89,6 @@ def load_data(ckpt: dict, overrides, device: torch.device):
     keys such as dataset.root laid over it), on the given device."""
     from vae_cli.config import dataset_config
 
-    return instantiate(dataset_config(ckpt["config"]["dataset"], overrides)).to(device)
+    # Text is encoded with the checkpoint's own vocabulary, never one rebuilt from the file.
+    node = dataset_config(ckpt["config"]["dataset"], overrides)
+    return instantiate(node, vocab=(ckpt.get("vocab") or {}).get("itos")).to(device)

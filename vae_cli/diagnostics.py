@@ -12,7 +12,7 @@ import torch
 from torch.distributions import Independent, MixtureSameFamily, Normal
 
 from vae_cli.batching import ordered
-from vae_cli.model import VAE, bits_per_dim
+from vae_cli.model import VAE, per_unit
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: Cov_x(E[z_u|x]) > 0.01
 
@@ -48,7 +48,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     n = len(x)
     iw, elbo = (iw_sum / n).item(), (elbo_sum / n).item()
     return {"iw_samples": k, "nll_iwae": -iw, "nelbo_iw": -elbo,
-            "bpd_iwae": bits_per_dim(-iw, math.prod(x.shape[1:]))}
+            **per_unit(-iw, x, "_iwae")}
 
 
 @torch.no_grad()

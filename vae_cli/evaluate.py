@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -16,9 +15,10 @@ from vae_cli.build import autocast, load_data, load_model, resolve_device
 from vae_cli.diagnostics import encode_all, iwae_bound, posterior_stats
 from vae_cli.disentangle import mig
 from vae_cli.errors import UserError
-from vae_cli.model import VAE, bits_per_dim
+from vae_cli.model import VAE, per_unit
 
 log = logging.getLogger(__name__)
+MAX_LOGITS = 2**26  # floats of decoder output held at once by `vae eval` (256 MB)
 
 
 def means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -44,7 +44,7 @@ def evaluate(model: VAE, x: torch.Tensor, batch_size: int, precision: str = "fp3
     if model.divergence.bounds_likelihood:
         # recon + KL is the negative ELBO whatever beta trained it, so report it apart.
         result["nelbo"] = result["recon"] + result.get("kl", result["div"])
-        result["bpd"] = bits_per_dim(result["nelbo"], math.prod(x.shape[1:]))
+        result.update(per_unit(result["nelbo"], x))
     return result
 
 
@@ -65,8 +65,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-SHOWN = ("split", "examples", "epoch", "loss", "recon", "div", "nelbo", "bpd", "nll_iwae",
-         "bpd_iwae", "iw_samples", "active_units", "kl_per_dim", "mig", "mig_per_factor")
+SHOWN = ("split", "examples", "epoch", "loss", "recon", "div", "nelbo", "bpd", "nll_token",
+         "ppl", "nll_iwae", "bpd_iwae", "nll_token_iwae", "ppl_iwae", "iw_samples",
+         "active_units", "kl_per_dim", "mig", "mig_per_factor")
 
 
 def table(result: dict) -> str:
@@ -93,14 +94,18 @@ def run(cfg: DictConfig) -> dict:
     if e.max_examples:
         x = x[: e.max_examples]
         factors = None if factors is None else factors[: e.max_examples]
+    batch, iw_batch = e.batch_size, e.iw_batch
+    per = getattr(model.decoder, "out_numel", 0)
+    if per:  # a sequence decoder's logits are L x V floats each: bound what is decoded at once
+        batch, iw_batch = (max(1, min(b, MAX_LOGITS // per)) for b in (batch, iw_batch))
     torch.manual_seed(cfg.seed)
     result = {"checkpoint": str(cfg.ckpt), "split": e.split, "examples": len(x),
               "epoch": ckpt.get("state", {}).get("epoch"),
-              **evaluate(model, x, e.batch_size)}
+              **evaluate(model, x, batch)}
     if e.iw_samples:
-        result.update(iwae_bound(model, x, e.iw_samples, e.batch_size, e.iw_batch))
-    encoded = encode_all(model, x, e.batch_size)
-    result.update(posterior_stats(model, x, e.batch_size, encoded=encoded))
+        result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch))
+    encoded = encode_all(model, x, batch)
+    result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:
         result.update(mig(encoded[0], factors, e.mig_bins, data.factor_names))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)

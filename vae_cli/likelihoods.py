@@ -4,7 +4,8 @@ Protocol: ``out_mult`` decoder outputs per data channel; ``nll(out, x)`` returns
 (or [k, B] when out carries k leading samples and x broadcasts against it, as in IWAE);
 ``mean(out)`` returns the image to show, in [0, 1]. Log-densities are computed in float32
 even when the decoder ran under autocast. ``discrete`` says whether nll is the probability
-of 8-bit data (so bits/dim compare across models) or a density on [0, 1].
+of 8-bit data (so bits/dim compare across models) or a density on [0, 1]. ``tokens`` says
+whether it also scores token sequences (int64 [B, L], padding masked; out [..., B, L, V]).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.errors import UserError
+from vae_cli.tokens import PAD, is_tokens
 
 
 def _per_example(t: torch.Tensor) -> torch.Tensor:
@@ -26,6 +28,7 @@ def _per_example(t: torch.Tensor) -> torch.Tensor:
 class Likelihood(nn.Module):
     out_mult: int = 1
     discrete: bool = False
+    tokens: bool = False
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -99,9 +102,11 @@ def _levels(x: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 class Categorical(Likelihood):
-    """A softmax over 256 levels per sub-pixel: a discrete likelihood of 8-bit images."""
+    """A softmax over 256 levels per sub-pixel: a discrete likelihood of 8-bit images; on
+    token sequences, a softmax over the vocabulary per position, <pad> never scored."""
 
     discrete = True
+    tokens = True
 
     def __init__(self, classes: int = 256):
         super().__init__()
@@ -116,6 +121,8 @@ class Categorical(Likelihood):
         return out.float().view(*lead, ck // self.classes, self.classes, h, w)
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if is_tokens(x):
+            return sequence_nll(out, x)
         logp = self._logits(out).log_softmax(-3)
         target = _levels(x, self.classes).unsqueeze(-3).expand(*logp.shape[:-3], 1,
                                                                *logp.shape[-2:])
@@ -125,6 +132,15 @@ class Categorical(Likelihood):
         p = self._logits(out).softmax(-3)
         levels = torch.arange(self.classes, device=out.device, dtype=p.dtype)
         return (p * levels.view(-1, 1, 1)).sum(-3) / (self.classes - 1)
+
+
+def sequence_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x) summed over the positions of each sequence: logits [..., B, L, V], token
+    ids x [B, L] (broadcast over leading samples); <pad> targets contribute exactly 0."""
+    target = x.expand(logits.shape[:-1])
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                          ignore_index=PAD, reduction="none")
+    return nll.view(target.shape).sum(-1)
 
 
 class Logistic(Likelihood):

@@ -12,6 +12,7 @@ from vae_cli.divergences import Divergence
 from vae_cli.likelihoods import Likelihood
 from vae_cli.priors import Prior
 from vae_cli.schedules import Constant, Schedule
+from vae_cli.tokens import is_tokens, lengths
 
 # Argument validation in torch.distributions syncs with the device on every call and costs
 # more than the maths at these sizes; inputs here are built by the model itself.
@@ -29,6 +30,8 @@ class VAE(nn.Module):
         self.prior, self.divergence, self.likelihood = prior, divergence, likelihood
         self.latent_dim, self.iw_samples = latent_dim, iw_samples
         self.schedule = schedule or Constant()
+        # A sequence decoder reads the sequence it scores (teacher forcing): decode(z, x).
+        self.autoregressive = getattr(decoder, "autoregressive", False)
         prior.bind(self.posterior)
 
     def posterior(self, x: torch.Tensor) -> Distribution:
@@ -36,8 +39,8 @@ class VAE(nn.Module):
         std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
         return Independent(Normal(mu, std), 1)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(z, x) if self.autoregressive else self.decoder(z)
 
     def forward(self, x: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
         """Batch-mean loss = recon + scheduled weight * div, with every term for logging."""
@@ -45,7 +48,7 @@ class VAE(nn.Module):
             return self.iwae(x, self.iw_samples, step)
         q = self.posterior(x)
         z = q.rsample()
-        recon = self.likelihood.nll(self.decode(z), x).mean()
+        recon = self.likelihood.nll(self.decode(z, x), x).mean()
         terms = self.divergence(q, z, self.prior)
         div = self.schedule.term(terms["div"], self.divergence.weight(), step)
         return {"loss": recon + div, "recon": recon, **terms}
@@ -54,8 +57,10 @@ class VAE(nn.Module):
         """log p(x|z), log p(z), log q(z|x) for k samples z ~ q(z|x): each [k, B]."""
         q = self.posterior(x)
         z = q.rsample((k,))
-        out = self.decode(z.reshape(-1, z.shape[-1]))
-        # x broadcasts against the k decodes: no k copies of the batch in memory
+        # x broadcasts against the k decodes: no k copies of the batch in memory, except
+        # for a sequence decoder, which reads x once per sample
+        xs = x.expand(k, *x.shape).reshape(-1, *x.shape[1:]) if self.autoregressive else None
+        out = self.decode(z.reshape(-1, z.shape[-1]), xs)
         log_px = -self.likelihood.nll(out.view(k, len(x), *out.shape[1:]), x)
         return log_px, self.prior.log_prob(z), q.log_prob(z)
 
@@ -73,13 +78,26 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decoded posterior mean, as an image in [0, 1]."""
-        return self.likelihood.mean(self.decode(self.posterior(x).mean))
+        """Decoded posterior mean: an image in [0, 1], or greedily decoded token ids."""
+        return self.generate(self.posterior(x).mean)
 
     @torch.no_grad()
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
+    def generate(self, z: torch.Tensor, temperature: float = 0.0) -> torch.Tensor:
+        """Images (likelihood mean) or token ids (greedy, or sampled at a temperature)."""
+        if self.autoregressive:
+            return self.decoder.generate(z, temperature)
         return self.likelihood.mean(self.decode(z))
 
 
 def bits_per_dim(nats: float, dims: int) -> float:
     return nats / (dims * math.log(2))
+
+
+def per_unit(nats: float, x: torch.Tensor, suffix: str = "") -> dict[str, float]:
+    """A mean per-example NLL in the units each kind of data is reported in: bits per
+    dimension for images; per token and perplexity = exp(total NLL / tokens) for token
+    sequences, tokens counting <eos> (as in the language-modelling literature)."""
+    if is_tokens(x):
+        per_token = nats * len(x) / lengths(x).sum().item()
+        return {f"nll_token{suffix}": per_token, f"ppl{suffix}": math.exp(per_token)}
+    return {f"bpd{suffix}": bits_per_dim(nats, math.prod(x.shape[1:]))}

@@ -57,7 +57,8 @@ def plot_scatter(mu: torch.Tensor, colour: torch.Tensor | None, label: str,
     xy, axis = project_2d(mu)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     c = None if colour is None else colour.detach().cpu().double().numpy()
-    sc = ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), c=c, s=4, cmap="viridis", alpha=0.7)
+    sc = ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), c=c, s=4, alpha=0.7,
+                    **({"cmap": "viridis"} if c is not None else {}))
     if c is not None:
         fig.colorbar(sc, ax=ax, label=label)
     ax.set_xlabel(f"{axis}1")

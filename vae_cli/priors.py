@@ -96,11 +96,15 @@ class MixturePrior(Prior):
 
 class VampPrior(Prior):
     """VampPrior (Tomczak & Welling 2018): p(z) = (1/K) sum_k q(z | u_k) with K trainable
-    pseudo-inputs u_k in data space, passed through a hardtanh to stay in [0, 1]."""
+    pseudo-inputs u_k in data space, passed through a hardtanh to stay in [0, 1]. For a
+    sequence encoder they are embedded sequences [L, E] (``bounded=False``): token ids are
+    discrete, and a soft distribution over the vocabulary per position would cost L x V
+    parameters per component."""
 
     def __init__(self, components: int = 500, init_mean: float = 0.05, init_std: float = 0.01,
-                 *, latent_dim: int, shape: tuple[int, int, int]):
+                 *, latent_dim: int, shape: tuple[int, ...], bounded: bool = True):
         super().__init__(latent_dim)
+        self.bounded = bounded
         if components < 1:
             raise UserError(f"prior.components={components} must be >= 1")
         g = torch.Generator().manual_seed(0)
@@ -113,7 +117,7 @@ class VampPrior(Prior):
         self.__dict__["_posterior"] = posterior
 
     def pseudo_inputs(self) -> torch.Tensor:
-        return F.hardtanh(self.pseudo, 0.0, 1.0)
+        return F.hardtanh(self.pseudo, 0.0, 1.0) if self.bounded else self.pseudo
 
     def dist(self) -> Distribution:
         if self._posterior is None:

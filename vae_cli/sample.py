@@ -1,4 +1,5 @@
-"""`vae sample`: prior samples from a checkpoint, plus the run's picture set."""
+"""`vae sample`: prior samples from a checkpoint (images, or lines of text for a sequence
+model), plus the run's picture set."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from vae_cli.build import load_data, load_model, resolve_device
 from vae_cli.errors import UserError
 from vae_cli.images import save_samples
 from vae_cli.pictures import write_curves, write_data_pictures
+from vae_cli.sequences import sample_text, write, write_text_pictures
+from vae_cli.tokens import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,19 @@ def run(cfg: DictConfig) -> Path:
     with torch.no_grad():
         z = model.prior.sample(cfg.num_samples)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
-    png = out_dir / f"samples_seed{cfg.seed}.png"
-    images = save_samples(model, z, png)
-    torch.save({"images": images.cpu(), "z": z.cpu()}, png.with_suffix(".pt"))
-    written = [png, png.with_suffix(".pt")]
+    vocab = Vocab.from_state(ckpt.get("vocab"))
+    if vocab:  # a sequence model: lines of text, printed and written
+        if not isinstance(cfg.temperature, int | float) or cfg.temperature < 0:
+            raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: greedy only)")
+        text = sample_text(model, vocab, z, float(cfg.temperature))
+        print(text, end="")
+        main = write(out_dir / f"samples_seed{cfg.seed}.txt", text)
+        written = [main]
+    else:
+        main = out_dir / f"samples_seed{cfg.seed}.png"
+        images = save_samples(model, z, main)
+        torch.save({"images": images.cpu(), "z": z.cpu()}, main.with_suffix(".pt"))
+        written = [main, main.with_suffix(".pt")]
     if cfg.pictures:
         # The other pictures need the data; without it the samples alone are still useful.
         try:
@@ -36,8 +48,9 @@ def run(cfg: DictConfig) -> Path:
         except UserError as e:
             log.warning("samples only; data pictures skipped: %s", e)
         else:
-            written += write_data_pictures(model, data, cfg.split, out_dir)
+            write_pictures = write_text_pictures if vocab else write_data_pictures
+            written += write_pictures(model, data, cfg.split, out_dir)
         curves = write_curves(checkpoint.run_dir_of(cfg.ckpt))
         written += [curves] if curves else []
     print("wrote " + ", ".join(str(p) for p in written))
-    return png
+    return main

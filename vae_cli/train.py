@@ -18,13 +18,14 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from vae_cli import checkpoint
-from vae_cli.batching import shuffled, to_unit
+from vae_cli.batching import as_input, shuffled
 from vae_cli.build import autocast, build_model, build_optimizer, resolve_device
 from vae_cli.config import COMPONENTS, instantiate, validate
 from vae_cli.errors import UserError
 from vae_cli.evaluate import evaluate
 from vae_cli.images import reconstruction_rows, save_reconstructions, save_samples
 from vae_cli.pictures import write_curves, write_data_pictures
+from vae_cli.sequences import epoch_text, write_text_pictures
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
                         f"({len(data.train)} examples)")
     data = data.to(device)
-    model = build_model(cfg, data.shape, len(data.train)).to(device)
+    vocab = getattr(data, "vocab", None)  # token sequences: a vae_cli.tokens.Vocab
+    model = build_model(cfg, data.shape, len(data.train), vocab and len(vocab)).to(device)
     opt = build_optimizer(cfg.optim, model.trainable_parameters())
     state = {"epoch": 0, "step": 0, "best_val": math.inf, "bad_epochs": 0}
     order = torch.Generator().manual_seed(cfg.seed)
@@ -234,12 +236,13 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.csv")
     board = tensorboard(run_dir) if t.tensorboard else None
-    show = (to_unit(data.val[: t.num_images]), t.num_images, cfg.seed)
+    show = (as_input(data.val[: t.num_images]), t.num_images, cfg.seed, vocab)
     container = OmegaConf.to_container(cfg, resolve=True)
 
     def save(name: str) -> Path:
         checkpoint.save(ckpt_dir / name, {
             "config": container, "shape": list(data.shape), "dataset_size": len(data.train),
+            "vocab": vocab.state() if vocab else None,
             "model": model.state_dict(), "optim": opt.state_dict(), "state": dict(state),
             "rng": {**rng_state(), "order": order.get_state()}})
         return ckpt_dir / name
@@ -283,7 +286,7 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
                 break
     if board:
         board.close()
-    write_data_pictures(model, data, "val", run_dir)
+    (write_text_pictures if vocab else write_data_pictures)(model, data, "val", run_dir)
     write_curves(run_dir)
     return {"best_val": state["best_val"], "epoch": state["epoch"], "step": state["step"],
             "run_dir": str(run_dir)}
@@ -296,8 +299,9 @@ def interrupted(stop: StopFlag, path: Path, state: dict) -> Interrupted:
 
 
 def epoch_pictures(model, show: tuple, folder: Path, epoch: int, board, step: int) -> None:
-    """Reconstructions of fixed val images and decodes of prior draws, per epoch."""
-    x, n, seed = show
+    """Reconstructions of fixed val images and decodes of prior draws, per epoch (for text,
+    one file of greedy samples and reconstructions)."""
+    x, n, seed, vocab = show
     model.eval()
     # The same noise every epoch, pushed through the current (possibly learned) prior; the
     # forked RNG leaves training's random stream untouched.
@@ -305,6 +309,9 @@ def epoch_pictures(model, show: tuple, folder: Path, epoch: int, board, step: in
         torch.manual_seed(seed)
         with torch.no_grad():
             z = model.prior.sample(n)
+    if vocab:
+        epoch_text(model, vocab, x, z, folder / f"text_{epoch:03d}.txt", board, step)
+        return
     save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png")
     samples = save_samples(model, z, folder / f"samples_{epoch:03d}.png")
     if board:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vae_cli.errors import UserError
+from vae_cli.nets import image_shape
 from vae_cli.nets.mlp import Unflatten
 
 
@@ -24,7 +25,7 @@ def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
           fc_hidden: int = 256, *, shape: tuple[int, int, int],
           out_mult: int = 1) -> tuple[nn.Module, nn.Module]:
     """Conv(4, stride 2) blocks doubling channels, a hidden linear layer, then 2z outputs."""
-    c, h, w = shape
+    c, h, w = image_shape(shape, "conv")
     if h != w:
         raise UserError(f"model=conv needs square images, got {h}x{w}; use model=mlp")
     sizes = _plan(h)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
+from vae_cli.nets import image_shape
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU,
                "softplus": nn.Softplus, "gelu": nn.GELU}
@@ -51,7 +52,7 @@ def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str 
     hidden = list(hidden)
     if not hidden or min(hidden) <= 0:
         raise UserError(f"model.hidden={hidden} must be a non-empty list of positive sizes")
-    c, h, w = shape
+    c, h, w = image_shape(shape, "mlp")
     d = c * h * w
     encoder = nn.Sequential(nn.Flatten(), _stack([d, *hidden], activation),
                             nn.Linear(hidden[-1], 2 * latent_dim))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
+from vae_cli.nets import image_shape
 from vae_cli.nets.conv import _plan
 from vae_cli.nets.mlp import Unflatten
 
@@ -37,7 +38,7 @@ class ResBlock(nn.Module):
 
 def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blocks: int = 1,
           *, shape: tuple[int, int, int], out_mult: int = 1) -> tuple[nn.Module, nn.Module]:
-    c, h, w = shape
+    c, h, w = image_shape(shape, "resnet")
     sizes = _plan(h)
     if h != w or len(sizes) < 3:
         raise UserError(f"model=resnet needs square images that halve at least twice, got "

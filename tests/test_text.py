@@ -1,0 +1,296 @@
+"""Sequences: vocabulary, masked token likelihood, perplexity, the rnn model with every prior
+and divergence, homotopies, and the text datasets' files and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_cli import vae
+
+from vae_cli.build import build_model
+from vae_cli.config import instantiate, validate
+from vae_cli.data.text import TextData, ptb, text
+from vae_cli.diagnostics import iwae_bound
+from vae_cli.errors import UserError
+from vae_cli.evaluate import evaluate
+from vae_cli.likelihoods import Categorical, sequence_nll
+from vae_cli.model import per_unit
+from vae_cli.sequences import homotopy, lines
+from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK, Vocab
+
+CORPUS = ["the cat sat", "the dog sat", "a cat ran", "the bird sang", "a dog ran fast"] * 8
+TINY_RNN = ["model=rnn", "loss=categorical", "model.embed_dim=8", "model.hidden=16",
+            "model.latent_dim=3", "trainer.device=cpu"]
+
+
+def write_corpus(path, lines_=CORPUS):
+    path.write_text("\n".join(lines_) + "\n", encoding="utf-8")
+    return path
+
+
+# --- vocabulary ------------------------------------------------------------------------
+
+def test_vocab_round_trip_unknown_tokens_and_stable_ids():
+    v = Vocab.build(["b a a", "c a b", "d"], "word", min_freq=2)
+    assert v.itos == [*SPECIALS, "a", "b"]  # by frequency; d and c are rarer than min_freq
+    ids, cut = v.encode(["a b", "b zebra a"], max_length=4)
+    assert cut == 0
+    assert ids.tolist() == [[4, 5, EOS, PAD, PAD], [5, UNK, 4, EOS, PAD]]
+    assert v.decode(ids[0]) == "a b"
+    assert v.decode(ids[1]) == "b <unk> a"
+    again = Vocab.from_state(v.state())
+    assert again.itos == v.itos and again.tokens == "word"
+    assert Vocab.build(["b a a", "c a b", "d"], "word", 2).itos == v.itos
+
+
+def test_char_vocab_and_cut_lines():
+    v = Vocab.build(["hello", "help"], "char")
+    ids, cut = v.encode(["hello world"], max_length=5)
+    assert cut == 1 and v.decode(ids[0]) == "hello"
+    assert ids[0, -1] == EOS  # a cut line still ends in <eos>
+    with pytest.raises(UserError, match="special tokens"):
+        Vocab(["a", "b"], "word")
+
+
+# --- masked likelihood and perplexity --------------------------------------------------
+
+def test_padding_never_contributes_to_the_loss():
+    torch.manual_seed(0)
+    x = torch.tensor([[5, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD]])
+    logits = torch.randn(2, 5, 9, requires_grad=True)
+    nll = sequence_nll(logits, x)
+    by_hand = [-sum(logits[b, t].log_softmax(-1)[x[b, t]] for t in range(5) if x[b, t] != PAD)
+               for b in range(2)]
+    assert torch.allclose(nll, torch.stack(by_hand))
+    nll.sum().backward()
+    pad = x == PAD
+    assert logits.grad[pad].abs().max() == 0 and logits.grad[~pad].abs().max() > 0
+    changed = logits.detach().clone()
+    changed[pad] = 1e4 * torch.randn_like(changed[pad])
+    assert torch.equal(sequence_nll(changed, x), nll.detach())
+    # leading importance samples broadcast against one batch of sequences
+    k_logits = torch.randn(3, 2, 5, 9)
+    assert torch.allclose(Categorical().nll(k_logits, x)[1], sequence_nll(k_logits[1], x))
+
+
+def test_perplexity_is_exp_of_nll_per_token_on_a_hand_case():
+    x = torch.tensor([[4, 5, EOS, PAD], [EOS, PAD, PAD, PAD]])  # 3 + 1 scored tokens
+    uniform = torch.zeros(2, 4, 6)
+    nll = sequence_nll(uniform, x)
+    assert torch.allclose(nll, torch.tensor([3 * math.log(6), math.log(6)]))
+    units = per_unit(nll.mean().item(), x)
+    assert units["ppl"] == pytest.approx(6.0) and units["nll_token"] == pytest.approx(math.log(6))
+    # per sequence 2 and 6 nats over 4 tokens: exp(8 / 4), not the mean of per-line values
+    assert per_unit(4.0, x)["ppl"] == pytest.approx(math.exp(2.0))
+    assert per_unit(4.0, x, "_iwae").keys() == {"nll_token_iwae", "ppl_iwae"}
+
+
+# --- datasets ----------------------------------------------------------------------------
+
+def test_text_file_splits_and_separate_files(tmp_path):
+    f = write_corpus(tmp_path / "c.txt", [f"line {i}" for i in range(40)] + ["", "  "])
+    d = text(str(f), tokens="char", val_fraction=0.1, test_fraction=0.2)
+    assert (len(d.train), len(d.val), len(d.test)) == (28, 4, 8)  # blank lines dropped
+    seen = {d.vocab.decode(r) for s in ("train", "val", "test") for r in d.split(s)}
+    assert len(seen) == 40
+    val = write_corpus(tmp_path / "v.txt", ["line 0", "unseen words"])
+    d2 = text(str(f), val_path=str(val), test_fraction=0.1)
+    assert len(d2.val) == 2 and len(d2.train) + len(d2.test) == 40
+    assert d2.vocab.decode(d2.val[1]) == "<unk> <unk>"  # vocabulary from train only
+    # a stored vocabulary is used as is, not rebuilt from the file
+    d3 = text(str(f), vocab=d2.vocab.itos, val_fraction=0.1, test_fraction=0.1)
+    assert d3.vocab.itos == d2.vocab.itos
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({}, "set dataset.path=<file>"),
+    ({"path": "/nonexistent/corpus.txt"}, "corpus.txt is not a file; set dataset.path"),
+    ({"path": "FILE", "val_path": "/no/val.txt"}, "set dataset.val_path"),
+    ({"path": "FILE", "tokens": "bytes"}, "dataset.tokens='bytes'"),
+    ({"path": "FILE", "max_length": 0}, "dataset.max_length must be a positive"),
+    ({"path": "SHORT"}, "too few to split"),
+])
+def test_text_dataset_errors(tmp_path, kwargs, fragment):
+    full, short = write_corpus(tmp_path / "c.txt"), write_corpus(tmp_path / "s.txt", ["a b"])
+    swap = {"FILE": str(full), "SHORT": str(short)}
+    kwargs = {k: swap.get(v, v) for k, v in kwargs.items()}
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+        text(**kwargs)
+
+
+def test_ptb_reads_its_files_and_names_the_missing_one(tmp_path):
+    with pytest.raises(UserError, match=r"ptb\.train\.txt is not a file; set dataset.root"):
+        ptb(str(tmp_path), download=False)
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    for name, rows in (("ptb.train.txt", [" the <unk> rose N % ", " a b c "]),
+                       ("ptb.valid.txt", [" the a "]), ("ptb.test.txt", [" c zz "])):
+        write_corpus(folder / name, rows)
+    d = ptb(str(tmp_path), download=False)
+    assert d.vocab.decode(d.train[0]) == "the <unk> rose N %"
+    assert d.vocab.stoi["<unk>"] == UNK  # PTB's own <unk> is the vocabulary's
+    assert d.vocab.decode(d.test[0]) == "c <unk>"
+    assert d.shape == (83,)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.txt")
+
+
+def _model(compose, corpus_file, *overrides):
+    cfg = validate(compose(["dataset=text", f"dataset.path={corpus_file}", *TINY_RNN,
+                            *overrides]))
+    data = instantiate(cfg.dataset)
+    return build_model(cfg, data.shape, len(data.train), len(data.vocab)), data
+
+
+@pytest.mark.parametrize("divergence", ["kl", "mmd", "sliced", "adversarial", "tc"])
+@pytest.mark.parametrize("prior", ["normal", "learned", "mog", "vamp"])
+def test_every_prior_and_divergence_trains_the_rnn(compose_cfg_module, corpus_file,
+                                                   divergence, prior):
+    torch.manual_seed(0)
+    small = ["prior.components=4"] if prior in ("mog", "vamp") else []
+    model, data = _model(compose_cfg_module, corpus_file, f"divergence={divergence}",
+                         f"prior={prior}", *small, "model.word_dropout=0.3")
+    opt = torch.optim.Adam(model.trainable_parameters(), 1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        out = model(data.train[:16], 0)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert all(torch.isfinite(v).all() for v in out.values())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("encoder.") for n in moved) and any(
+        n.startswith("decoder.") for n in moved)
+    if prior == "vamp":
+        assert "prior.pseudo" in moved  # pseudo-inputs are embedded sequences, trained too
+        assert model.prior.pseudo.shape[1:] == (data.shape[0], 8)
+
+
+@pytest.mark.parametrize("cell, condition", [("gru", "init"), ("lstm", "both"),
+                                             ("gru", "input")])
+def test_iwae_bound_is_at_least_the_elbo_for_sequences(compose_cfg_module, corpus_file, cell,
+                                                       condition):
+    torch.manual_seed(0)
+    model, data = _model(compose_cfg_module, corpus_file, f"model.cell={cell}",
+                         f"model.condition={condition}", "model.bidirectional=true")
+    model.eval()
+    x = data.val
+    bound = iwae_bound(model, x, k=50, batch_size=3, max_decoded=20)
+    assert -bound["nll_iwae"] >= -bound["nelbo_iw"]
+    scored = evaluate(model, x, batch_size=4)
+    assert {"ppl", "nll_token"} <= scored.keys() and "bpd" not in scored
+    assert scored["ppl"] == pytest.approx(math.exp(scored["nelbo"] * len(x)
+                                                   / (x != PAD).sum().item()))
+
+
+def test_generated_tokens_come_from_the_vocabulary(compose_cfg_module, corpus_file):
+    torch.manual_seed(0)
+    model, data = _model(compose_cfg_module, corpus_file)
+    model.eval()
+    ids = model.generate(torch.randn(32, 3), temperature=1.5)
+    assert ids.shape == (32, data.shape[0])
+    assert not ((ids == BOS) | (ids < 0) | (ids >= len(data.vocab))).any()
+    after_eos = (ids == EOS).long().cumsum(1) > (ids == EOS).long()
+    assert (ids[after_eos] == PAD).all()  # nothing after the end of a sentence
+
+
+def test_homotopy_endpoints_decode_to_the_memorised_lines(compose_cfg_module, tmp_path):
+    """A model that memorises four lines must decode the posterior means of two of them
+    back to those lines, at both ends of the interpolation."""
+    memo = ["the red fox runs", "a small bird sings today", "one tall king waits",
+            "every dog sleeps at home"]
+    f = write_corpus(tmp_path / "m.txt", memo)
+    torch.manual_seed(0)
+    model, data = _model(compose_cfg_module, f, f"dataset.val_path={f}",
+                         f"dataset.test_path={f}", "model.hidden=64",
+                         "model.embed_dim=32", "model.latent_dim=8", "divergence.beta=0.01")
+    x = data.vocab.encode(memo, data.shape[0] - 1)[0]
+    opt = torch.optim.Adam(model.trainable_parameters(), 3e-3)
+    for step in range(300):
+        loss = model(x, step)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path = lines(data.vocab, homotopy(model, x[[0, 2]], steps=5))
+    assert path[0] == memo[0] and path[-1] == memo[2]
+    assert all(set(s.split()) <= set(data.vocab.itos) for s in path)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model=rnn", "loss=categorical"], "model=rnn reads token sequences"),
+    (["dataset=text", "dataset.path=CORPUS", "loss=categorical"], "model=mlp reads images"),
+    (["dataset=text", "dataset.path=CORPUS", "model=conv"], "model=conv reads images"),
+    (["dataset=text", "dataset.path=CORPUS", "model=rnn"], "need loss=categorical"),
+])
+def test_sequence_model_and_image_data_do_not_mix(compose_cfg_module, corpus_file, overrides,
+                                                  fragment):
+    overrides = [o.replace("CORPUS", str(corpus_file)) for o in overrides]
+    if "dataset=text" not in overrides:  # tiny shapes
+        overrides += ["dataset.n_train=64", "dataset.n_val=8", "dataset.n_test=8",
+                      "dataset.cache=false"]
+    cfg = validate(compose_cfg_module(overrides))
+    data = instantiate(cfg.dataset)
+    with pytest.raises(UserError, match=fragment):
+        build_model(cfg, data.shape, len(data.train),
+                    len(data.vocab) if isinstance(data, TextData) else None)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("textcli")
+    corpus = write_corpus(tmp / "corpus.txt")
+    vae("train", "dataset=text", f"dataset.path={corpus}", *TINY_RNN, "trainer.epochs=2",
+        "trainer.batch_size=8", "trainer.num_images=4", "schedule=linear",
+        "schedule.warmup_steps=4", f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+    return tmp / "run", corpus
+
+
+def test_text_run_writes_text_outputs_and_its_vocabulary(text_run):
+    run, _ = text_run
+    for name in ["reconstructions.txt", "interpolations.txt", "latent_scatter.png",
+                 "images/text_002.txt", "checkpoints/best.pt", "metrics.csv"]:
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "checkpoints/best.pt", weights_only=True)
+    assert ckpt["vocab"]["itos"][:4] == SPECIALS and ckpt["vocab"]["tokens"] == "word"
+    assert "val_ppl" in (run / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_text_samples_need_no_data_file_and_use_the_training_vocabulary(text_run, tmp_path):
+    run, corpus = text_run
+    moved = corpus.with_suffix(".away")
+    corpus.rename(moved)  # the data file is gone: samples still come from the checkpoint
+    try:
+        out = vae("sample", f"ckpt={run / 'checkpoints/best.pt'}", "num_samples=12",
+                  "temperature=1.2", f"out_dir={tmp_path}", cwd=tmp_path)
+    finally:
+        moved.rename(corpus)
+    text_out = (tmp_path / "samples_seed0.txt").read_text()
+    assert "# greedy" in out.stdout and "# temperature 1.2" in out.stdout
+    words = {w for line in CORPUS for w in line.split()} | {"<unk>"}
+    drawn = [ln for ln in text_out.splitlines() if ln and not ln.startswith("#")]
+    assert len(drawn) == 24
+    assert {w for ln in drawn for w in ln.split()} <= words
+    assert "samples only" in out.stderr + out.stdout
+
+
+def test_text_eval_reports_perplexity_kl_and_active_units(text_run):
+    run, _ = text_run
+    out = vae("eval", f"ckpt={run / 'checkpoints/best.pt'}", "eval.iw_samples=16",
+              cwd=run.parent)
+    result = json.loads((run / "eval.json").read_text())
+    for key in ["nll_iwae", "ppl_iwae", "nll_token_iwae", "ppl", "kl_per_dim", "active_units"]:
+        assert key in result and key in out.stdout, key
+    assert result["nll_iwae"] <= result["nelbo_iw"]
+    assert result["ppl_iwae"] == pytest.approx(math.exp(result["nll_token_iwae"]))
+    assert 1 < result["ppl_iwae"] < 13  # uniform over the 9 words and 4 specials: 13

@@ -1,0 +1,88 @@
+"""What a sequence model writes instead of pictures: sampled, reconstructed and
+interpolated lines, as text files (and printed by `vae sample`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from vae_cli.diagnostics import encode_all
+from vae_cli.model import VAE
+from vae_cli.plots import plot_scatter
+from vae_cli.tokens import Vocab
+
+log = logging.getLogger(__name__)
+
+
+def lines(vocab: Vocab, ids: torch.Tensor) -> list[str]:
+    return [vocab.decode(row) for row in ids.cpu()]
+
+
+@torch.no_grad()
+def samples(model: VAE, vocab: Vocab, z: torch.Tensor, temperature: float) -> list[str]:
+    return lines(vocab, model.generate(z, temperature))
+
+
+@torch.no_grad()
+def homotopy(model: VAE, x: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Token ids decoded greedily along the straight line between the posterior means of
+    x[0] and x[1] (Bowman et al. 2016, section 5): [steps, L]."""
+    mu = model.posterior(x[:2]).mean
+    t = torch.linspace(0, 1, steps, device=mu.device).unsqueeze(1)
+    return model.generate((1 - t) * mu[0] + t * mu[1])
+
+
+def write(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def sample_text(model: VAE, vocab: Vocab, z: torch.Tensor, temperature: float) -> str:
+    """Greedy decodes of the prior draws z, then samples at the given temperature."""
+    greedy = samples(model, vocab, z, 0.0)
+    parts = ["# greedy", *greedy]
+    if temperature > 0:
+        parts += ["", f"# temperature {temperature:g}", *samples(model, vocab, z, temperature)]
+    return "\n".join(parts) + "\n"
+
+
+@torch.no_grad()
+def write_text_pictures(model: VAE, data, split: str, out_dir: Path, count: int = 16,
+                        pairs: int = 4, batch_size: int = 256,
+                        max_points: int = 5000) -> list[Path]:
+    """reconstructions.txt (each line, then its greedy decode from the posterior mean),
+    interpolations.txt (homotopies between pairs of lines) and the latent scatter."""
+    model.eval()
+    out_dir, vocab, x = Path(out_dir), data.vocab, data.split(split)
+    rec = lines(vocab, model.reconstruct(x[:count]))
+    text = "".join(f"> {a}\n= {b}\n\n" for a, b in zip(lines(vocab, x[:count]), rec,
+                                                        strict=True))
+    written = [write(out_dir / "reconstructions.txt", text)]
+    blocks = []
+    for i in range(min(pairs, len(x) // 2)):
+        ends = x[2 * i: 2 * i + 2]
+        a, b = lines(vocab, ends)
+        path = lines(vocab, homotopy(model, ends))
+        blocks.append("\n".join([f"> {a}", *(f"  {s}" for s in path), f"> {b}"]))
+    written.append(write(out_dir / "interpolations.txt", "\n\n".join(blocks) + "\n"))
+    mu = encode_all(model, x[:max_points], batch_size)[0]
+    written.append(plot_scatter(mu, None, "", out_dir / "latent_scatter.png"))
+    return written
+
+
+@torch.no_grad()
+def epoch_text(model: VAE, vocab: Vocab, x: torch.Tensor, z: torch.Tensor, path: Path,
+               board=None, step: int = 0) -> None:
+    """Per-epoch view of a text model: greedy decodes of prior draws and reconstructions."""
+    drawn = samples(model, vocab, z, 0.0)
+    pairs = zip(lines(vocab, x), lines(vocab, model.reconstruct(x)), strict=True)
+    text = "\n".join(["# samples (greedy)", *drawn, "", "# reconstructions",
+                      *(f"> {a}\n= {b}" for a, b in pairs)]) + "\n"
+    write(path, text)
+    log.info("samples: %s", " | ".join(drawn[:3]))
+    if board:
+        board.add_text("samples", "  \n".join(drawn), step)
