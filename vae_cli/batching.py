@@ -22,17 +22,25 @@ def as_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
-             binarize: bool = False, start: int = 0) -> Iterator[torch.Tensor]:
+             binarize: bool = False, start: int = 0, shard: tuple[int, int] = (0, 1)
+             ) -> Iterator[torch.Tensor]:
     """Full batches in a fresh random order (drop_last: batch statistics stay comparable).
 
     The permutation is drawn on the CPU from ``generator`` so the order is reproducible and
     resumable independently of the device; binarization draws from the device's RNG.
-    ``start`` skips that many batches of this permutation (resuming mid-epoch).
+    ``start`` skips that many batches of this permutation (resuming mid-epoch). With
+    ``shard=(rank, world)`` each global batch is cut into ``world`` slices and this rank's
+    is yielded; binarization is drawn for the global batch, as one process would.
     """
+    rank, world = shard
+    local = batch_size // world
     perm = torch.randperm(len(x), generator=generator).to(x.device)
+    lo, hi = rank * local, (rank + 1) * local
     for i in range(start * batch_size, len(x) - batch_size + 1, batch_size):
-        xb = as_input(x[perm[i:i + batch_size]])
-        yield torch.bernoulli(xb) if binarize else xb
+        if binarize:
+            yield torch.bernoulli(as_input(x[perm[i:i + batch_size]]))[lo:hi]
+        else:
+            yield as_input(x[perm[i + lo:i + hi]])
 
 
 def ordered(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

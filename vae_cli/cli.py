@@ -198,7 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     def app(cfg: DictConfig):
         return _guard(task, cfg)
 
-    sys.argv = [f"vae {command}", *argv[1:]]
+    args = argv[1:]
+    if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from vae_cli import distributed  # torchrun: join the group, share one run folder
+
+        try:
+            distributed.init()
+            args = distributed.run_dir_args(args)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    sys.argv = [f"vae {command}", *args]
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     held = sys.stderr = HeldStderr(sys.stderr) if not full else sys.stderr
     try:
@@ -213,4 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(held, HeldStderr):
             held.release()
             sys.stderr = held.stream
+        if "torch.distributed" in sys.modules:
+            from vae_cli import distributed
+            distributed.shutdown()
     return 0

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from vae_cli.distributed import average_grads
 from vae_cli.errors import UserError
 from vae_cli.priors import Prior
 
@@ -197,6 +198,7 @@ class Adversarial(Divergence):
                 loss = -w + self.gp_weight * self.penalty(zq, zp)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
+                average_grads(self.critic.parameters())  # replicas step alike under DDP
                 self.opt.step()
         return w.detach()
 

@@ -32,12 +32,23 @@ class VAE(nn.Module):
         self.schedule = schedule or Constant()
         # A sequence decoder reads the sequence it scores (teacher forcing): decode(z, x).
         self.autoregressive = getattr(decoder, "autoregressive", False)
+        self.shard = (0, 1)  # (rank, world size) under data parallelism; see rsample
         prior.bind(self.posterior)
 
     def posterior(self, x: torch.Tensor) -> Distribution:
         mu, logvar = self.encoder(x).float().chunk(2, dim=-1)
         std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
         return Independent(Normal(mu, std), 1)
+
+    def rsample(self, q: Distribution, k: int | None = None) -> torch.Tensor:
+        """z = mu + sigma * eps, [B, D] (or [k, B, D]). Under data parallelism each rank
+        draws the noise of the whole global batch and keeps its own rows, so N ranks use
+        exactly the noise one process would, and the random streams stay in step."""
+        mu, std = q.base_dist.loc, q.base_dist.scale
+        rank, world = self.shard
+        lead = () if k is None else (k,)
+        eps = torch.randn(*lead, world * len(mu), mu.shape[-1], device=mu.device, dtype=mu.dtype)
+        return mu + std * eps[..., rank * len(mu):(rank + 1) * len(mu), :]
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z, x) if self.autoregressive else self.decoder(z)
@@ -47,7 +58,7 @@ class VAE(nn.Module):
         if self.iw_samples > 1:
             return self.iwae(x, self.iw_samples, step)
         q = self.posterior(x)
-        z = q.rsample()
+        z = self.rsample(q)
         recon = self.likelihood.nll(self.decode(z, x), x).mean()
         terms = self.divergence(q, z, self.prior)
         div = self.schedule.term(terms["div"], self.divergence.weight(), step)
@@ -56,7 +67,7 @@ class VAE(nn.Module):
     def log_weights(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
         """log p(x|z), log p(z), log q(z|x) for k samples z ~ q(z|x): each [k, B]."""
         q = self.posterior(x)
-        z = q.rsample((k,))
+        z = self.rsample(q, k)
         # x broadcasts against the k decodes: no k copies of the batch in memory, except
         # for a sequence decoder, which reads x once per sample
         xs = x.expand(k, *x.shape).reshape(-1, *x.shape[1:]) if self.autoregressive else None

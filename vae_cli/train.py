@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from vae_cli import checkpoint
+from vae_cli import checkpoint, distributed
 from vae_cli.batching import as_input, shuffled
 from vae_cli.build import autocast, build_model, build_optimizer, resolve_device
 from vae_cli.config import COMPONENTS, instantiate, validate
@@ -166,10 +166,11 @@ def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state
     sums = progress["sums"].to(device) if progress else None
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     n = len(data.train) // t.batch_size
-    bar = tqdm(total=n, initial=first, desc=desc, leave=False, disable=None,
-               dynamic_ncols=True)
+    bar = tqdm(total=n, initial=first, desc=desc, leave=False,
+               disable=None if distributed.rank() == 0 else True, dynamic_ncols=True)
     model.train()
-    batches = shuffled(data.train, t.batch_size, order, data.binarize, start=first)
+    shard = (distributed.rank(), distributed.world())
+    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard)
     for i, xb in enumerate(batches, start=first):
         with autocast(device, t.precision):
             out = model(xb, state["step"])
@@ -185,9 +186,16 @@ def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values[0]),
                                state["step"], bad_step)
         last = i + 1 == n
-        if (i + 1) % t.log_every == 0 or last or (stop and stop.signum):
-            if bad_step.item() >= 0:
-                raise UserError(f"loss became non-finite at step {bad_step.item()}; the last "
+        # Ranks agree at the same steps: a signal is acted on at the next such step.
+        alone = shard[1] == 1 and stop is not None and stop.signum
+        if (i + 1) % t.log_every == 0 or last or alone:
+            signum = stop.signum if stop and stop.signum else 0
+            flags = torch.stack([bad_step, torch.full_like(bad_step, signum)])
+            bad, signum = distributed.all_max(flags).tolist()
+            if stop and signum:
+                stop.signum = signum
+            if bad >= 0:
+                raise UserError(f"loss became non-finite at step {bad}; the last "
                                 "good checkpoint is kept (lower optim.lr, or "
                                 "trainer.detect_anomaly=true to find the operation)")
             bar.set_postfix(loss=f"{values[0].item():.3f}", refresh=False)
@@ -198,7 +206,7 @@ def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state
                 bar.close()
                 return None
     bar.close()
-    return dict(zip(names, sums.div(n).tolist(), strict=True))
+    return dict(zip(names, distributed.all_mean(sums).div(n).tolist(), strict=True))
 
 
 def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
@@ -207,6 +215,16 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
     t = cfg.trainer
     run_dir = Path(run_dir)
     device = resolve_device(t.device)
+    rank, world = distributed.rank(), distributed.world()
+    if world > 1:
+        if device.type == "cuda":  # torchrun: one GPU per process, chosen by LOCAL_RANK
+            device = torch.device("cuda", torch.cuda.current_device())
+        if t.batch_size % world:
+            raise UserError(f"trainer.batch_size={t.batch_size} (the global batch) must "
+                            f"divide among {world} processes")
+    writer = rank == 0  # the one process that writes files and logs progress
+    if not writer:
+        logging.getLogger().setLevel(logging.WARNING)
     seed_all(cfg.seed)
 
     data = instantiate(cfg.dataset)
@@ -229,17 +247,23 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
         set_rng_state(ckpt["rng"])
         order.set_state(ckpt["rng"]["order"])
         log.info("resumed at epoch %d, step %d", state["epoch"], state["step"])
-    log.info("%s on %s: %d parameters, data %s x %d", cfg.model._target_, device,
+    log.info("%s on %s%s: %d parameters, data %s x %d", cfg.model._target_, device,
+             f" x {world} processes" if world > 1 else "",
              sum(p.numel() for p in model.parameters()), tuple(data.shape), len(data.train))
+    model.shard = (rank, world)
+    net = distributed.wrap(model, device)
 
     ckpt_dir = run_dir / "checkpoints"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / "metrics.csv")
-    board = tensorboard(run_dir) if t.tensorboard else None
+    board = tensorboard(run_dir) if t.tensorboard and writer else None
     show = (as_input(data.val[: t.num_images]), t.num_images, cfg.seed, vocab)
     container = OmegaConf.to_container(cfg, resolve=True)
 
     def save(name: str) -> Path:
+        if not writer:
+            return ckpt_dir / name
         checkpoint.save(ckpt_dir / name, {
             "config": container, "shape": list(data.shape), "dataset_size": len(data.train),
             "vocab": vocab.state() if vocab else None,
@@ -250,11 +274,13 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
     with StopFlag() as stop, torch.autograd.set_detect_anomaly(t.detect_anomaly):
         while state["epoch"] < t.epochs:
             epoch, start = state["epoch"] + 1, time.perf_counter()
-            tr = train_epoch(model, opt, data, cfg, order, state, f"epoch {epoch}/{t.epochs}",
+            tr = train_epoch(net, opt, data, cfg, order, state, f"epoch {epoch}/{t.epochs}",
                              stop)
             if tr is None:
                 raise interrupted(stop, save("last.pt"), state)
-            va = evaluate(model, data.val, t.batch_size, t.precision)
+            distributed.check_replicas(model)
+            # every rank scores the whole split; rank 0's numbers decide for all
+            va = distributed.broadcast(evaluate(model, data.val, t.batch_size, t.precision))
             if not math.isfinite(va["loss"]):
                 raise UserError(f"validation loss is non-finite after epoch {epoch}; "
                                 "the last good checkpoint is kept (lower optim.lr?)")
@@ -265,11 +291,12 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
             row = {"epoch": epoch, "step": state["step"],
                    **{f"train_{k}": v for k, v in tr.items()},
                    **{f"val_{k}": v for k, v in va.items()}}
-            metrics.append(row)  # no wall time in it: same seed, same file (tested)
             last = save("last.pt")
-            if improved:  # the same bytes: copy them rather than serialise twice
+            if writer:
+                metrics.append(row)  # no wall time in it: same seed, same file (tested)
+            if improved and writer:  # the same bytes: copy them rather than serialise twice
                 checkpoint.copy(last, ckpt_dir / "best.pt")
-            if epoch % t.image_every == 0 or epoch == t.epochs:
+            if writer and (epoch % t.image_every == 0 or epoch == t.epochs):
                 epoch_pictures(model, show, run_dir / "images", epoch, board, state["step"])
             if board:
                 for k, v in row.items():
@@ -279,6 +306,7 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
             log.info("epoch %d/%d  train %.3f  val %.3f (recon %.3f, div %.3f)%s  %.1fs", epoch,
                      t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
                      "  *" if improved else "", time.perf_counter() - start)
+            stop.signum = distributed.all_max_int(stop.signum or 0, device) or None
             if stop.signum and epoch < t.epochs:
                 raise interrupted(stop, ckpt_dir / "last.pt", state)
             if t.patience and state["bad_epochs"] >= t.patience:
@@ -286,8 +314,9 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
                 break
     if board:
         board.close()
-    (write_text_pictures if vocab else write_data_pictures)(model, data, "val", run_dir)
-    write_curves(run_dir)
+    if writer:
+        (write_text_pictures if vocab else write_data_pictures)(model, data, "val", run_dir)
+        write_curves(run_dir)
     return {"best_val": state["best_val"], "epoch": state["epoch"], "step": state["step"],
             "run_dir": str(run_dir)}
 
