@@ -131,6 +131,22 @@ def _guard(fn, cfg: DictConfig):
         sys.exit(1)
 
 
+def _share_cores(hc) -> None:
+    """Jobs that a launcher runs side by side on this machine (joblib's n_jobs) split its
+    cores, rather than each starting a thread per core and thrashing."""
+    jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None)
+    if not isinstance(jobs, int) or jobs == 1:
+        return
+    import torch
+
+    cores = os.cpu_count() or 1
+    jobs = jobs if jobs > 0 else max(1, cores + 1 + jobs)  # joblib: -1 all cores, -2 all but one
+    batch = OmegaConf.select(hc, "sweeper.n_jobs", default=None)  # Optuna: trials at once
+    if isinstance(batch, int) and batch > 0:
+        jobs = min(jobs, batch)
+    torch.set_num_threads(max(1, cores // min(jobs, cores)))
+
+
 def _train(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
@@ -140,6 +156,7 @@ def _train(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    _share_cores(hc)
     cfg = validate(cfg)
     path = find_resume(cfg, run_dir)
     ckpt = None

@@ -30,7 +30,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; log-densities stay fp32)
     patience: int | None = None  # epochs without val improvement before stopping
-    resume: bool = False
+    resume: Any = False  # true: continue hydra.run.dir's last.pt | auto: if there is one
     log_every: int = 50  # steps between progress-bar refreshes (each one syncs)
     image_every: int = 1  # epochs between reconstruction/sample grids
     num_images: int = 64
@@ -153,6 +153,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     for key, value in positive.items():
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"{key}={value} must be a positive integer")
+    if t.resume not in (True, False, "auto"):
+        raise UserError(f"trainer.resume={t.resume!r} is not true, false or auto")
     if t.patience is not None and t.patience <= 0:
         raise UserError(f"trainer.patience={t.patience} must be positive or null")
     if t.precision not in PRECISIONS:

@@ -74,10 +74,13 @@ class MetricsLog:
 
 
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from: ckpt=..., or last.pt when trainer.resume=true."""
+    """The checkpoint to continue from: ckpt=..., or last.pt when trainer.resume=true (or
+    auto and it exists)."""
     last = run_dir / "checkpoints" / "last.pt"
     if cfg.get("ckpt"):
         return Path(cfg.ckpt)
+    if cfg.trainer.resume == "auto":  # a requeued cluster job: continue if it had started
+        return last if last.exists() else None
     if cfg.trainer.resume:
         if not last.exists():
             raise UserError(f"trainer.resume=true but {last} does not exist; "
