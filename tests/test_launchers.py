@@ -35,7 +35,8 @@ def test_joblib_runs_jobs_side_by_side_and_a_failed_job_spares_the_others(tmp_pa
     vae("compare", str(root), cwd=tmp_path)
     with (root / "compare.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert sorted(r["model.latent_dim"] for r in table) == ["2", "3"]
+    epochs = {r["model.latent_dim"]: r["epochs"] for r in table}
+    assert epochs == {"2": "1", "0": "0", "3": "1"}  # the failed job is listed, 0 epochs
 
 
 @needs("hydra_submitit_launcher")

@@ -17,7 +17,7 @@ import yaml
 
 from vae_cli.errors import UserError
 
-RESULTS = ["epochs", "best_val_loss", "final_val_loss", "test_nll", "test_bpd",
+RESULTS = ["epochs", "best_val_loss", "final_val_loss", "test_nll", "test_bpd", "test_ppl",
            "active_units", "mig"]
 IGNORED = ("hydra.", "dataset.root", "ckpt", "trainer.device")
 
@@ -27,8 +27,11 @@ def find_runs(paths: list[str]) -> list[Path]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise UserError(f"{p} is not a folder; pass run or multirun folders")
+        # a sweep job that failed before its first epoch has a log but no metrics: listed
+        # with 0 epochs, so a sweep's table shows every job
         found = [p] if (p / "metrics.csv").exists() else sorted(
-            (m.parent for m in p.rglob("metrics.csv")), key=lambda r: str(r))
+            {m.parent for pattern in ("metrics.csv", "train.log") for m in p.rglob(pattern)},
+            key=lambda r: str(r))
         runs += found
     if not runs:
         raise UserError(f"no runs (folders with metrics.csv) under {' '.join(paths)}")
@@ -43,8 +46,10 @@ def _overrides(run: Path) -> dict[str, str]:
 
 
 def collect(run: Path) -> dict:
-    with (run / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    rows = []
+    if (run / "metrics.csv").exists():
+        with (run / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
     val = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
     row: dict = {"run": str(run), "epochs": len(rows),
                  "best_val_loss": min(val) if val else math.nan,
@@ -54,6 +59,7 @@ def collect(run: Path) -> dict:
         e = json.loads(ev.read_text())
         row["test_nll"] = e.get("nll_iwae", e.get("nelbo", math.nan))
         row["test_bpd"] = e.get("bpd_iwae", e.get("bpd", math.nan))
+        row["test_ppl"] = e.get("ppl_iwae", e.get("ppl", math.nan))  # text models
         row["active_units"] = e.get("active_units")
         row["mig"] = e.get("mig")
     return row
