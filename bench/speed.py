@@ -32,7 +32,7 @@ from vae_cli.build import build_model, build_optimizer  # noqa: E402
 from vae_cli.cli import _register_resolvers, config_dir  # noqa: E402
 from vae_cli.config import validate  # noqa: E402
 from vae_cli.data.base import ImageData  # noqa: E402
-from vae_cli.train import train_epoch  # noqa: E402
+from vae_cli.train import train_epoch, training_net  # noqa: E402
 
 # time ratios vae / bare; iwae's throughput target >= 0.9 x bare is a time ratio <= 1/0.9
 TARGETS = {"mlp": 1.10, "conv": 1.15, "iwae": 1 / 0.9}
@@ -98,7 +98,8 @@ def vae_setup(overrides: list[str], x_u8: torch.Tensor):
     opt = build_optimizer(cfg.optim, model.trainable_parameters())
     state = {"step": 0}
     gen = torch.Generator().manual_seed(0)
-    return (lambda: train_epoch(model, opt, data, cfg, gen, state, "bench"),
+    net = training_net(model, opt, cfg.trainer.compile, torch.device("cpu"))
+    return (lambda: train_epoch(net, opt, data, cfg, gen, state, "bench"),
             lambda: evaluate(model, data.val, 500)["loss"])
 
 
@@ -133,16 +134,20 @@ def vae_iwae(x_u8: torch.Tensor, k: int, batch: int):
     return lambda: iwae_bound(model, x_u8, k, batch, max_decoded=k * batch)
 
 
-def median_time(fn, epochs: int) -> float:
-    fn()  # warm-up: allocator, kernels, lazy init
+def median_times(fns, epochs: int) -> list[float]:
+    """Median seconds per call of each function, calls interleaved (a, b, a, b, ...) so
+    that drift in the machine's speed hits both sides alike."""
+    for fn in fns:
+        fn()  # warm-up: allocator, kernels, lazy init, compilation
     if epochs == 0:
-        return math.nan
-    times = []
+        return [math.nan] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(epochs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def data(kind: str, n: int, mnist_root: str | None) -> torch.Tensor:
@@ -166,6 +171,8 @@ def main() -> int:
     p.add_argument("--mnist-root", help="real MNIST (torchvision layout) for the mlp case")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="vae side's trainer.precision (the bare loop stays fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="vae side with trainer.compile=true (the bare loop stays eager)")
     p.add_argument("--memory", action="store_true", help="compare peak RSS instead")
     p.add_argument("--side", choices=["bare", "vae"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -178,8 +185,8 @@ def main() -> int:
         if kind == "iwae":
             xs, k = x[:2000], args.iw_samples
             bare = BareMLP().eval()
-            t_bare = median_time(partial(bare_iwae, bare, xs, k, 100), args.epochs)
-            t_vae = median_time(vae_iwae(xs, k, 100), args.epochs)
+            t_bare, t_vae = median_times([partial(bare_iwae, bare, xs, k, 100),
+                                          vae_iwae(xs, k, 100)], args.epochs)
             rows.append((kind, t_bare, t_vae, t_vae / t_bare, TARGETS[kind]))
             ok &= t_vae / t_bare <= TARGETS[kind]
             continue
@@ -190,22 +197,23 @@ def main() -> int:
             bare = BareConv()
             ov = ["model=conv", "model.latent_dim=20"]
         ov += [f"trainer.batch_size={args.batch}", "trainer.device=cpu",
-               f"trainer.precision={args.precision}"]
+               f"trainer.precision={args.precision}", f"trainer.compile={args.compile}"]
         if args.side == "vae":  # memory mode: one side per process
             epoch, _ = vae_setup(ov, x)
             epoch()
             return report_rss()
         opt = torch.optim.Adam(bare.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)
-        t_bare = median_time(partial(bare_epoch, bare, opt, x[:-2000], args.batch, gen),
-                             args.epochs)
         if args.side == "bare":
+            bare_epoch(bare, opt, x[:-2000], args.batch, gen)
             return report_rss()
         epoch, score = vae_setup(ov, x)
-        t_vae = median_time(epoch, args.epochs)
+        t_bare, t_vae = median_times(
+            [partial(bare_epoch, bare, opt, x[:-2000], args.batch, gen), epoch], args.epochs)
         ratio = t_vae / t_bare
         ok &= ratio <= TARGETS[kind]
         label = kind if args.precision == "fp32" else f"{kind}-{args.precision}"
+        label += "-compiled" if args.compile else ""
         rows.append((label, t_bare, t_vae, ratio, TARGETS[kind]))
         losses[label] = score()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, "

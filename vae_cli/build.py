@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from omegaconf import DictConfig
 
@@ -62,7 +64,9 @@ def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
 def autocast(device: torch.device, precision: str):
     """Mixed precision context; fp32 is a no-op. Likelihoods cast back to fp32 themselves."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    if dtype is None:
+        return contextlib.nullcontext()  # entered every step: skip autocast's own bookkeeping
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def load_model(path: str, device: torch.device) -> tuple[VAE, dict]:

@@ -37,6 +37,7 @@ class TrainerConfig:
     iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
     tensorboard: bool = False  # scalars and image grids under <run>/tensorboard
     detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
+    compile: bool = False  # torch.compile the training step (model forward and optimizer)
 
 
 @dataclasses.dataclass

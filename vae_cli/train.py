@@ -151,6 +151,18 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def training_net(model, opt, compile: bool, device: torch.device):
+    """What the training loop calls: the model under DDP when torchrun started several
+    processes, and compiled when trainer.compile=true. Only the training step is compiled:
+    validation, pictures and checkpoints use the eager model (the same parameters), so
+    eval-mode shapes never trigger recompiles."""
+    net = distributed.wrap(model, device)
+    if compile:
+        net = torch.compile(net)
+        opt.step = torch.compile(opt.step)  # Adam's per-tensor updates fused into kernels
+    return net
+
+
 def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state: dict,
                 desc: str, stop: StopFlag | None = None) -> dict[str, float] | None:
     """One pass over the training split; metrics stay on the device until the end.
@@ -254,7 +266,7 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
              f" x {world} processes" if world > 1 else "",
              sum(p.numel() for p in model.parameters()), tuple(data.shape), len(data.train))
     model.shard = (rank, world)
-    net = distributed.wrap(model, device)
+    net = training_net(model, opt, t.compile, device)
 
     ckpt_dir = run_dir / "checkpoints"
     if writer:
