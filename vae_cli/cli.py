@@ -228,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"vae {command}", *args]
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     held = sys.stderr = HeldStderr(sys.stderr) if not full else sys.stderr
+    finished = False
     try:
         hydra.main(version_base="1.3", config_path=str(cfg_dir), config_name=command)(app)()
+        finished = True
     except SystemExit as e:
         if isinstance(held, HeldStderr) and not held.released and e.code not in (0, None):
             print(f"error: {held.condensed()}", file=held.stream)
@@ -242,5 +244,5 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr = held.stream
         if "torch.distributed" in sys.modules:
             from vae_cli import distributed
-            distributed.shutdown()
+            distributed.shutdown(finished)
     return 0

@@ -122,6 +122,11 @@ def broadcast(obj):
     return box[0]
 
 
-def shutdown() -> None:
+def shutdown(finished: bool) -> None:
+    """Leave the group. After a finished run the ranks first wait for each other (rank 0
+    may still be writing pictures): a rank tearing gloo down while a peer is alive can
+    abort in C++ at exit. After an error there is no waiting, a peer may never arrive."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
