@@ -216,8 +216,9 @@ def train_epoch(model, opt, data, cfg: DictConfig, order: torch.Generator, state
             bar.set_postfix(loss=f"{values[0].item():.3f}", refresh=False)
             bar.update((i + 1) - bar.n)
             if stop and stop.signum and not last:
+                # sums averaged over ranks: a resume on any number of processes adds to them
                 state["progress"] = {"order": epoch_order, "batch": i + 1, "names": names,
-                                     "sums": sums.cpu()}
+                                     "sums": distributed.all_mean(sums.clone()).cpu()}
                 bar.close()
                 return None
     bar.close()
