@@ -28,9 +28,12 @@ def _none_per_split() -> dict[str, torch.Tensor | None]:
 
 
 @dataclass
-class ImageData:
+class Splits:
+    """Train/val/test tensors held whole on one device, with optional per-example labels
+    and ground-truth factors: what every dataset function returns (images or text)."""
+
     name: str
-    train: torch.Tensor  # uint8 [N, C, H, W], 0..255
+    train: torch.Tensor
     val: torch.Tensor
     test: torch.Tensor
     # True: the trainer resamples Bernoulli(x/255) per TRAIN batch (dynamic binarization);
@@ -39,6 +42,25 @@ class ImageData:
     labels: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
     factors: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
     factor_names: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in SPLITS:
+            raise UserError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def to(self, device: torch.device | str):
+        def move(d: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+            return {k: None if v is None else v.to(device) for k, v in d.items()}
+
+        return dataclasses.replace(
+            self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device),
+            labels=move(self.labels), factors=move(self.factors),
+        )
+
+
+@dataclass
+class ImageData(Splits):
+    """uint8 [N, C, H, W] images, 0..255."""
 
     def __post_init__(self) -> None:
         shape = check_images(self.train, f"{self.name} train").shape[1:]
@@ -57,20 +79,6 @@ class ImageData:
     def shape(self) -> tuple[int, int, int]:
         c, h, w = self.train.shape[1:]
         return int(c), int(h), int(w)
-
-    def split(self, name: str) -> torch.Tensor:
-        if name not in SPLITS:
-            raise UserError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
-        return getattr(self, name)
-
-    def to(self, device: torch.device | str) -> ImageData:
-        def move(d: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
-            return {k: None if v is None else v.to(device) for k, v in d.items()}
-
-        return dataclasses.replace(
-            self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device),
-            labels=move(self.labels), factors=move(self.factors),
-        )
 
 
 def check_images(t: torch.Tensor, name: str) -> torch.Tensor:

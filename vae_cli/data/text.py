@@ -7,14 +7,11 @@ text with that stored vocabulary instead of rebuilding one (runtime argument ``v
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from vae_cli.data.base import SPLITS, check_positive, seeded_split
+from vae_cli.data.base import SPLITS, Splits, check_positive, seeded_split
 from vae_cli.data.standard import brief
 from vae_cli.errors import UserError
 from vae_cli.tokens import Vocab
@@ -22,23 +19,15 @@ from vae_cli.tokens import Vocab
 log = logging.getLogger(__name__)
 
 
-def _none_per_split() -> dict[str, torch.Tensor | None]:
-    return {s: None for s in SPLITS}
-
-
 @dataclass
-class TextData:
-    name: str
-    train: torch.Tensor  # int64 [N, L + 1]
-    val: torch.Tensor
-    test: torch.Tensor
-    vocab: Vocab
-    binarize: bool = False
-    labels: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
-    factors: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
-    factor_names: list[str] = field(default_factory=list)
+class TextData(Splits):
+    """int64 [N, L + 1] token ids per split, and the vocabulary that made them."""
+
+    vocab: Vocab | None = None
 
     def __post_init__(self) -> None:
+        if self.vocab is None:
+            raise UserError(f"{self.name}: text data needs its vocabulary")
         for s in SPLITS:
             if len(self.split(s)) == 0:
                 raise UserError(f"{self.name}: the {s} split has no lines")
@@ -46,15 +35,6 @@ class TextData:
     @property
     def shape(self) -> tuple[int]:
         return (int(self.train.shape[1]),)
-
-    def split(self, name: str) -> torch.Tensor:
-        if name not in SPLITS:
-            raise UserError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
-        return getattr(self, name)
-
-    def to(self, device: torch.device | str) -> TextData:
-        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device),
-                                   test=self.test.to(device))
 
 
 def read_lines(path: str | Path, fix: str) -> list[str]:
@@ -86,7 +66,7 @@ def encode_splits(name: str, lines: dict[str, list[str]], tokens: str, min_freq:
                         "cut", name, s, cut, len(lines[s]), max_length)
     log.info("%s: %d/%d/%d lines, %d %s tokens in the vocabulary", name,
              *(len(lines[s]) for s in SPLITS), len(v), tokens)
-    return TextData(name, encoded["train"], encoded["val"], encoded["test"], v)
+    return TextData(name, encoded["train"], encoded["val"], encoded["test"], vocab=v)
 
 
 def carve(lines: list[str], fractions: tuple[float, float], seed: int) -> list[list[str]]:
