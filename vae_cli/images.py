@@ -49,9 +49,7 @@ def save_interpolations(model: VAE, x: torch.Tensor, path: Path, pairs: int = 8,
     input b. Linear in the posterior means, the usual latent-space homotopy."""
     pairs = max(1, min(pairs, len(x) // 2))
     a, b = x[:pairs], x[pairs:2 * pairs]
-    mu_a, mu_b = model.posterior(a).mean, model.posterior(b).mean
-    t = torch.linspace(0, 1, steps, device=x.device).view(1, -1, 1)
-    z = (1 - t) * mu_a.unsqueeze(1) + t * mu_b.unsqueeze(1)  # [pairs, steps, D]
+    z = model.interpolate(a, b, steps)  # [pairs, steps, D]
     dec = model.generate(z.reshape(-1, z.shape[-1])).view(pairs, steps, *x.shape[1:])
     rows = torch.cat([a.unsqueeze(1), dec, b.unsqueeze(1)], dim=1)
     return save_grid(rows.reshape(-1, *x.shape[1:]), path, nrow=steps + 2)

@@ -88,6 +88,14 @@ class VAE(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("divergence.")]
 
     @torch.no_grad()
+    def interpolate(self, a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+        """Latents on the straight lines from the posterior mean of each a[i] to that of
+        b[i], the usual latent homotopy (Bowman et al. 2016): [pairs, steps, D]."""
+        mu_a, mu_b = self.posterior(a).mean, self.posterior(b).mean
+        t = torch.linspace(0, 1, steps, device=mu_a.device).view(1, -1, 1)
+        return (1 - t) * mu_a.unsqueeze(1) + t * mu_b.unsqueeze(1)
+
+    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decoded posterior mean: an image in [0, 1], or greedily decoded token ids."""
         return self.generate(self.posterior(x).mean)

@@ -27,11 +27,16 @@ def samples(model: VAE, vocab: Vocab, z: torch.Tensor, temperature: float) -> li
 
 @torch.no_grad()
 def homotopy(model: VAE, x: torch.Tensor, steps: int = 7) -> torch.Tensor:
-    """Token ids decoded greedily along the straight line between the posterior means of
-    x[0] and x[1] (Bowman et al. 2016, section 5): [steps, L]."""
-    mu = model.posterior(x[:2]).mean
-    t = torch.linspace(0, 1, steps, device=mu.device).unsqueeze(1)
-    return model.generate((1 - t) * mu[0] + t * mu[1])
+    """Token ids decoded greedily along the line from each x[2i] to x[2i+1] in latent
+    space (Bowman et al. 2016, section 5): [pairs * steps, L], pair by pair."""
+    z = model.interpolate(x[0::2], x[1::2], steps)
+    return model.generate(z.reshape(-1, z.shape[-1]))
+
+
+def reconstruction_lines(model: VAE, vocab: Vocab, x: torch.Tensor) -> list[str]:
+    """Each line ("> ") above the greedy decode of its posterior mean ("= ")."""
+    pairs = zip(lines(vocab, x), lines(vocab, model.reconstruct(x)), strict=True)
+    return [f"> {a}\n= {b}" for a, b in pairs]
 
 
 def write(path: Path, text: str) -> Path:
@@ -58,16 +63,15 @@ def write_text_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     interpolations.txt (homotopies between pairs of lines) and the latent scatter."""
     model.eval()
     out_dir, vocab, x = Path(out_dir), data.vocab, data.split(split)
-    rec = lines(vocab, model.reconstruct(x[:count]))
-    text = "".join(f"> {a}\n= {b}\n\n" for a, b in zip(lines(vocab, x[:count]), rec,
-                                                        strict=True))
+    text = "\n\n".join(reconstruction_lines(model, vocab, x[:count])) + "\n"
     written = [write(out_dir / "reconstructions.txt", text)]
+    n, steps = min(pairs, len(x) // 2), 7
+    ends = lines(vocab, x[: 2 * n])
+    paths = lines(vocab, homotopy(model, x[: 2 * n], steps))  # every pair in one decode
     blocks = []
-    for i in range(min(pairs, len(x) // 2)):
-        ends = x[2 * i: 2 * i + 2]
-        a, b = lines(vocab, ends)
-        path = lines(vocab, homotopy(model, ends))
-        blocks.append("\n".join([f"> {a}", *(f"  {s}" for s in path), f"> {b}"]))
+    for i in range(n):
+        middle = (f"  {s}" for s in paths[i * steps:(i + 1) * steps])
+        blocks.append("\n".join([f"> {ends[2 * i]}", *middle, f"> {ends[2 * i + 1]}"]))
     written.append(write(out_dir / "interpolations.txt", "\n\n".join(blocks) + "\n"))
     mu = encode_all(model, x[:max_points], batch_size)[0]
     written.append(plot_scatter(mu, None, "", out_dir / "latent_scatter.png"))
@@ -79,9 +83,8 @@ def epoch_text(model: VAE, vocab: Vocab, x: torch.Tensor, z: torch.Tensor, path:
                board=None, step: int = 0) -> None:
     """Per-epoch view of a text model: greedy decodes of prior draws and reconstructions."""
     drawn = samples(model, vocab, z, 0.0)
-    pairs = zip(lines(vocab, x), lines(vocab, model.reconstruct(x)), strict=True)
     text = "\n".join(["# samples (greedy)", *drawn, "", "# reconstructions",
-                      *(f"> {a}\n= {b}" for a, b in pairs)]) + "\n"
+                      *reconstruction_lines(model, vocab, x)]) + "\n"
     write(path, text)
     log.info("samples: %s", " | ".join(drawn[:3]))
     if board:
