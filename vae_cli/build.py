@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from vae_cli.config import instantiate
 from vae_cli.errors import UserError
 from vae_cli.model import VAE
+from vae_cli.tokens import Vocab
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,9 +79,9 @@ def load_model(path: str, device: torch.device) -> tuple[VAE, dict]:
 
     ckpt = checkpoint.load(path)
     cfg = validate(OmegaConf.create(ckpt["config"]))
-    vocab = ckpt.get("vocab")
+    vocab = Vocab.from_state(ckpt.get("vocab"))
     model = build_model(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
-                        len(vocab["itos"]) if vocab else None)
+                        len(vocab) if vocab else None)
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:
@@ -95,4 +96,5 @@ def load_data(ckpt: dict, overrides, device: torch.device):
 
     # Text is encoded with the checkpoint's own vocabulary, never one rebuilt from the file.
     node = dataset_config(ckpt["config"]["dataset"], overrides)
-    return instantiate(node, vocab=(ckpt.get("vocab") or {}).get("itos")).to(device)
+    vocab = Vocab.from_state(ckpt.get("vocab"))
+    return instantiate(node, vocab=vocab.itos if vocab else None).to(device)

@@ -12,6 +12,7 @@ from vae_cli.diagnostics import encode_all, posterior_stats
 from vae_cli.images import save_interpolations, save_reconstructions, save_traversals
 from vae_cli.model import VAE
 from vae_cli.plots import plot_curves, plot_scatter
+from vae_cli.sequences import write_text_pictures
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int = 64,
                         batch_size: int = 500, max_points: int = 5000) -> list[Path]:
     """Reconstructions, interpolations, traversals (rows ordered by KL) and a latent
-    scatter coloured by label (or the first ground-truth factor)."""
+    scatter coloured by label (or the first ground-truth factor); their text versions for
+    a sequence model."""
+    if getattr(data, "vocab", None) is not None:
+        return write_text_pictures(model, data, split, out_dir)
     model.eval()
     out_dir = Path(out_dir)
     x_all = data.split(split)

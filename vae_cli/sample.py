@@ -14,7 +14,7 @@ from vae_cli.build import load_data, load_model, resolve_device
 from vae_cli.errors import UserError
 from vae_cli.images import save_samples
 from vae_cli.pictures import write_curves, write_data_pictures
-from vae_cli.sequences import sample_text, write, write_text_pictures
+from vae_cli.sequences import sample_text, write
 from vae_cli.tokens import Vocab
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ def run(cfg: DictConfig) -> Path:
         except UserError as e:
             log.warning("samples only; data pictures skipped: %s", e)
         else:
-            write_pictures = write_text_pictures if vocab else write_data_pictures
-            written += write_pictures(model, data, cfg.split, out_dir)
+            written += write_data_pictures(model, data, cfg.split, out_dir)
         curves = write_curves(checkpoint.run_dir_of(cfg.ckpt))
         written += [curves] if curves else []
     print("wrote " + ", ".join(str(p) for p in written))

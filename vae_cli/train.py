@@ -25,7 +25,7 @@ from vae_cli.errors import UserError
 from vae_cli.evaluate import evaluate
 from vae_cli.images import reconstruction_rows, save_reconstructions, save_samples
 from vae_cli.pictures import write_curves, write_data_pictures
-from vae_cli.sequences import epoch_text, write_text_pictures
+from vae_cli.sequences import epoch_text
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def train(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> dict:
     if board:
         board.close()
     if writer:
-        (write_text_pictures if vocab else write_data_pictures)(model, data, "val", run_dir)
+        write_data_pictures(model, data, "val", run_dir)
         write_curves(run_dir)
     return {"best_val": state["best_val"], "epoch": state["epoch"], "step": state["step"],
             "run_dir": str(run_dir)}
