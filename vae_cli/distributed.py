@@ -71,13 +71,14 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def average_grads(params) -> None:
-    """Mean of each gradient over ranks: for parameters outside DistributedDataParallel."""
-    if world() == 1:
+    """Mean of each gradient over ranks, for parameters outside DistributedDataParallel:
+    one all-reduce of the gradients laid end to end, not one per tensor."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world() == 1 or not grads:
         return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world()
+    flat = all_mean(torch.cat([g.reshape(-1) for g in grads]))
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(mean.view_as(g))
 
 
 def all_max(t: torch.Tensor) -> torch.Tensor:
