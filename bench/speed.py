@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from vae_cli.build import build_model, build_optimizer  # noqa: E402
-from vae_cli.cli import _register_resolvers, config_dir  # noqa: E402
-from vae_cli.config import validate  # noqa: E402
+from vae_cli.commands.main import _register_resolvers, config_dir  # noqa: E402
+from vae_cli.config.build import build_model, build_optimizer  # noqa: E402
+from vae_cli.config.components import validate  # noqa: E402
 from vae_cli.data.base import ImageData  # noqa: E402
-from vae_cli.train import train_epoch, training_net  # noqa: E402
+from vae_cli.training.recipe import train_epoch, training_net  # noqa: E402
 
 # time ratios vae / bare; iwae's throughput target >= 0.9 x bare is a time ratio <= 1/0.9
 TARGETS = {"mlp": 1.10, "conv": 1.15, "iwae": 1 / 0.9}
@@ -88,7 +88,7 @@ def bare_epoch(model, opt, x_u8: torch.Tensor, batch: int, gen: torch.Generator)
 
 def vae_setup(overrides: list[str], x_u8: torch.Tensor):
     """vae's own training epoch; also returns a function scoring the loss on held-out data."""
-    from vae_cli.evaluate import evaluate
+    from vae_cli.evaluation.evaluate import evaluate
 
     _register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -124,7 +124,7 @@ def bare_iwae(model: BareMLP, x_u8: torch.Tensor, k: int, batch: int) -> float:
 
 
 def vae_iwae(x_u8: torch.Tensor, k: int, batch: int):
-    from vae_cli.diagnostics import iwae_bound
+    from vae_cli.evaluation.diagnostics import iwae_bound
 
     _register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -1,7 +1,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vae_cli.cli import _register_resolvers, config_dir
+from vae_cli.commands.main import _register_resolvers, config_dir
 
 
 def _composer():

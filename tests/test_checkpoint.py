@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_cli import checkpoint
 from vae_cli.errors import UserError
+from vae_cli.runtime import checkpoint
 
 MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "vae-cli-pwned"
 

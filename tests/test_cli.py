@@ -195,7 +195,8 @@ def test_wheel_ships_the_config_tree(tmp_path):
         z.extractall(site)
     assert "vae_cli/configs/train.yaml" in names and "vae_cli/configs/model/conv.yaml" in names
     env = {**os.environ, "PYTHONPATH": str(site)}
-    where = subprocess.run([sys.executable, "-c", "import vae_cli.cli as c; print(c.config_dir())"],
+    probe = "import vae_cli.commands.main as c; print(c.config_dir())"
+    where = subprocess.run([sys.executable, "-c", probe],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(site))
     job = subprocess.run([sys.executable, "-m", "vae_cli", "train", "--cfg", "job"], cwd=tmp_path,
@@ -205,7 +206,7 @@ def test_wheel_ships_the_config_tree(tmp_path):
 
 def test_cli_import_stays_light():
     """`vae train --cfg job` and `vae --help` must not pay for torch or matplotlib."""
-    code = ("import sys, vae_cli, vae_cli.cli, vae_cli.errors; "
+    code = ("import sys, vae_cli, vae_cli.commands.main, vae_cli.errors; "
             "print(sorted(m for m in ('torch', 'matplotlib', 'torchvision', 'tensorboard') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

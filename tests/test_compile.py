@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_cli import DATA
 
-from vae_cli.train import train
+from vae_cli.training.recipe import train
 
 STEPS = [*DATA, "dataset.n_train=128", "trainer.epochs=1", "model.hidden=[32]",
          "model.latent_dim=3", "trainer.image_every=5"]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vae_cli.build import build_model
-from vae_cli.config import check_targets, locate, validate
+from vae_cli.config.build import build_model
+from vae_cli.config.components import check_targets, locate, validate
 from vae_cli.errors import UserError
 
 
@@ -57,8 +57,8 @@ def test_targets_outside_the_package_are_refused():
 
 
 def test_impossible_analytic_estimator_is_refused():
-    from vae_cli.divergences import KL
-    from vae_cli.priors import Prior
+    from vae_cli.objective.divergences import KL
+    from vae_cli.objective.priors import Prior
 
     class Odd(Prior):  # a mixture: no closed-form KL from a Gaussian
         def dist(self):
@@ -77,7 +77,7 @@ def test_impossible_analytic_estimator_is_refused():
 def test_trainer_and_optim_yaml_match_their_schemas(compose_cfg):
     import dataclasses
 
-    from vae_cli.config import OptimConfig, TrainerConfig
+    from vae_cli.config.components import OptimConfig, TrainerConfig
 
     for name in ("adam", "adamw"):
         cfg = compose_cfg([f"optim={name}"])

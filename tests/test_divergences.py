@@ -10,7 +10,9 @@ from test_priors import _randomised
 from torch import nn
 from torch.distributions import Independent, Normal
 
-from vae_cli.divergences import (
+from vae_cli.errors import UserError
+from vae_cli.nets import mlp
+from vae_cli.objective.divergences import (
     KL,
     MMD,
     MMD_SCALES,
@@ -18,11 +20,9 @@ from vae_cli.divergences import (
     SlicedWasserstein,
     TotalCorrelation,
 )
-from vae_cli.errors import UserError
-from vae_cli.likelihoods import Bernoulli
-from vae_cli.model import VAE
-from vae_cli.nets import mlp
-from vae_cli.priors import LearnedPrior, MixturePrior, NormalPrior, Prior, VampPrior
+from vae_cli.objective.likelihoods import Bernoulli
+from vae_cli.objective.model import VAE
+from vae_cli.objective.priors import LearnedPrior, MixturePrior, NormalPrior, Prior, VampPrior
 
 
 @pytest.fixture(autouse=True)

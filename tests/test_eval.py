@@ -11,15 +11,15 @@ from torch import nn
 from torchvision.io import read_image
 
 from vae_cli.data.shapes import shapes
-from vae_cli.diagnostics import iwae_bound, posterior_stats
-from vae_cli.disentangle import mig
-from vae_cli.divergences import KL
-from vae_cli.likelihoods import Bernoulli
-from vae_cli.model import VAE
+from vae_cli.evaluation.diagnostics import iwae_bound, posterior_stats
+from vae_cli.evaluation.disentangle import mig
 from vae_cli.nets import mlp
-from vae_cli.pictures import write_curves, write_data_pictures
-from vae_cli.priors import MixturePrior, NormalPrior
-from vae_cli.train import train
+from vae_cli.objective.divergences import KL
+from vae_cli.objective.likelihoods import Bernoulli
+from vae_cli.objective.model import VAE
+from vae_cli.objective.priors import MixturePrior, NormalPrior
+from vae_cli.reports.pictures import write_curves, write_data_pictures
+from vae_cli.training.recipe import train
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def trained(tmp_path_factory, compose_cfg_module):
         "model.latent_dim=6", "trainer.epochs=4", "trainer.batch_size=64",
         "trainer.device=cpu", "trainer.num_images=16"])
     train(cfg, tmp / "run")
-    from vae_cli.build import load_model
+    from vae_cli.config.build import load_model
 
     model, _ = load_model(str(tmp / "run/checkpoints/best.pt"), torch.device("cpu"))
     data = shapes(root=str(tmp / "data"), image_size=16, n_train=1024, n_val=128, n_test=128)

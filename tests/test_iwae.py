@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.distributions import kl_divergence
 
-from vae_cli.divergences import KL
-from vae_cli.likelihoods import Bernoulli
-from vae_cli.model import VAE
 from vae_cli.nets import mlp
-from vae_cli.priors import NormalPrior
-from vae_cli.schedules import Linear
+from vae_cli.objective.divergences import KL
+from vae_cli.objective.likelihoods import Bernoulli
+from vae_cli.objective.model import VAE
+from vae_cli.objective.priors import NormalPrior
+from vae_cli.objective.schedules import Linear
 
 LATENT, SHAPE, B = 3, (1, 4, 4), 8
 

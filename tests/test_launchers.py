@@ -91,7 +91,7 @@ def test_jobs_side_by_side_share_the_cores(monkeypatch, launcher, sweeper, threa
     import torch
     from omegaconf import OmegaConf
 
-    from vae_cli.cli import _share_cores
+    from vae_cli.commands.main import _share_cores
 
     before = torch.get_num_threads()
     monkeypatch.setattr("os.cpu_count", lambda: 8)

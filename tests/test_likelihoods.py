@@ -9,7 +9,7 @@ from torch.distributions import Laplace as TLaplace
 from torch.distributions import Normal
 
 from vae_cli.errors import UserError
-from vae_cli.likelihoods import Bernoulli, Categorical, Gaussian, Laplace, Logistic
+from vae_cli.objective.likelihoods import Bernoulli, Categorical, Gaussian, Laplace, Logistic
 
 B, C, H, W = 4, 3, 5, 5
 

@@ -7,11 +7,11 @@ import torch
 from torch.distributions import Bernoulli as TBernoulli
 from torch.distributions import Independent, Normal
 
-from vae_cli.divergences import KL
 from vae_cli.errors import UserError
-from vae_cli.likelihoods import Bernoulli, Gaussian
-from vae_cli.model import bits_per_dim
-from vae_cli.priors import NormalPrior
+from vae_cli.objective.divergences import KL
+from vae_cli.objective.likelihoods import Bernoulli, Gaussian
+from vae_cli.objective.model import bits_per_dim
+from vae_cli.objective.priors import NormalPrior
 
 
 def _posterior(b=64, d=5, seed=0):
@@ -112,7 +112,7 @@ def test_normal_prior_sample_and_log_prob():
 @pytest.mark.parametrize("name", ["Bernoulli", "Gaussian", "Laplace", "Categorical", "Logistic"])
 def test_nll_broadcasts_over_leading_samples(name):
     """IWAE decodes k samples and lets x broadcast: each slice must equal the plain call."""
-    import vae_cli.likelihoods as L
+    import vae_cli.objective.likelihoods as L
 
     lik = getattr(L, name)()
     g = torch.Generator().manual_seed(0)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from vae_cli.divergences import KL
 from vae_cli.errors import UserError
-from vae_cli.likelihoods import Bernoulli, Gaussian
-from vae_cli.model import VAE
 from vae_cli.nets import conv, mlp
-from vae_cli.priors import NormalPrior
+from vae_cli.objective.divergences import KL
+from vae_cli.objective.likelihoods import Bernoulli, Gaussian
+from vae_cli.objective.model import VAE
+from vae_cli.objective.priors import NormalPrior
 
 
 def _vae(builder, shape, latent=6, lik=None, beta=1.0, **kw):

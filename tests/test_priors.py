@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 from vae_cli.errors import UserError
-from vae_cli.priors import LearnedPrior, MixturePrior, NormalPrior, VampPrior
+from vae_cli.objective.priors import LearnedPrior, MixturePrior, NormalPrior, VampPrior
 
 SHAPE = (1, 3, 3)  # tiny data space for the VampPrior's pseudo-inputs
 D = 3

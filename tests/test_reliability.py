@@ -15,7 +15,7 @@ import torch
 from test_cli import TINY, rows, vae
 from torchvision.io import write_png
 
-from vae_cli import checkpoint
+from vae_cli.runtime import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # Epochs of ~1 s (256 steps) so that a signal lands mid-epoch; log_every=1 checks each step.
@@ -66,7 +66,7 @@ def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path, sig)
 
 WRITER = """
 import sys, torch
-from vae_cli import checkpoint
+from vae_cli.runtime import checkpoint
 i = 0
 while True:
     i += 1

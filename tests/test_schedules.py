@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vae_cli.errors import UserError
-from vae_cli.schedules import Capacity, Constant, Cyclical, Linear
+from vae_cli.objective.schedules import Capacity, Constant, Cyclical, Linear
 
 
 def test_constant_is_one_everywhere():

@@ -10,15 +10,15 @@ import pytest
 import torch
 from test_cli import vae
 
-from vae_cli.build import build_model
-from vae_cli.config import instantiate, validate
+from vae_cli.config.build import build_model
+from vae_cli.config.components import instantiate, validate
 from vae_cli.data.text import TextData, ptb, text
-from vae_cli.diagnostics import iwae_bound
 from vae_cli.errors import UserError
-from vae_cli.evaluate import evaluate
-from vae_cli.likelihoods import Categorical, sequence_nll
-from vae_cli.model import per_unit
-from vae_cli.sequences import homotopy, lines
+from vae_cli.evaluation.diagnostics import iwae_bound
+from vae_cli.evaluation.evaluate import evaluate
+from vae_cli.objective.likelihoods import Categorical, sequence_nll
+from vae_cli.objective.model import per_unit
+from vae_cli.reports.text import homotopy, lines
 from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK, Vocab
 
 CORPUS = ["the cat sat", "the dog sat", "a cat ran", "the bird sang", "a dog ran fast"] * 8

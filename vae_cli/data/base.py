@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.batching import to_unit as to_float  # noqa: F401 - re-exported
+from vae_cli.data.batching import to_unit as to_float  # noqa: F401 - re-exported
 from vae_cli.errors import UserError
 
 log = logging.getLogger(__name__)

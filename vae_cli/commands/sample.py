@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from vae_cli import checkpoint
-from vae_cli.build import load_data, load_model, resolve_device
+from vae_cli.config.build import load_data, load_model, resolve_device
 from vae_cli.errors import UserError
-from vae_cli.images import save_samples
-from vae_cli.pictures import write_curves, write_data_pictures
-from vae_cli.sequences import sample_text, write
+from vae_cli.reports.images import save_samples
+from vae_cli.reports.pictures import write_curves, write_data_pictures
+from vae_cli.reports.text import sample_text, write
+from vae_cli.runtime import checkpoint
 from vae_cli.tokens import Vocab
 
 log = logging.getLogger(__name__)

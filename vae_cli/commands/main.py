@@ -30,7 +30,7 @@ commands:
 
 def config_dir() -> Path:
     """configs/ beside the package (source checkout, editable install) or inside it (wheel)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]
     for candidate in (here / "configs", here.parent / "configs"):
         if (candidate / "train.yaml").is_file():
             return candidate
@@ -41,7 +41,7 @@ def _run_dir(ckpt: str | None, default: str) -> str:
     """Resuming from ckpt=<run>/checkpoints/x.pt writes back into <run>."""
     if not ckpt:
         return default
-    from vae_cli.checkpoint import run_dir_of
+    from vae_cli.runtime.checkpoint import run_dir_of
     return str(run_dir_of(ckpt))
 
 
@@ -150,9 +150,9 @@ def _share_cores(hc) -> None:
 def _train(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    from vae_cli import checkpoint
-    from vae_cli.config import validate
-    from vae_cli.train import find_resume, resume_config, train
+    from vae_cli.config.components import validate
+    from vae_cli.runtime import checkpoint
+    from vae_cli.training.recipe import find_resume, resume_config, train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -172,12 +172,12 @@ def _train(cfg: DictConfig) -> float:
 
 
 def _eval(cfg: DictConfig):
-    from vae_cli.evaluate import run
+    from vae_cli.evaluation.evaluate import run
     return run(cfg)
 
 
 def _sample(cfg: DictConfig):
-    from vae_cli.sample import run
+    from vae_cli.commands.sample import run
     return run(cfg)
 
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv[0]
     if command == "compare":  # reads finished runs: plain arguments, no Hydra app
-        from vae_cli.compare import main as compare
+        from vae_cli.commands.compare import main as compare
 
         try:
             return compare(argv[1:])
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = argv[1:]
     if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from vae_cli import distributed  # torchrun: join the group, share one run folder
+        from vae_cli.runtime import distributed  # torchrun: join the group, share one run folder
 
         try:
             distributed.init()
@@ -243,6 +243,6 @@ def main(argv: list[str] | None = None) -> int:
             held.release()
             sys.stderr = held.stream
         if "torch.distributed" in sys.modules:
-            from vae_cli import distributed
+            from vae_cli.runtime import distributed
             distributed.shutdown(finished)
     return 0

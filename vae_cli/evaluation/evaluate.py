@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from vae_cli import checkpoint
-from vae_cli.batching import ordered
-from vae_cli.build import autocast, load_data, load_model, resolve_device
-from vae_cli.diagnostics import encode_all, iwae_bound, posterior_stats
-from vae_cli.disentangle import mig
+from vae_cli.config.build import autocast, load_data, load_model, resolve_device
+from vae_cli.data.batching import ordered
 from vae_cli.errors import UserError
-from vae_cli.model import VAE, per_unit
+from vae_cli.evaluation.diagnostics import encode_all, iwae_bound, posterior_stats
+from vae_cli.evaluation.disentangle import mig
+from vae_cli.objective.model import VAE, per_unit
+from vae_cli.runtime import checkpoint
 
 log = logging.getLogger(__name__)
 MAX_LOGITS = 2**26  # floats of decoder output held at once by `vae eval` (256 MB)

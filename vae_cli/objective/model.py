@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
-from vae_cli.divergences import Divergence
-from vae_cli.likelihoods import Likelihood
-from vae_cli.priors import Prior
-from vae_cli.schedules import Constant, Schedule
+from vae_cli.objective.divergences import Divergence
+from vae_cli.objective.likelihoods import Likelihood
+from vae_cli.objective.priors import Prior
+from vae_cli.objective.schedules import Constant, Schedule
 from vae_cli.tokens import is_tokens, lengths
 
 # Argument validation in torch.distributions syncs with the device on every call and costs

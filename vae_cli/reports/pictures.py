@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.batching import to_unit
-from vae_cli.diagnostics import encode_all, posterior_stats
-from vae_cli.images import save_interpolations, save_reconstructions, save_traversals
-from vae_cli.model import VAE
-from vae_cli.plots import plot_curves, plot_scatter
-from vae_cli.sequences import write_text_pictures
+from vae_cli.data.batching import to_unit
+from vae_cli.evaluation.diagnostics import encode_all, posterior_stats
+from vae_cli.objective.model import VAE
+from vae_cli.reports.images import save_interpolations, save_reconstructions, save_traversals
+from vae_cli.reports.plots import plot_curves, plot_scatter
+from vae_cli.reports.text import write_text_pictures
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from vae_cli.distributed import average_grads
 from vae_cli.errors import UserError
-from vae_cli.priors import Prior
+from vae_cli.objective.priors import Prior
+from vae_cli.runtime.distributed import average_grads
 
 ESTIMATORS = ("auto", "analytic", "mc")
 KERNELS = ("imq", "rbf")

@@ -17,15 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from vae_cli import checkpoint, distributed
-from vae_cli.batching import as_input, shuffled
-from vae_cli.build import autocast, build_model, build_optimizer, resolve_device
-from vae_cli.config import COMPONENTS, instantiate, validate
+from vae_cli.config.build import autocast, build_model, build_optimizer, resolve_device
+from vae_cli.config.components import COMPONENTS, instantiate, validate
+from vae_cli.data.batching import as_input, shuffled
 from vae_cli.errors import UserError
-from vae_cli.evaluate import evaluate
-from vae_cli.images import reconstruction_rows, save_reconstructions, save_samples
-from vae_cli.pictures import write_curves, write_data_pictures
-from vae_cli.sequences import epoch_text
+from vae_cli.evaluation.evaluate import evaluate
+from vae_cli.reports.images import reconstruction_rows, save_reconstructions, save_samples
+from vae_cli.reports.pictures import write_curves, write_data_pictures
+from vae_cli.reports.text import epoch_text
+from vae_cli.runtime import checkpoint, distributed
 
 log = logging.getLogger(__name__)
 

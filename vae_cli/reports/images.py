@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from vae_cli.model import VAE
+from vae_cli.objective.model import VAE
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:

@@ -11,8 +11,8 @@ import math
 import torch
 from torch.distributions import Independent, MixtureSameFamily, Normal
 
-from vae_cli.batching import ordered
-from vae_cli.model import VAE, per_unit
+from vae_cli.data.batching import ordered
+from vae_cli.objective.model import VAE, per_unit
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: Cov_x(E[z_u|x]) > 0.01
 

@@ -7,9 +7,9 @@ import contextlib
 import torch
 from omegaconf import DictConfig
 
-from vae_cli.config import instantiate
+from vae_cli.config.components import instantiate
 from vae_cli.errors import UserError
-from vae_cli.model import VAE
+from vae_cli.objective.model import VAE
 from vae_cli.tokens import Vocab
 
 
@@ -74,8 +74,8 @@ def load_model(path: str, device: torch.device) -> tuple[VAE, dict]:
     """Rebuild a model from a checkpoint's own config (not today's defaults)."""
     from omegaconf import OmegaConf
 
-    from vae_cli import checkpoint
-    from vae_cli.config import validate
+    from vae_cli.config.components import validate
+    from vae_cli.runtime import checkpoint
 
     ckpt = checkpoint.load(path)
     cfg = validate(OmegaConf.create(ckpt["config"]))
@@ -92,7 +92,7 @@ def load_model(path: str, device: torch.device) -> tuple[VAE, dict]:
 def load_data(ckpt: dict, overrides, device: torch.device):
     """The dataset a checkpoint was trained on (its own config, with non-null command-line
     keys such as dataset.root laid over it), on the given device."""
-    from vae_cli.config import dataset_config
+    from vae_cli.config.components import dataset_config
 
     # Text is encoded with the checkpoint's own vocabulary, never one rebuilt from the file.
     node = dataset_config(ckpt["config"]["dataset"], overrides)

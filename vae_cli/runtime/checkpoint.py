@@ -13,10 +13,10 @@ from typing import Any, BinaryIO
 
 import torch
 
-from vae_cli.config import check_targets
+from vae_cli.config.components import check_targets
 from vae_cli.errors import UserError
 
-FORMAT = "vae_cli.checkpoint/1"
+FORMAT = "vae_cli.runtime.checkpoint/1"
 
 
 @contextmanager

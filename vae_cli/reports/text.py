@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.diagnostics import encode_all
-from vae_cli.model import VAE
-from vae_cli.plots import plot_scatter
+from vae_cli.evaluation.diagnostics import encode_all
+from vae_cli.objective.model import VAE
+from vae_cli.reports.plots import plot_scatter
 from vae_cli.tokens import Vocab
 
 log = logging.getLogger(__name__)
