@@ -28,11 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from vae_cli.commands.main import _register_resolvers, config_dir  # noqa: E402
-from vae_cli.config.build import build_model, build_optimizer  # noqa: E402
-from vae_cli.config.components import validate  # noqa: E402
+from vae_cli.commands.main import register_resolvers  # noqa: E402
+from vae_cli.config.build import build_objective, build_optimizer  # noqa: E402
+from vae_cli.config.registry import config_dir  # noqa: E402
+from vae_cli.config.schemas import validate_train  # noqa: E402
 from vae_cli.data.base import ImageData  # noqa: E402
-from vae_cli.training.recipe import train_epoch, training_net  # noqa: E402
+from vae_cli.training.loop import train_epoch  # noqa: E402
+from vae_cli.training.recipe import training_net  # noqa: E402
+from vae_cli.training.state import TrainState  # noqa: E402
+from vae_cli.training.step import Stepper  # noqa: E402
 
 # time ratios vae / bare; iwae's throughput target >= 0.9 x bare is a time ratio <= 1/0.9
 TARGETS = {"mlp": 1.10, "conv": 1.15, "iwae": 1 / 0.9}
@@ -90,17 +94,19 @@ def vae_setup(overrides: list[str], x_u8: torch.Tensor):
     """vae's own training epoch; also returns a function scoring the loss on held-out data."""
     from vae_cli.evaluation.evaluate import evaluate
 
-    _register_resolvers()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = validate(compose(config_name="train", overrides=overrides))
+        cfg = validate_train(compose(config_name="train", overrides=overrides))
     data = ImageData(name="bench", train=x_u8[:-2000], val=x_u8[-2000:], test=x_u8[-2000:])
-    model = build_model(cfg, data.shape, len(data.train))
-    opt = build_optimizer(cfg.optim, model.trainable_parameters())
-    state = {"step": 0}
+    objective = build_objective(cfg, data.shape, len(data.train))
+    opt = build_optimizer(cfg.optim, objective.main_parameters())
+    state = TrainState()
     gen = torch.Generator().manual_seed(0)
-    net = training_net(model, opt, cfg.trainer.compile, torch.device("cpu"))
-    return (lambda: train_epoch(net, opt, data, cfg, gen, state, "bench"),
-            lambda: evaluate(model, data.val, 500)["loss"])
+    device = torch.device("cpu")
+    net = training_net(objective, opt, cfg.trainer.compile, device)
+    stepper = Stepper(net, objective, opt, device, cfg.trainer.precision)
+    return (lambda: train_epoch(stepper, data, cfg.trainer, gen, state, desc="bench"),
+            lambda: evaluate(objective, data.val, 500)["loss"])
 
 
 @torch.no_grad()
@@ -124,13 +130,13 @@ def bare_iwae(model: BareMLP, x_u8: torch.Tensor, k: int, batch: int) -> float:
 
 
 def vae_iwae(x_u8: torch.Tensor, k: int, batch: int):
-    from vae_cli.evaluation.diagnostics import iwae_bound
+    from vae_cli.evaluation.likelihood import iwae_bound
 
-    _register_resolvers()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = validate(compose(config_name="train", overrides=[
+        cfg = validate_train(compose(config_name="train", overrides=[
             "model=mlp", "model.hidden=[400]", "model.latent_dim=20"]))
-    model = build_model(cfg, tuple(x_u8.shape[1:]), len(x_u8)).eval()
+    model = build_objective(cfg, tuple(x_u8.shape[1:]), len(x_u8)).model.eval()
     return lambda: iwae_bound(model, x_u8, k, batch, max_decoded=k * batch)
 
 

@@ -1,12 +1,13 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vae_cli.commands.main import _register_resolvers, config_dir
+from vae_cli.commands.main import register_resolvers
+from vae_cli.config.registry import config_dir
 
 
 def _composer():
     """Compose a config exactly as `vae <command>` would, without running it."""
-    _register_resolvers()
+    register_resolvers()
 
     def _compose(overrides=(), name="train"):
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

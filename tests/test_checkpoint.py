@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from vae_cli.errors import UserError
 from vae_cli.runtime import checkpoint
@@ -84,11 +85,19 @@ def test_checkpoint_of_another_program_is_refused(tmp_path):
         checkpoint.load(path)
 
 
-def test_foreign_target_in_checkpoint_config_is_refused(tmp_path):
+@pytest.mark.parametrize("target", ["os.system", "vae_cli.commands.compare.main"])
+def test_foreign_target_in_checkpoint_config_is_refused(tmp_path, target):
+    # Refused by the reader that would build from it (eval, sample, resume), before
+    # anything is imported or called.
+    from vae_cli.config.build import load_trained
+    from vae_cli.config.schemas import validate_train
+
     path = tmp_path / "t.pt"
-    checkpoint.save(path, {"config": {"loss": {"_target_": "os.system"}}, "model": {}})
+    checkpoint.save(path, {"config": {"loss": {"_target_": target}}, "model": {}})
     with pytest.raises(UserError, match="outside vae_cli"):
-        checkpoint.load(path)
+        load_trained(str(path), torch.device("cpu"))
+    with pytest.raises(UserError, match="outside vae_cli"):
+        validate_train(OmegaConf.create(checkpoint.load(path)["config"]))
 
 
 def test_missing_and_unset_paths(tmp_path):

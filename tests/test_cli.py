@@ -195,7 +195,7 @@ def test_wheel_ships_the_config_tree(tmp_path):
         z.extractall(site)
     assert "vae_cli/configs/train.yaml" in names and "vae_cli/configs/model/conv.yaml" in names
     env = {**os.environ, "PYTHONPATH": str(site)}
-    probe = "import vae_cli.commands.main as c; print(c.config_dir())"
+    probe = "import vae_cli.config.registry as c; print(c.config_dir())"
     where = subprocess.run([sys.executable, "-c", probe],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(site))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_cli import DATA
 
-from vae_cli.training.recipe import train
+from vae_cli.config.schemas import validate_train
+from vae_cli.training.recipe import fit, setup
 
 STEPS = [*DATA, "dataset.n_train=128", "trainer.epochs=1", "model.hidden=[32]",
          "model.latent_dim=3", "trainer.image_every=5"]
@@ -25,7 +26,7 @@ def test_compiled_step_matches_the_eager_step(tmp_path, monkeypatch, compose_cfg
     for name, compiled in (("c", "true"), ("e", "false")):
         cfg = compose_cfg([*STEPS, f"dataset.root={tmp_path / 'data'}",
                            f"trainer.compile={compiled}"])
-        train(cfg, tmp_path / name)
+        fit(setup(validate_train(cfg), tmp_path / name))
     a, b = (torch.load(tmp_path / r / "checkpoints/last.pt", weights_only=True)
             for r in ("c", "e"))
     assert a["model"].keys() == b["model"].keys()  # no _orig_mod. prefixes in checkpoints

@@ -2,20 +2,22 @@
 
 import pytest
 
-from vae_cli.config.build import build_model
-from vae_cli.config.components import check_targets, locate, validate
+from vae_cli.config.build import build_objective, build_optimizer
+from vae_cli.config.registry import check_targets, locate, registry
+from vae_cli.config.schemas import validate_train as validate
 from vae_cli.errors import UserError
 
 
 def test_default_config_validates_and_builds(compose_cfg):
     cfg = validate(compose_cfg())
     assert cfg.trainer.device == "auto"
-    model = build_model(cfg, (1, 32, 32), 100)
-    assert model.latent_dim == cfg.model.latent_dim
+    objective = build_objective(cfg, (1, 32, 32), 100)
+    assert objective.model.latent_dim == cfg.model.latent_dim
 
 
 @pytest.mark.parametrize("override", [
-    "model=conv", "loss=gaussian", "optim=adamw", "divergence.beta=4", "model.latent_dim=3",
+    "model=conv", "loss=gaussian", "optim=adamw", "optim=sgd", "divergence.beta=4",
+    "model.latent_dim=3", "optim._target_=torch.optim.Adamax",
     "trainer.device=cpu", "trainer.patience=3", "divergence.estimator=mc",
     "model.activation=gated",
 ])
@@ -32,7 +34,10 @@ def test_valid_overrides(compose_cfg, override):
     (["trainer.device=tpu"], "trainer.device"),
     (["trainer.precision=fp8"], "trainer.precision"),
     (["optim.lr=-1"], "optim.lr"),
-    (["optim.name=sgdx"], "optim.name"),
+    (["optim._target_=torch.optim.Sgdx"], "optim._target_"),
+    (["optim._target_=os.system"], "optim._target_"),
+    (["+optim.momentum=0.9"], "optim.momentum"),  # Adam has no momentum
+    (["optim.lr=fast"], "optim.lr"),
     (["divergence.beta=high"], "divergence.beta"),
     (["+model.depth=3"], "model.depth"),
     (["+dataset.colour=1"], "dataset.colour"),
@@ -49,11 +54,48 @@ def test_bad_values_fail_with_the_key_named(compose_cfg, overrides, fragment):
 
 def test_targets_outside_the_package_are_refused():
     with pytest.raises(UserError, match="outside vae_cli"):
-        locate("os.system")
+        locate("model", "os.system")
     with pytest.raises(UserError, match="outside vae_cli"):
         check_targets({"model": {"_target_": "builtins.eval"}})
     with pytest.raises(UserError, match="outside vae_cli"):
         check_targets({"a": [{"b": {"_target_": "subprocess.call"}}]})
+
+
+def test_targets_are_registered_per_group():
+    # A package function that is not a component, or a component of another group, is
+    # refused as surely as a foreign one.
+    for group, target in [("loss", "vae_cli.commands.compare.main"),
+                          ("loss", "vae_cli.nets.mlp.build"),
+                          ("model", "vae_cli.objective.likelihoods.Bernoulli"),
+                          ("dataset", "vae_cli.nets.mlp.build"),
+                          ("optim", "torch.optim.lr_scheduler.StepLR")]:
+        with pytest.raises(UserError, match="outside vae_cli"):
+            locate(group, target)
+        with pytest.raises(UserError, match="outside vae_cli"):
+            check_targets({group: {"_target_": target}})
+    with pytest.raises(UserError, match="outside vae_cli"):  # nested: never a component
+        check_targets({"dataset": {"extra": {"_target_": "vae_cli.data.shapes.shapes"}}})
+    # every option of the config tree is registered, and checkpoints written before the
+    # objective/ package name theirs by the old module path
+    assert locate("divergence", "vae_cli.divergences.KL") is locate(
+        "divergence", "vae_cli.objective.divergences.KL")
+    assert "vae_cli.data.shapes.shapes" in registry()["dataset"]
+
+
+def test_optimizer_is_any_torch_optim_class_from_one_yaml(compose_cfg):
+    import torch
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for option, cls in [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                        ("sgd", torch.optim.SGD)]:
+        cfg = validate(compose_cfg([f"optim={option}", "optim.lr=0.5"]))
+        opt = build_optimizer(cfg.optim, params)
+        assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.5
+    sgd = build_optimizer(validate(compose_cfg(["optim=sgd"])).optim, params)
+    assert sgd.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(UserError, match="optim"):  # torch's own range check, one line
+        build_optimizer(validate(compose_cfg(["optim=sgd", "optim.momentum=-1"])).optim,
+                        params)
 
 
 def test_impossible_analytic_estimator_is_refused():
@@ -74,12 +116,36 @@ def test_impossible_analytic_estimator_is_refused():
     assert kl._analytic is False
 
 
-def test_trainer_and_optim_yaml_match_their_schemas(compose_cfg):
+def test_trainer_eval_and_sample_yaml_match_their_schemas(compose_cfg):
     import dataclasses
 
-    from vae_cli.config.components import OptimConfig, TrainerConfig
+    from vae_cli.config.schemas import EvalCommand, EvalConfig, SampleCommand, TrainerConfig
 
-    for name in ("adam", "adamw"):
-        cfg = compose_cfg([f"optim={name}"])
-        assert set(cfg.optim) == {f.name for f in dataclasses.fields(OptimConfig)}
-    assert set(compose_cfg().trainer) == {f.name for f in dataclasses.fields(TrainerConfig)}
+    def keys(schema):
+        return {f.name for f in dataclasses.fields(schema)}
+
+    assert set(compose_cfg().trainer) == keys(TrainerConfig)
+    ev = compose_cfg(name="eval")
+    assert set(ev) == keys(EvalCommand) and set(ev.eval) == keys(EvalConfig)
+    assert set(compose_cfg(name="sample")) == keys(SampleCommand)
+
+
+def test_configs_saved_before_the_objective_package_still_build(compose_cfg):
+    # Checkpoints written by earlier versions name divergences/priors/likelihoods/schedules
+    # by their old module and the optimizer by optim.name.
+    from omegaconf import OmegaConf
+
+    from vae_cli.config.registry import upgrade
+
+    saved = OmegaConf.to_container(compose_cfg(["optim=adamw"]), resolve=True)
+    for group in ("divergence", "prior", "loss", "schedule"):
+        saved[group]["_target_"] = saved[group]["_target_"].replace("vae_cli.objective.",
+                                                                    "vae_cli.")
+    saved["optim"] = {"name": "adamw", **{k: v for k, v in saved["optim"].items()
+                                          if k != "_target_"}}
+    cfg = validate(OmegaConf.create(upgrade(saved)))
+    assert cfg.optim._target_ == "torch.optim.AdamW"
+    objective = build_objective(cfg, (1, 8, 8), 10)
+    assert type(objective.divergence).__name__ == "KL"
+    with pytest.raises(UserError, match="optim"):
+        validate(OmegaConf.create(upgrade({**saved, "optim": {"name": "lbfgs2"}})))

@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.io import write_jpeg, write_png
 
-from vae_cli.data import ImageData, binarize_once, check_images, to_float
+from vae_cli.data import ImageData, binarize_once, check_images
 from vae_cli.data import shapes as shapes_mod
+from vae_cli.data.batching import to_unit
 from vae_cli.data.celeba import celeba
 from vae_cli.data.dsprites import FILENAME as DSPRITES_FILE
 from vae_cli.data.dsprites import dsprites
@@ -81,13 +82,13 @@ def test_check_images_rejects_bad_tensors():
         check_images(torch.zeros(3, 1, 4, 4), "x")
 
 
-def test_binarize_once_and_to_float():
+def test_binarize_once_and_to_unit():
     x = torch.full((200, 1, 10, 10), 128, dtype=torch.uint8)
     a = binarize_once(x, torch.Generator().manual_seed(3))
     b = binarize_once(x, torch.Generator().manual_seed(3))
     assert a.dtype == torch.uint8 and set(a.unique().tolist()) == {0, 255}
     assert torch.equal(a, b)
-    assert abs(to_float(a).mean().item() - 128 / 255) < 0.01
+    assert abs(to_unit(a).mean().item() - 128 / 255) < 0.01
     assert torch.equal(binarize_once(torch.tensor([0, 255], dtype=torch.uint8),
                                      torch.Generator()), torch.tensor([0, 255]).byte())
 

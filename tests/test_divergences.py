@@ -12,6 +12,7 @@ from torch.distributions import Independent, Normal
 
 from vae_cli.errors import UserError
 from vae_cli.nets import mlp
+from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import (
     KL,
     MMD,
@@ -23,6 +24,7 @@ from vae_cli.objective.divergences import (
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
 from vae_cli.objective.priors import LearnedPrior, MixturePrior, NormalPrior, Prior, VampPrior
+from vae_cli.training.step import Stepper, auxiliary_step
 
 
 @pytest.fixture(autouse=True)
@@ -332,18 +334,27 @@ def test_sliced_rejects_bad_options(kw):
 # ------------------------------------------------------------------------------- adversarial
 
 
+def _fit(adv, zq, prior, opt=None):
+    """adv.auxiliary_steps critic steps, as the training step takes them."""
+    opt = opt or adv.auxiliary_optimizer()
+    auxiliary_step(adv, prior, opt, zq, lambda params: None)
+    return opt
+
+
 def test_critic_estimates_w1_between_shifted_gaussians():
     # 300 Adam steps of a 64-unit critic: 2.14-2.29 over seeds 0-7 (the soft gradient
     # penalty lets it overshoot the Lipschitz bound a little); the untrained critic gives
     # |w| < 0.3.
     torch.manual_seed(18)
-    adv = Adversarial(hidden=64, lr=1e-3, latent_dim=2)
+    adv = Adversarial(hidden=64, lr=1e-3, critic_steps=300, latent_dim=2)
     prior = _Shifted([2.0**0.5, 2.0**0.5])  # |shift| = 2 = W1(N(0,I), N(shift,I))
     zq = torch.randn(512, 2)
     with torch.no_grad():
         untrained = adv.w1(zq, prior.sample(512)).item()
     assert not 1.5 < untrained < 2.5  # the window below does not hold by luck
-    w = adv.fit_critic(zq, prior, 300).item()
+    _fit(adv, zq, prior)
+    with torch.no_grad():
+        w = adv.w1(zq, prior.sample(512)).item()
     assert 1.5 < w < 2.5
     # the trained critic generalises to fresh samples of both sides
     with torch.no_grad():
@@ -351,62 +362,68 @@ def test_critic_estimates_w1_between_shifted_gaussians():
     assert 1.5 < fresh < 2.5
 
 
-def _adv_vae(latent=3):
-    enc, dec = mlp.build(latent_dim=latent, shape=(1, 4, 4), hidden=[8])
+def _adv_objective(latent=3):
+    nets = mlp.build(latent_dim=latent, shape=(1, 4, 4), hidden=[8])
     adv = Adversarial(hidden=16, critic_steps=2, lr=1e-3, latent_dim=latent)
-    return VAE(enc, dec, NormalPrior(latent_dim=latent), adv, Bernoulli(), latent), adv
+    return Objective(VAE(nets, NormalPrior(latent_dim=latent), Bernoulli(), latent), adv), adv
 
 
 def test_critic_is_not_trained_by_the_main_optimizer():
     torch.manual_seed(19)
-    model, adv = _adv_vae()
-    trainable = {id(p) for p in model.trainable_parameters()}
+    objective, adv = _adv_objective()
+    trainable = {id(p) for p in objective.main_parameters()}
     critic = {id(p) for p in adv.critic.parameters()}
     assert critic and not trainable & critic
-    assert trainable | critic == {id(p) for p in model.parameters()}
+    assert trainable | critic == {id(p) for p in objective.parameters()}
+    # frozen outside its own step: the main backward never computes its gradients
+    out, _ = objective(torch.bernoulli(torch.rand(8, 1, 4, 4)))
+    out["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in adv.critic.parameters())
 
 
-def test_forward_fits_the_critic_only_in_training_with_grad():
+def test_only_the_auxiliary_step_fits_the_critic():
     torch.manual_seed(20)
-    model, adv = _adv_vae()
+    objective, adv = _adv_objective()
     x = torch.bernoulli(torch.rand(8, 1, 4, 4))
     before = copy.deepcopy(adv.critic.state_dict())
 
     def unchanged():
         return all(torch.equal(before[k], v) for k, v in adv.critic.state_dict().items())
 
-    model.eval()
-    model(x)
+    objective.eval()
+    objective(x)
     assert unchanged()
-    model.train()
-    with torch.no_grad():
-        model(x)
-    assert unchanged()
-    out = model(x)
-    assert not unchanged()
-    assert torch.isfinite(out["loss"])
+    objective.train()
+    out, z = objective(x)  # a forward in training does not touch it either
+    assert unchanged() and torch.isfinite(out["loss"])
+    opt = torch.optim.Adam(objective.main_parameters(), 1e-3)
+    stepper = Stepper(objective, objective, opt, torch.device("cpu"),
+                      aux_opt=adv.auxiliary_optimizer())
+    encoder = [p.detach().clone() for p in objective.model.encoder.parameters()]
+    stepper(x, 0)
+    assert not unchanged()  # the critic stepped after the main step ...
+    assert not all(torch.equal(a, b) for a, b in  # ... and so did the encoder
+                   zip(encoder, objective.model.encoder.parameters(), strict=True))
+    assert not any(p.requires_grad for p in adv.critic.parameters())
 
 
-def test_critic_optimizer_state_round_trips_through_state_dict():
+def test_critic_and_its_optimizer_round_trip_through_state_dicts():
+    # what a checkpoint keeps: the divergence's state_dict and the auxiliary optimizer's
     torch.manual_seed(21)
-    model, adv = _adv_vae()
-    adv.fit_critic(torch.randn(16, 3), model.prior, 3)
-    state = copy.deepcopy(model.state_dict())
-    assert "divergence._extra_state" in state
+    objective, adv = _adv_objective()
+    opt = _fit(adv, torch.randn(16, 3), objective.model.prior)
+    weights, moments = copy.deepcopy(adv.state_dict()), copy.deepcopy(opt.state_dict())
+    assert any(k.startswith("critic.") for k in weights) and moments["state"]
     torch.manual_seed(22)
-    fresh, fresh_adv = _adv_vae()
-    fresh.load_state_dict(state)
-    a, b = adv.opt.state_dict(), fresh_adv.opt.state_dict()
-    assert a["param_groups"] == b["param_groups"]
-    assert a["state"].keys() == b["state"].keys() and a["state"]
-    for i in a["state"]:
-        for key, val in a["state"][i].items():
-            assert torch.equal(torch.as_tensor(val), torch.as_tensor(b["state"][i][key])), key
-    # Same weights + same Adam moments => the next critic step is identical.
+    fresh, fresh_adv = _adv_objective()
+    fresh_adv.load_state_dict(weights)
+    fresh_opt = fresh_adv.auxiliary_optimizer()
+    fresh_opt.load_state_dict(moments)
+    # Same weights + same Adam moments => the next critic steps are identical.
     zq = torch.randn(16, 3)
-    for m, d in ((model, adv), (fresh, fresh_adv)):
+    for o, d, m in ((opt, adv, objective), (fresh_opt, fresh_adv, fresh)):
         torch.manual_seed(23)
-        d.fit_critic(zq, m.prior, 1)
+        _fit(d, zq, m.model.prior, o)
     for p, r in zip(adv.critic.parameters(), fresh_adv.critic.parameters(), strict=True):
         assert torch.allclose(p, r, atol=1e-7)
 

@@ -10,16 +10,17 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.io import read_image
 
+from vae_cli.config.schemas import validate_train
 from vae_cli.data.shapes import shapes
-from vae_cli.evaluation.diagnostics import iwae_bound, posterior_stats
+from vae_cli.evaluation.diagnostics import posterior_stats
 from vae_cli.evaluation.disentangle import mig
-from vae_cli.nets import mlp
-from vae_cli.objective.divergences import KL
+from vae_cli.evaluation.likelihood import iwae_bound
+from vae_cli.nets import Networks, mlp
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
 from vae_cli.objective.priors import MixturePrior, NormalPrior
 from vae_cli.reports.pictures import write_curves, write_data_pictures
-from vae_cli.training.recipe import train
+from vae_cli.training.recipe import fit, setup
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,11 @@ def trained(tmp_path_factory, compose_cfg_module):
         "dataset.n_val=128", "dataset.n_test=128", "model.hidden=[128]",
         "model.latent_dim=6", "trainer.epochs=4", "trainer.batch_size=64",
         "trainer.device=cpu", "trainer.num_images=16"])
-    train(cfg, tmp / "run")
-    from vae_cli.config.build import load_model
+    fit(setup(validate_train(cfg), tmp / "run"))
+    from vae_cli.config.build import load_trained
 
-    model, _ = load_model(str(tmp / "run/checkpoints/best.pt"), torch.device("cpu"))
+    objective, _ = load_trained(str(tmp / "run/checkpoints/best.pt"), torch.device("cpu"))
+    model = objective.model
     data = shapes(root=str(tmp / "data"), image_size=16, n_train=1024, n_val=128, n_test=128)
     return model, data, tmp / "run"
 
@@ -82,8 +84,8 @@ class Half(nn.Module):
 
 def _collapsed_vae(prior=None):
     enc = Half(16, 5, live=2)
-    _, dec = mlp.build(latent_dim=5, hidden=[8], shape=(1, 4, 4))
-    return VAE(enc, dec, prior or NormalPrior(latent_dim=5), KL(), Bernoulli(), 5)
+    dec = mlp.build(latent_dim=5, hidden=[8], shape=(1, 4, 4)).decoder
+    return VAE(Networks(enc, dec), prior or NormalPrior(latent_dim=5), Bernoulli(), 5)
 
 
 def test_active_units_count_a_collapsed_dimension_as_inactive():

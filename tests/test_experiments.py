@@ -11,8 +11,8 @@ import pytest
 from test_cli import vae
 from test_data import make_mnist
 
-from vae_cli.commands.main import config_dir
-from vae_cli.config.components import validate
+from vae_cli.config.registry import config_dir
+from vae_cli.config.schemas import validate_train as validate
 
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 SHORT = ["trainer.epochs=1", "trainer.device=cpu", "trainer.num_images=8"]

@@ -1,4 +1,5 @@
-"""The importance-weighted bound (Burda et al. 2016) of VAE.iwae / VAE.log_weights."""
+"""The importance-weighted bound (Burda et al. 2016): Objective.iwae and bounds.log_weights,
+and the settings it cannot honour, refused."""
 
 import math
 
@@ -6,12 +7,14 @@ import pytest
 import torch
 from torch.distributions import kl_divergence
 
+from vae_cli.errors import UserError
 from vae_cli.nets import mlp
-from vae_cli.objective.divergences import KL
+from vae_cli.objective.bounds import Objective, log_weights
+from vae_cli.objective.divergences import KL, TotalCorrelation
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
 from vae_cli.objective.priors import NormalPrior
-from vae_cli.objective.schedules import Linear
+from vae_cli.objective.schedules import Capacity, Linear
 
 LATENT, SHAPE, B = 3, (1, 4, 4), 8
 
@@ -20,11 +23,12 @@ def _model(seed=0, sharpen=4.0, **kw):
     """A random MLP VAE whose decoder is scaled up: a peaked likelihood makes the posterior
     a poor proposal, so the bounds for k = 1, 5, 50 are nats apart instead of hundredths."""
     torch.manual_seed(seed)
-    enc, dec = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[32])
+    nets = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[32])
     with torch.no_grad():
-        for p in dec.parameters():
+        for p in nets.decoder.parameters():
             p.mul_(sharpen)
-    return VAE(enc, dec, NormalPrior(latent_dim=LATENT), KL(**kw), Bernoulli(), LATENT)
+    model = VAE(nets, NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT)
+    return Objective(model, KL(**kw))
 
 
 def _data(seed=1):
@@ -34,9 +38,9 @@ def _data(seed=1):
 
 @pytest.mark.parametrize("k", [1, 7])
 def test_log_weights_shapes_and_values(k):
-    model, x = _model(), _data()
+    model, x = _model().model, _data()
     torch.manual_seed(2)
-    log_px, log_pz, log_qz = model.log_weights(x, k)
+    log_px, log_pz, log_qz = log_weights(model, x, k)
     assert log_px.shape == log_pz.shape == log_qz.shape == (k, B)
     # the same draws, scored one sample at a time
     torch.manual_seed(2)
@@ -50,11 +54,11 @@ def test_log_weights_shapes_and_values(k):
 
 def test_iwae_with_one_sample_is_the_single_sample_elbo():
     # Same seed => same z: -loss of iwae(k=1) is recon + MC KL at that z, to float tolerance.
-    model, x = _model(estimator="mc"), _data()
+    objective, x = _model(estimator="mc"), _data()
     torch.manual_seed(3)
-    elbo_loss = model(x)["loss"]
+    elbo_loss = objective(x)[0]["loss"]
     torch.manual_seed(3)
-    iw = model.iwae(x, 1)
+    iw, _ = objective.iwae(x, 1)
     assert torch.allclose(iw["loss"], elbo_loss, atol=1e-4)
 
 
@@ -62,13 +66,13 @@ def _bounds(model, x, k, repeats, seed):
     """Per-repeat batch means of the k-sample bound, from one big batched call."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        log_px, log_pz, log_qz = model.log_weights(x.repeat(repeats, 1, 1, 1), k)
+        log_px, log_pz, log_qz = log_weights(model, x.repeat(repeats, 1, 1, 1), k)
     bound = torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(k)
     return bound.view(repeats, B).mean(1)
 
 
 def test_iwae_with_one_sample_equals_the_analytic_elbo_in_expectation():
-    model, x = _model(), _data()
+    model, x = _model().model, _data()
     iw1 = _bounds(model, x, 1, 1000, seed=4)
     # ELBO with the closed-form KL, on draws independent of the ones above
     torch.manual_seed(5)
@@ -84,7 +88,7 @@ def test_iwae_with_one_sample_equals_the_analytic_elbo_in_expectation():
 
 
 def test_iwae_bound_tightens_with_k():
-    model, x = _model(), _data()
+    model, x = _model().model, _data()
     means, ses = {}, {}
     for k in (1, 5, 50):
         b = _bounds(model, x, k, 500, seed=6 + k)
@@ -97,12 +101,12 @@ def test_iwae_bound_tightens_with_k():
 
 
 def test_iwae_loss_uses_the_scheduled_weight_inside_each_importance_weight():
-    model, x = _model(beta=2.0), _data()
-    model.schedule = Linear(warmup_steps=10)
+    objective, x = _model(beta=2.0), _data()
+    objective.schedule = Linear(warmup_steps=10)
     torch.manual_seed(8)
-    out = model.iwae(x, 6, step=5)  # weight 2.0 * 0.5 = 1.0 on log p(z) - log q(z|x)
+    out, _ = objective.iwae(x, 6, step=5)  # weight 2.0 * 0.5 = 1.0 on log p(z) - log q(z|x)
     torch.manual_seed(8)
-    log_px, log_pz, log_qz = model.log_weights(x, 6)
+    log_px, log_pz, log_qz = log_weights(objective.model, x, 6)
     bound = torch.logsumexp(log_px + 1.0 * (log_pz - log_qz), dim=0) - math.log(6)
     assert torch.allclose(out["loss"], -bound.mean(), atol=1e-4)
     assert torch.allclose(out["recon"], -log_px.mean(), atol=1e-4)
@@ -111,19 +115,40 @@ def test_iwae_loss_uses_the_scheduled_weight_inside_each_importance_weight():
 
 def test_training_with_iw_samples_gives_a_finite_loss_with_gradients():
     torch.manual_seed(9)
-    enc, dec = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[16])
-    model = VAE(enc, dec, NormalPrior(latent_dim=LATENT), KL(), Bernoulli(), LATENT,
-                iw_samples=5)
+    nets = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[16])
+    model = Objective(VAE(nets, NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT), KL(),
+                      iw_samples=5)
     x = _data()
     torch.manual_seed(10)
-    out = model(x)
+    out, _ = model(x)
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
     out["loss"].backward()
-    params = model.trainable_parameters()
+    params = model.main_parameters()
     assert params
     for p in params:
         assert p.grad is not None and torch.isfinite(p.grad).all()
     assert sum(p.grad.abs().sum() for p in params) > 0
     # forward dispatches to the 5-sample bound
     torch.manual_seed(10)
-    assert torch.allclose(model.iwae(x, 5)["loss"], out["loss"])
+    assert torch.allclose(model.iwae(x, 5)[0]["loss"], out["loss"])
+
+
+def _with(divergence, schedule=None, iw_samples=4):
+    nets = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[8])
+    model = VAE(nets, NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT)
+    return Objective(model, divergence, schedule, iw_samples)
+
+
+@pytest.mark.parametrize("divergence, schedule, word", [
+    (KL(), Capacity(c_max=5.0, steps=10, gamma=100.0), "schedule=capacity"),
+    (TotalCorrelation(alpha=1.0, beta=6.0, gamma=1.0, dataset_size=100), None,
+     "divergence=tc"),
+    (KL(free_bits=0.5), None, "free_bits"),
+])
+def test_settings_the_iw_bound_cannot_honour_are_refused(divergence, schedule, word):
+    # Each used to be dropped without a word when trainer.iw_samples > 1: the capacity
+    # target and gamma, tc's alpha/beta/gamma, the free-bits floor. At k = 1 they compose.
+    with pytest.raises(UserError, match=word) as e:
+        _with(divergence, schedule)
+    assert "\n" not in str(e.value)
+    _with(divergence, schedule, iw_samples=1)(_data())

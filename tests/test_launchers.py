@@ -91,12 +91,12 @@ def test_jobs_side_by_side_share_the_cores(monkeypatch, launcher, sweeper, threa
     import torch
     from omegaconf import OmegaConf
 
-    from vae_cli.commands.main import _share_cores
+    from vae_cli.commands.train import share_cores
 
     before = torch.get_num_threads()
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     try:
-        _share_cores(OmegaConf.create({"launcher": launcher, "sweeper": sweeper}))
+        share_cores(OmegaConf.create({"launcher": launcher, "sweeper": sweeper}))
         assert torch.get_num_threads() == (threads or before)
     finally:
         torch.set_num_threads(before)

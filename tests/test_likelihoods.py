@@ -249,7 +249,3 @@ def test_mean_is_an_image_in_unit_interval(name):
     assert mean.shape == (B, C, H, W)
     assert mean.min() >= 0 and mean.max() <= 1
 
-
-def test_discrete_flags():
-    assert Bernoulli.discrete and Categorical.discrete and Logistic.discrete
-    assert not Gaussian.discrete and not Laplace.discrete

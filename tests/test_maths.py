@@ -8,9 +8,9 @@ from torch.distributions import Bernoulli as TBernoulli
 from torch.distributions import Independent, Normal
 
 from vae_cli.errors import UserError
+from vae_cli.evaluation.units import bits_per_dim
 from vae_cli.objective.divergences import KL
 from vae_cli.objective.likelihoods import Bernoulli, Gaussian
-from vae_cli.objective.model import bits_per_dim
 from vae_cli.objective.priors import NormalPrior
 
 

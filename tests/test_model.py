@@ -5,16 +5,21 @@ import torch
 
 from vae_cli.errors import UserError
 from vae_cli.nets import conv, mlp
+from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import KL
 from vae_cli.objective.likelihoods import Bernoulli, Gaussian
 from vae_cli.objective.model import VAE
 from vae_cli.objective.priors import NormalPrior
 
 
-def _vae(builder, shape, latent=6, lik=None, beta=1.0, **kw):
+def _objective(builder, shape, latent=6, lik=None, beta=1.0, **kw):
     lik = lik or Bernoulli()
-    enc, dec = builder.build(latent_dim=latent, shape=shape, out_mult=lik.out_mult, **kw)
-    return VAE(enc, dec, NormalPrior(latent_dim=latent), KL(beta=beta), lik, latent)
+    nets = builder.build(latent_dim=latent, shape=shape, out_mult=lik.out_mult, **kw)
+    return Objective(VAE(nets, NormalPrior(latent_dim=latent), lik, latent), KL(beta=beta))
+
+
+def _vae(builder, shape, **kw):
+    return _objective(builder, shape, **kw).model
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 32, 32), (3, 32, 32), (3, 64, 64)])
@@ -27,8 +32,8 @@ def test_conv_shapes(shape):
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gated"])
 def test_mlp_shapes_and_gradients(activation):
-    model = _vae(mlp, (1, 8, 8), hidden=[32, 16], activation=activation)
-    out = model(torch.rand(5, 1, 8, 8))
+    model = _objective(mlp, (1, 8, 8), hidden=[32, 16], activation=activation)
+    out, _ = model(torch.rand(5, 1, 8, 8))
     out["loss"].backward()
     assert out["loss"].shape == ()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -43,18 +48,19 @@ def test_gated_layer_is_value_times_sigmoid_gate():
 
 def test_loss_is_recon_plus_beta_times_divergence():
     torch.manual_seed(0)
-    model = _vae(mlp, (1, 8, 8), beta=4.0, hidden=[16])
-    out = model(torch.rand(7, 1, 8, 8))
+    model = _objective(mlp, (1, 8, 8), beta=4.0, hidden=[16])
+    out, _ = model(torch.rand(7, 1, 8, 8))
     assert torch.allclose(out["loss"], out["recon"] + 4.0 * out["div"])
 
 
 def test_recon_is_summed_per_example_and_averaged_over_batch():
     """The PyTorch-VAE trap: a per-pixel mean would shrink recon by the pixel count."""
     torch.manual_seed(0)
-    model = _vae(mlp, (1, 8, 8), hidden=[16], lik=Gaussian(sigma=1.0))
+    objective = _objective(mlp, (1, 8, 8), hidden=[16], lik=Gaussian(sigma=1.0))
+    model = objective.model
     x = torch.rand(4, 1, 8, 8)
     torch.manual_seed(1)
-    out = model(x)
+    out, _ = objective(x)
     torch.manual_seed(1)
     q = model.posterior(x)
     mean = model.decode(q.rsample())

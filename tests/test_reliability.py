@@ -80,6 +80,9 @@ def test_sigkill_during_checkpoint_writes_never_leaves_it_unreadable(tmp_path):
     seen = set()
     for attempt in range(12):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO)
+        deadline = time.monotonic() + 60  # a loaded machine may take long to import torch
+        while attempt == 0 and not target.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(1.0 + 0.07 * attempt)  # import time, then random-ish points in the loop
         proc.kill()
         proc.wait()

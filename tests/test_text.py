@@ -10,16 +10,18 @@ import pytest
 import torch
 from test_cli import vae
 
-from vae_cli.config.build import build_model
-from vae_cli.config.components import instantiate, validate
+from vae_cli.config.build import build_objective
+from vae_cli.config.components import instantiate
+from vae_cli.config.schemas import validate_train as validate
 from vae_cli.data.text import TextData, ptb, text
+from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
-from vae_cli.evaluation.diagnostics import iwae_bound
 from vae_cli.evaluation.evaluate import evaluate
+from vae_cli.evaluation.likelihood import iwae_bound
+from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.likelihoods import Categorical, sequence_nll
-from vae_cli.objective.model import per_unit
 from vae_cli.reports.text import homotopy, lines
-from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK, Vocab
+from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK
 
 CORPUS = ["the cat sat", "the dog sat", "a cat ran", "the bird sang", "a dog ran fast"] * 8
 TINY_RNN = ["model=rnn", "loss=categorical", "model.embed_dim=8", "model.hidden=16",
@@ -146,8 +148,8 @@ def corpus_file(tmp_path_factory):
 def _model(compose, corpus_file, *overrides):
     cfg = validate(compose(["dataset=text", f"dataset.path={corpus_file}", *TINY_RNN,
                             *overrides]))
-    data = instantiate(cfg.dataset)
-    return build_model(cfg, data.shape, len(data.train), len(data.vocab)), data
+    data = instantiate("dataset", cfg.dataset)
+    return build_objective(cfg, data.shape, len(data.train), len(data.vocab)), data
 
 
 @pytest.mark.parametrize("divergence", ["kl", "mmd", "sliced", "adversarial", "tc"])
@@ -158,20 +160,20 @@ def test_every_prior_and_divergence_trains_the_rnn(compose_cfg_module, corpus_fi
     small = ["prior.components=4"] if prior in ("mog", "vamp") else []
     model, data = _model(compose_cfg_module, corpus_file, f"divergence={divergence}",
                          f"prior={prior}", *small, "model.word_dropout=0.3")
-    opt = torch.optim.Adam(model.trainable_parameters(), 1e-2)
+    opt = torch.optim.Adam(model.main_parameters(), 1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(2):
-        out = model(data.train[:16], 0)
+        out, _ = model(data.train[:16], 0)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
     assert all(torch.isfinite(v).all() for v in out.values())
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert any(n.startswith("encoder.") for n in moved) and any(
-        n.startswith("decoder.") for n in moved)
+    assert any(n.startswith("model.encoder.") for n in moved) and any(
+        n.startswith("model.decoder.") for n in moved)
     if prior == "vamp":
-        assert "prior.pseudo" in moved  # pseudo-inputs are embedded sequences, trained too
-        assert model.prior.pseudo.shape[1:] == (data.shape[0], 8)
+        assert "model.prior.pseudo" in moved  # pseudo-inputs: embedded sequences, trained too
+        assert model.model.prior.pseudo.shape[1:] == (data.shape[0], 8)
 
 
 @pytest.mark.parametrize("cell, condition", [("gru", "init"), ("lstm", "both"),
@@ -183,7 +185,7 @@ def test_iwae_bound_is_at_least_the_elbo_for_sequences(compose_cfg_module, corpu
                          f"model.condition={condition}", "model.bidirectional=true")
     model.eval()
     x = data.val
-    bound = iwae_bound(model, x, k=50, batch_size=3, max_decoded=20)
+    bound = iwae_bound(model.model, x, k=50, batch_size=3, max_decoded=20)
     assert -bound["nll_iwae"] >= -bound["nelbo_iw"]
     scored = evaluate(model, x, batch_size=4)
     assert {"ppl", "nll_token"} <= scored.keys() and "bpd" not in scored
@@ -194,7 +196,7 @@ def test_iwae_bound_is_at_least_the_elbo_for_sequences(compose_cfg_module, corpu
 def test_generated_tokens_come_from_the_vocabulary(compose_cfg_module, corpus_file):
     torch.manual_seed(0)
     model, data = _model(compose_cfg_module, corpus_file)
-    model.eval()
+    model = model.model.eval()
     ids = model.generate(torch.randn(32, 3), temperature=1.5)
     assert ids.shape == (32, data.shape[0])
     assert not ((ids == BOS) | (ids < 0) | (ids >= len(data.vocab))).any()
@@ -213,14 +215,14 @@ def test_homotopy_endpoints_decode_to_the_memorised_lines(compose_cfg_module, tm
                          f"dataset.test_path={f}", "model.hidden=64",
                          "model.embed_dim=32", "model.latent_dim=8", "divergence.beta=0.01")
     x = data.vocab.encode(memo, data.shape[0] - 1)[0]
-    opt = torch.optim.Adam(model.trainable_parameters(), 3e-3)
+    opt = torch.optim.Adam(model.main_parameters(), 3e-3)
     for step in range(300):
-        loss = model(x, step)["loss"]
+        loss = model(x, step)[0]["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    path = lines(data.vocab, homotopy(model, x[[0, 2]], steps=5))
+    path = lines(data.vocab, homotopy(model.model, x[[0, 2]], steps=5))
     assert path[0] == memo[0] and path[-1] == memo[2]
     assert all(set(s.split()) <= set(data.vocab.itos) for s in path)
 
@@ -238,9 +240,9 @@ def test_sequence_model_and_image_data_do_not_mix(compose_cfg_module, corpus_fil
         overrides += ["dataset.n_train=64", "dataset.n_val=8", "dataset.n_test=8",
                       "dataset.cache=false"]
     cfg = validate(compose_cfg_module(overrides))
-    data = instantiate(cfg.dataset)
+    data = instantiate("dataset", cfg.dataset)
     with pytest.raises(UserError, match=fragment):
-        build_model(cfg, data.shape, len(data.train),
+        build_objective(cfg, data.shape, len(data.train),
                     len(data.vocab) if isinstance(data, TextData) else None)
 
 

@@ -3,3 +3,5 @@
 
 class UserError(Exception):
     """Bad input (config, data, checkpoint): printed as one line, exit code 2."""
+
+    exit_code: int = 2

@@ -1,15 +1,25 @@
-"""`vae` dispatcher: one Hydra app per subcommand (train | eval | sample)."""
+"""`vae` dispatcher: one Hydra app per subcommand, and the one place where errors become
+one line and an exit code.
+
+Hydra is run with HYDRA_FULL_ERROR=1 so that its own failures (a bad override, an unknown
+option, a run folder it cannot make) reach this module as exceptions, which are caught by
+type below; the user's own HYDRA_FULL_ERROR=1 still shows every traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from vae_cli.config.registry import config_dir
 from vae_cli.errors import UserError
 
 log = logging.getLogger("vae_cli")
@@ -28,13 +38,11 @@ commands:
 """
 
 
-def config_dir() -> Path:
-    """configs/ beside the package (source checkout, editable install) or inside it (wheel)."""
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise UserError(f"cannot find the config tree next to {here}; reinstall the package")
+def _command(name: str) -> Callable[[DictConfig], object]:
+    """The task of a Hydra app, imported only when that command runs."""
+    import importlib
+
+    return importlib.import_module(f"vae_cli.commands.{name}").run
 
 
 def _run_dir(ckpt: str | None, default: str) -> str:
@@ -53,135 +61,85 @@ def _output_subdir(run_dir: str) -> str:
     return ".hydra"
 
 
-def _register_resolvers() -> None:
+def register_resolvers() -> None:
     for name, fn in (("vae_run_dir", _run_dir), ("vae_output_subdir", _output_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
 
-class HeldStderr:
-    """Holds what Hydra writes to stderr until the task starts. If Hydra stops before (a bad
-    override, an unknown option), its several-line report is condensed into one line."""
-
-    def __init__(self, stream):
-        self.stream, self.held, self.released = stream, [], False
-
-    def write(self, text: str) -> int:
-        if self.released:
-            return self.stream.write(text)
-        self.held.append(text)
-        return len(text)
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.stream.write("".join(self.held))
-
-    def condensed(self) -> str:
-        text = "".join(self.held)
-        if "Traceback (most recent call last)" in text:  # e.g. the run folder can't be made
-            lines = [ln.strip() for ln in text.split("Set the environment variable")[0]
-                     .splitlines() if ln.strip()]
-            last = lines[-1] if lines else "unknown failure"
-            if "[Errno" in last:
-                return f"cannot write the run folder ({last}); set hydra.run.dir elsewhere"
-            return last
-        parts: list[str] = []
-        for line in text.splitlines():
+def one_line(e: BaseException) -> str:
+    """An exception's message, and its cause's, on one line (Hydra and OmegaConf spread
+    theirs over several lines with the key and object type)."""
+    parts: list[str] = []
+    while e is not None and len(parts) < 4:
+        for line in str(e).splitlines():
             line = line.strip()
-            if line.startswith(("Config search path", "Set the environment variable")):
-                break
-            if ": error: " in line:  # argparse: its last line says it all
-                return line
-            if line and not line.startswith(("full_key:", "object_type=")):
+            if line and not line.startswith(("full_key:", "object_type=")) and line not in parts:
                 parts.append(line)
-        joined = "; ".join(parts).replace(":;", ":").replace(".;", ";")
-        return joined or "invalid command line (see vae --help)"
-
-    def __getattr__(self, name):  # isatty, fileno, flush, encoding... for tqdm and logging
-        return getattr(self.stream, name)
+        e = e.__cause__
+    joined = "; ".join(parts).replace(":;", ":").replace(".;", ";")
+    return joined[:400] or "invalid command line (see vae --help)"
 
 
-def _guard(fn, cfg: DictConfig):
-    """UserError -> one line on stderr and exit 2 (in a sweep: log it, keep the others).
-    Anything unexpected -> one line naming it, exit 1; HYDRA_FULL_ERROR=1 shows the trace."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def guarded(task: Callable[[DictConfig], object], full_error: bool):
+    """The Hydra task: UserError -> one line and exit 2 (in a sweep: log it, keep the
+    others); anything unexpected -> one line naming it and exit 1, or the traceback when
+    the user set HYDRA_FULL_ERROR=1."""
 
-    if isinstance(sys.stderr, HeldStderr):
-        sys.stderr.release()
-    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    def app(cfg: DictConfig):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            return task(cfg)
+        except UserError as e:
+            if sweep:
+                log.error("job failed: %s", e)
+                return None
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except Exception as e:
+            if full_error:
+                raise
+            if sweep:
+                log.error("job failed: %s: %s", type(e).__name__, one_line(e)[:200])
+                return None
+            print(f"error: unexpected {type(e).__name__}: {one_line(e)[:200]} "
+                  "(HYDRA_FULL_ERROR=1 prints the traceback)", file=sys.stderr)
+            sys.exit(1)
+
+    return app
+
+
+def check_flags(args: list[str]) -> None:
+    """Hydra's own command-line flags, parsed before Hydra does so that a wrong one raises
+    rather than printing usage and exiting."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    _, unknown = parser.parse_known_args(args)
+    if unknown:
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see vae --help)")
+
+
+def run_hydra(command: str, args: list[str], full_error: bool) -> None:
+    import hydra
+
+    register_resolvers()
+    check_flags(args)
+    sys.argv = [f"vae {command}", *args]
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing and exiting
     try:
-        return fn(cfg)
-    except UserError as e:
-        if sweep:
-            log.error("job failed: %s", e)
-            return None
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 2))
-    except Exception as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        if sweep:
-            log.error("job failed: %s: %s", type(e).__name__, first)
-            return None
-        print(f"error: unexpected {type(e).__name__}: {first} "
-              "(HYDRA_FULL_ERROR=1 prints the traceback)", file=sys.stderr)
-        sys.exit(1)
-
-
-def _share_cores(hc) -> None:
-    """Jobs that a launcher runs side by side on this machine (joblib's n_jobs) split its
-    cores, rather than each starting a thread per core and thrashing."""
-    jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None)
-    if not isinstance(jobs, int) or jobs == 1:
-        return
-    import torch
-
-    cores = os.cpu_count() or 1
-    jobs = jobs if jobs > 0 else max(1, cores + 1 + jobs)  # joblib: -1 all cores, -2 all but one
-    batch = OmegaConf.select(hc, "sweeper.n_jobs", default=None)  # Optuna: trials at once
-    if isinstance(batch, int) and batch > 0:
-        jobs = min(jobs, batch)
-    torch.set_num_threads(max(1, cores // min(jobs, cores)))
-
-
-def _train(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
-
-    from vae_cli.config.components import validate
-    from vae_cli.runtime import checkpoint
-    from vae_cli.training.recipe import find_resume, resume_config, train
-
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    _share_cores(hc)
-    cfg = validate(cfg)
-    path = find_resume(cfg, run_dir)
-    ckpt = None
-    if path is not None:
-        ckpt = checkpoint.load(path)
-        if "optim" not in ckpt or "state" not in ckpt:
-            raise UserError(f"{path} holds no optimizer state to resume from")
-        cfg = resume_config(ckpt["config"], cfg, list(hc.overrides.task))
-    summary = train(cfg, run_dir, ckpt)
-    log.info("best val loss %.4f after %d epochs; outputs in %s", summary["best_val"],
-             summary["epoch"], run_dir)
-    return summary["best_val"]
-
-
-def _eval(cfg: DictConfig):
-    from vae_cli.evaluation.evaluate import run
-    return run(cfg)
-
-
-def _sample(cfg: DictConfig):
-    from vae_cli.commands.sample import run
-    return run(cfg)
-
-
-COMMANDS = {"train": _train, "eval": _eval, "sample": _sample}
+        hydra.main(version_base="1.3", config_path=str(config_dir()),
+                   config_name=command)(guarded(_command(command), full_error))()
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,60 +147,47 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    command = argv[0]
-    if command == "compare":  # reads finished runs: plain arguments, no Hydra app
-        from vae_cli.commands.compare import main as compare
-
-        try:
-            return compare(argv[1:])
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}, compare"
-              " (see vae --help)", file=sys.stderr)
-        return 2
-    try:
-        cfg_dir = config_dir()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import hydra
-
-    _register_resolvers()
-    task = COMMANDS[command]
-
-    def app(cfg: DictConfig):
-        return _guard(task, cfg)
-
-    args = argv[1:]
-    if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from vae_cli.runtime import distributed  # torchrun: join the group, share one run folder
-
-        try:
-            distributed.init()
-            args = distributed.run_dir_args(args)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    sys.argv = [f"vae {command}", *args]
-    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    held = sys.stderr = HeldStderr(sys.stderr) if not full else sys.stderr
+    command, args = argv[0], argv[1:]
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     finished = False
     try:
-        hydra.main(version_base="1.3", config_path=str(cfg_dir), config_name=command)(app)()
+        if command == "compare":  # reads finished runs: plain arguments, no Hydra app
+            from vae_cli.commands.compare import main as compare
+            return compare(args)
+        if command not in ("train", "eval", "sample"):
+            raise UserError(f"unknown command {command!r}; expected one of train, eval, "
+                            "sample, compare (see vae --help)")
+        if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from vae_cli.runtime import distributed  # torchrun: one group, one run folder
+
+            distributed.init()
+            args = distributed.run_dir_args(args)
+        run_hydra(command, args, full_error)
         finished = True
-    except SystemExit as e:
-        if isinstance(held, HeldStderr) and not held.released and e.code not in (0, None):
-            print(f"error: {held.condensed()}", file=held.stream)
-            held.held.clear()
-            return 2
-        raise
+    except Exception as e:
+        message = describe(e)
+        if full_error or message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return e.exit_code if isinstance(e, UserError) else 2
     finally:
-        if isinstance(held, HeldStderr):
-            held.release()
-            sys.stderr = held.stream
         if "torch.distributed" in sys.modules:
             from vae_cli.runtime import distributed
             distributed.shutdown(finished)
     return 0
+
+
+def describe(e: Exception) -> str | None:
+    """The one line for an error the user can fix (bad input, a Hydra or OmegaConf
+    refusal, a run folder that cannot be made); None for anything else."""
+    from hydra.errors import HydraException, MissingConfigException
+
+    if isinstance(e, MissingConfigException) and e.options:  # an unknown group option
+        return (f"no config {e.missing_cfg_file!r}; the options are "
+                f"{', '.join(sorted(e.options))}")
+    if isinstance(e, UserError | HydraException | OmegaConfBaseException |
+                  argparse.ArgumentError):
+        return one_line(e)
+    if isinstance(e, OSError):  # Hydra making the run folder, before the task starts
+        return f"cannot write the run folder ({one_line(e)}); set hydra.run.dir elsewhere"
+    return None

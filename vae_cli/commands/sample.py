@@ -9,32 +9,33 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from vae_cli.config.build import load_data, load_model, resolve_device
+from vae_cli.config.build import load_data, load_trained
+from vae_cli.config.schemas import validate_sample
+from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
 from vae_cli.reports.images import save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
-from vae_cli.reports.text import sample_text, write
+from vae_cli.reports.text import sample_text
 from vae_cli.runtime import checkpoint
-from vae_cli.tokens import Vocab
+from vae_cli.runtime.device import resolve_device
+from vae_cli.runtime.files import write_text
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> Path:
-    if not isinstance(cfg.num_samples, int) or cfg.num_samples <= 0:
-        raise UserError(f"num_samples={cfg.num_samples!r} must be a positive integer")
-    model, ckpt = load_model(cfg.ckpt, resolve_device(cfg.device))
+    cfg = validate_sample(cfg)
+    objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
+    model = objective.model
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
         z = model.prior.sample(cfg.num_samples)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
     vocab = Vocab.from_state(ckpt.get("vocab"))
     if vocab:  # a sequence model: lines of text, printed and written
-        if not isinstance(cfg.temperature, int | float) or cfg.temperature < 0:
-            raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: greedy only)")
         text = sample_text(model, vocab, z, float(cfg.temperature))
         print(text, end="")
-        main = write(out_dir / f"samples_seed{cfg.seed}.txt", text)
+        main = write_text(out_dir / f"samples_seed{cfg.seed}.txt", text)
         written = [main]
     else:
         main = out_dir / f"samples_seed{cfg.seed}.png"
@@ -44,7 +45,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.pictures:
         # The other pictures need the data; without it the samples alone are still useful.
         try:
-            data = load_data(ckpt, cfg.get("dataset"), next(model.parameters()).device)
+            data = load_data(ckpt, cfg.dataset, next(model.parameters()).device)
         except UserError as e:
             log.warning("samples only; data pictures skipped: %s", e)
         else:

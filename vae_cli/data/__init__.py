@@ -5,6 +5,6 @@ Dataset modules are not imported here so that `import vae_cli.data` stays cheap 
 pull in torchvision's dataset code for the default procedural dataset.
 """
 
-from vae_cli.data.base import ImageData, binarize_once, check_images, to_float
+from vae_cli.data.base import ImageData, binarize_once, check_images
 
-__all__ = ["ImageData", "binarize_once", "check_images", "to_float"]
+__all__ = ["ImageData", "binarize_once", "check_images"]

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from vae_cli.data.batching import to_unit as to_float  # noqa: F401 - re-exported
+from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
+from vae_cli.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ class Splits:
     labels: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
     factors: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
     factor_names: list[str] = field(default_factory=list)
+    vocab: Vocab | None = None  # token sequences: the vocabulary that made the ids
 
     def split(self, name: str) -> torch.Tensor:
         if name not in SPLITS:
@@ -128,17 +128,10 @@ def load_cache(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def save_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomic (temp file + os.replace) so an interrupted run never leaves a half-written
-    cache that a later run would trust; an unwritable location only costs the speed-up."""
+    """Atomic so an interrupted run never leaves a half-written cache that a later run would
+    trust; an unwritable location only costs the speed-up."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(tensors, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            torch.save(tensors, f)
     except OSError as e:
         log.warning("could not write dataset cache %s (%s); continuing without it", path, e)

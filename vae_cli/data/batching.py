@@ -1,7 +1,7 @@
 """Batches from a uint8 tensor held whole on the training device.
 
 Indexing a permutation of an in-memory tensor replaces the per-item PIL pipeline and the
-DataLoader, which dominate the step time of small VAEs on CPU (DESIGN section 5).
+DataLoader, which dominate the step time of small VAEs on CPU.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from vae_cli.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SHAPE_NAMES = ("square", "ellipse", "heart")  # by label / factor value 0, 1, 2
 FACTOR_NAMES = ["shape", "scale", "orientation", "posX", "posY"]
 # Radius of the circle enclosing the largest sprite, in half-frame units: large enough that the
 # smallest (scale 0.5) sprites still span ~7 px at 32x32.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from vae_cli.data.base import SPLITS, Splits, check_positive, seeded_split
 from vae_cli.data.standard import brief
+from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
-from vae_cli.tokens import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class TextData(Splits):
     """int64 [N, L + 1] token ids per split, and the vocabulary that made them."""
-
-    vocab: Vocab | None = None
 
     def __post_init__(self) -> None:
         if self.vocab is None:

@@ -1,6 +1,6 @@
 """Mutual Information Gap (Chen et al. 2018) from encoder means.
 
-Estimator (documented because MIG depends on it, REFERENCES.md): each latent dimension's
+Estimator (documented because MIG depends on it): each latent dimension's
 posterior means are discretised into ``bins`` equal-width bins over their observed range;
 each ground-truth factor takes its distinct values as classes (shapes/dSprites factors live
 on grids). I(v_k; z_j) is the plug-in discrete mutual information of the joint histogram,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import image_shape
+from vae_cli.nets import Networks, image_shape
 from vae_cli.nets.mlp import Unflatten
 
 
@@ -23,7 +23,7 @@ def _plan(size: int) -> list[int]:
 
 def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
           fc_hidden: int = 256, *, shape: tuple[int, int, int],
-          out_mult: int = 1) -> tuple[nn.Module, nn.Module]:
+          out_mult: int = 1) -> Networks:
     """Conv(4, stride 2) blocks doubling channels, a hidden linear layer, then 2z outputs."""
     c, h, w = image_shape(shape, "conv")
     if h != w:
@@ -53,4 +53,4 @@ def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
         dec.append(nn.ConvTranspose2d(n_in, n_out, 4, 2, 1))
         if not last:
             dec.append(nn.ReLU())
-    return encoder, nn.Sequential(*dec)
+    return Networks(encoder, nn.Sequential(*dec))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import image_shape
+from vae_cli.nets import Networks, image_shape
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU,
                "softplus": nn.Softplus, "gelu": nn.GELU}
@@ -44,7 +44,7 @@ class Unflatten(nn.Module):
 
 
 def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str = "relu", *,
-          shape: tuple[int, int, int], out_mult: int = 1) -> tuple[nn.Module, nn.Module]:
+          shape: tuple[int, int, int], out_mult: int = 1) -> Networks:
     """MLP encoder [D -> hidden... -> 2z] and mirrored decoder [z -> ...hidden -> D*out_mult]."""
     if activation not in ACTIVATIONS and activation != "gated":
         raise UserError(f"model.activation={activation!r} is not one of "
@@ -58,4 +58,4 @@ def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str 
                             nn.Linear(hidden[-1], 2 * latent_dim))
     decoder = nn.Sequential(_stack([latent_dim, *hidden[::-1]], activation),
                             nn.Linear(hidden[0], d * out_mult), Unflatten((c * out_mult, h, w)))
-    return encoder, decoder
+    return Networks(encoder, decoder)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import image_shape
+from vae_cli.nets import Networks, image_shape
 from vae_cli.nets.conv import _plan
 from vae_cli.nets.mlp import Unflatten
 
@@ -37,7 +37,7 @@ class ResBlock(nn.Module):
 
 
 def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blocks: int = 1,
-          *, shape: tuple[int, int, int], out_mult: int = 1) -> tuple[nn.Module, nn.Module]:
+          *, shape: tuple[int, int, int], out_mult: int = 1) -> Networks:
     c, h, w = image_shape(shape, "resnet")
     sizes = _plan(h)
     if h != w or len(sizes) < 3:
@@ -58,4 +58,4 @@ def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blo
         dec += [ResBlock(widths[i]) for _ in range(blocks)]
         dec.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))
     dec += [nn.SiLU(), nn.Conv2d(widths[0], c * out_mult, 3, padding=1)]
-    return encoder, nn.Sequential(*dec)
+    return Networks(encoder, nn.Sequential(*dec))

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from vae_cli.errors import UserError
+from vae_cli.nets import Networks
 from vae_cli.tokens import BOS, EOS, PAD, UNK, lengths
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -23,15 +24,13 @@ CONDITIONS = ("init", "input", "both")
 
 class Encoder(nn.Module):
     def __init__(self, embed: nn.Embedding, hidden: int, latent_dim: int, cell: str,
-                 layers: int, bidirectional: bool, length: int, embed_dropout: float):
+                 layers: int, bidirectional: bool, embed_dropout: float):
         super().__init__()
         self.embed, self.dropout = embed, nn.Dropout(embed_dropout)
         self.rnn = CELLS[cell](embed.embedding_dim, hidden, layers, batch_first=True,
                                bidirectional=bidirectional)
         self.dirs = 2 if bidirectional else 1
         self.head = nn.Linear(self.dirs * hidden, 2 * latent_dim)
-        # The continuous input space: a VampPrior's pseudo-inputs are embedded sequences.
-        self.soft_shape = (length, embed.embedding_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L], or already embedded full-length sequences [B, L, E]."""
@@ -48,8 +47,6 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    autoregressive = True  # decode(z, x): reads the sequence it scores (teacher forcing)
-
     def __init__(self, embed: nn.Embedding, hidden: int, latent_dim: int, cell: str,
                  layers: int, length: int, condition: str, word_dropout: float,
                  embed_dropout: float):
@@ -62,7 +59,6 @@ class Decoder(nn.Module):
         self.out = nn.Linear(hidden, embed.num_embeddings)
         self.length, self.layers, self.hidden = length, layers, hidden
         self.word_dropout, self.lstm = word_dropout, cell == "lstm"
-        self.out_numel = length * embed.num_embeddings  # logits per sequence
 
     def initial_state(self, z: torch.Tensor):
         if self.init is None:
@@ -115,7 +111,7 @@ class Decoder(nn.Module):
 def build(latent_dim: int = 16, embed_dim: int = 300, hidden: int = 256, cell: str = "gru",
           layers: int = 1, bidirectional: bool = False, condition: str = "init",
           word_dropout: float = 0.0, embed_dropout: float = 0.0, *, shape: tuple[int, ...],
-          vocab_size: int | None = None) -> tuple[nn.Module, nn.Module]:
+          vocab_size: int | None = None) -> Networks:
     if len(shape) != 1 or vocab_size is None:
         raise UserError(f"model=rnn reads token sequences, but this dataset gives images "
                         f"{tuple(shape)}: use dataset=text, sentences or ptb, or model=mlp, "
@@ -132,8 +128,10 @@ def build(latent_dim: int = 16, embed_dim: int = 300, hidden: int = 256, cell: s
             raise UserError(f"model.{key}={value} must be in [0, 1)")
     embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
     length = shape[0]
-    return (Encoder(embed, hidden, latent_dim, cell, layers, bidirectional, length,
-                    embed_dropout),
-            Decoder(embed, hidden, latent_dim, cell, layers, length, condition, word_dropout,
-                    embed_dropout))
+    encoder = Encoder(embed, hidden, latent_dim, cell, layers, bidirectional, embed_dropout)
+    decoder = Decoder(embed, hidden, latent_dim, cell, layers, length, condition, word_dropout,
+                      embed_dropout)
+    # A VampPrior's pseudo-inputs for this encoder are embedded sequences [L, E].
+    return Networks(encoder, decoder, autoregressive=True, soft_shape=(length, embed_dim),
+                    out_numel=length * vocab_size)
 

@@ -4,8 +4,11 @@ Protocol: ``forward(q, z, prior)`` gets the posterior distribution, the sample z
 the reconstruction and the prior module, and returns a dict of batch-level scalars whose
 "div" entry enters the loss; other entries are logged as extra metric columns.
 ``check(prior)`` runs at start-up and refuses impossible combinations with one line.
+``iw_weight()`` says how the divergence enters an importance-weighted bound, or refuses.
 Sample-based divergences (mmd, sliced, adversarial) compare the batch of z, i.e. the
 aggregate posterior, with as many prior samples: they need a batch of at least 2.
+A divergence that trains a network of its own (the adversarial critic) says so through
+``auxiliary_parameters``/``auxiliary_loss``; the training loop steps it (see training/step).
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Normal, kl_divergence
 
 from vae_cli.errors import UserError
-from vae_cli.objective.priors import Prior
-from vae_cli.runtime.distributed import average_grads
+from vae_cli.objective.priors import Prior, diagonal_normal
 
 ESTIMATORS = ("auto", "analytic", "mc")
 KERNELS = ("imq", "rbf")
@@ -44,12 +46,33 @@ class Divergence(nn.Module):
         """The factor on div in the objective (before any schedule)."""
         return self.beta
 
+    def iw_weight(self) -> float:
+        """The exponent w in the importance-weighted bound log (1/k) sum_i p(x|z_i)
+        (p(z_i) / q(z_i|x))^w, which is this divergence's objective at k = 1; refused where
+        the divergence has no such form."""
+        raise UserError(f"trainer.iw_samples>1 needs a KL-type divergence; divergence="
+                        f"{type(self).__name__.lower()} has no importance-weighted form: use "
+                        "divergence=kl or trainer.iw_samples=1")
+
+    # A network of the divergence's own (a critic) trained by auxiliary_loss with
+    # auxiliary_optimizer, auxiliary_steps times after each training step; 0: none.
+    auxiliary_steps: int = 0
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def auxiliary_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def auxiliary_loss(self, z: torch.Tensor, prior: Prior) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
 def _probe(latent_dim: int) -> Distribution:
-    return Independent(Normal(torch.zeros(1, latent_dim), torch.ones(1, latent_dim)), 1)
+    return diagonal_normal(torch.zeros(1, latent_dim), torch.ones(1, latent_dim))
 
 
 def _has_closed_form(q: Distribution, p: Distribution) -> bool:
@@ -101,6 +124,13 @@ class KL(Divergence):
         kl = per_dim.sum()
         # The floor changes only the gradient: logged "kl" stays the true value.
         return {"div": per_dim.clamp(min=self.free_bits).sum(), "kl": kl}
+
+    def iw_weight(self) -> float:
+        if self.free_bits:
+            raise UserError("divergence.free_bits floors the KL of each latent dimension, which "
+                            "an importance-weighted bound does not have: set "
+                            "divergence.free_bits=0 or trainer.iw_samples=1")
+        return self.beta
 
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -166,8 +196,10 @@ class SlicedWasserstein(Divergence):
 class Adversarial(Divergence):
     """Wasserstein-1 between the aggregate posterior and the prior, estimated by a critic on
     z with a gradient penalty (Gulrajani et al. 2017) standing in for the Lipschitz
-    constraint. The critic has its own Adam and takes ``critic_steps`` steps on detached
-    samples before each encoder step; the encoder then minimises E_q f(z) - E_p f(z)."""
+    constraint. The encoder minimises E_q f(z) - E_p f(z); the critic maximises it minus the
+    penalty in ``critic_steps`` steps of its own Adam after each encoder step (the auxiliary
+    step the training loop runs). Its parameters are frozen otherwise, so the main loss
+    neither trains it nor spends a backward pass on it."""
 
     def __init__(self, beta: float = 1.0, hidden: int = 256, critic_steps: int = 5,
                  lr: float = 1e-4, gp_weight: float = 10.0, *, latent_dim: int):
@@ -177,8 +209,8 @@ class Adversarial(Divergence):
         self.critic = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2),
                                     nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
                                     nn.Linear(hidden, 1))
-        self.critic_steps, self.gp_weight = critic_steps, gp_weight
-        self.opt = torch.optim.Adam(self.critic.parameters(), lr=lr, betas=(0.5, 0.9))
+        self.critic.requires_grad_(False)
+        self.auxiliary_steps, self.gp_weight, self.lr = critic_steps, gp_weight, lr
 
     def w1(self, zq: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
         return self.critic(zq).mean() - self.critic(zp).mean()
@@ -189,30 +221,20 @@ class Adversarial(Divergence):
         (grad,) = torch.autograd.grad(self.critic(mid).sum(), mid, create_graph=True)
         return (grad.norm(dim=1) - 1).pow(2).mean()
 
-    def fit_critic(self, zq: torch.Tensor, prior: Prior, steps: int) -> torch.Tensor:
-        """Maximise the W1 estimate minus the penalty; returns the last estimate."""
-        with torch.enable_grad(), torch.autocast(zq.device.type, enabled=False):
-            for _ in range(steps):
-                zp = prior.sample(len(zq)).detach().float()
-                w = self.w1(zq, zp)
-                loss = -w + self.gp_weight * self.penalty(zq, zp)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                average_grads(self.critic.parameters())  # replicas step alike under DDP
-                self.opt.step()
-        return w.detach()
-
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
-        if self.training and torch.is_grad_enabled():
-            self.fit_critic(z.detach().float(), prior, self.critic_steps)
-        # The critic's own gradients from this term are discarded: only self.opt updates it.
         return {"div": self.w1(z.float(), prior.sample(len(z)).float())}
 
-    def get_extra_state(self) -> dict:
-        return {"opt": self.opt.state_dict()}
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
 
-    def set_extra_state(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
+    def auxiliary_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.auxiliary_parameters(), lr=self.lr, betas=(0.5, 0.9))
+
+    def auxiliary_loss(self, zq: torch.Tensor, prior: Prior) -> torch.Tensor:
+        """What the critic minimises on detached posterior samples: -W1 + penalty."""
+        with torch.no_grad():
+            zp = prior.sample(len(zq)).float()
+        return -self.w1(zq, zp) + self.gp_weight * self.penalty(zq, zp)
 
 
 class TotalCorrelation(Divergence):
@@ -259,7 +281,8 @@ class TotalCorrelation(Divergence):
             raise UserError("divergence=tc needs trainer.batch_size >= 2")
         base = q.base_dist
         # log q(z_i,d | x_j) for every pair (i, j): [B, B, D]
-        pair = Normal(base.loc.unsqueeze(0), base.scale.unsqueeze(0)).log_prob(z.unsqueeze(1))
+        pair = Normal(base.loc.unsqueeze(0), base.scale.unsqueeze(0),
+                      validate_args=False).log_prob(z.unsqueeze(1))
         lw = self.log_weights(b, z.device)
         log_qz = torch.logsumexp(pair.sum(2) + lw, dim=1)
         log_prod = torch.logsumexp(pair + lw.unsqueeze(2), dim=1).sum(1)
@@ -274,3 +297,8 @@ class TotalCorrelation(Divergence):
 
     def weight(self) -> float:
         return 1.0  # the weights are inside div
+
+    def iw_weight(self) -> float:
+        raise UserError("divergence=tc weights MI, TC and dimension-wise KL apart (alpha, beta, "
+                        "gamma), which an importance-weighted bound cannot: use divergence=kl "
+                        "with divergence.beta, or trainer.iw_samples=1")

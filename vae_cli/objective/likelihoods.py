@@ -3,9 +3,8 @@
 Protocol: ``out_mult`` decoder outputs per data channel; ``nll(out, x)`` returns [B] nats
 (or [k, B] when out carries k leading samples and x broadcasts against it, as in IWAE);
 ``mean(out)`` returns the image to show, in [0, 1]. Log-densities are computed in float32
-even when the decoder ran under autocast. ``discrete`` says whether nll is the probability
-of 8-bit data (so bits/dim compare across models) or a density on [0, 1]. ``tokens`` says
-whether it also scores token sequences (int64 [B, L], padding masked; out [..., B, L, V]).
+even when the decoder ran under autocast. ``tokens`` says whether it also scores token
+sequences (int64 [B, L], padding masked; out [..., B, L, V]).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ def _per_example(t: torch.Tensor) -> torch.Tensor:
 
 class Likelihood(nn.Module):
     out_mult: int = 1
-    discrete: bool = False
     tokens: bool = False
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +41,6 @@ class Bernoulli(Likelihood):
     On grey-level targets in [0, 1] this is the cross-entropy used by pytorch/examples;
     it is a probability in nats only on binary data (dataset=binarized_mnist, shapes).
     """
-
-    discrete = True
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = out.float()
@@ -105,7 +101,6 @@ class Categorical(Likelihood):
     """A softmax over 256 levels per sub-pixel: a discrete likelihood of 8-bit images; on
     token sequences, a softmax over the vocabulary per position, <pad> never scored."""
 
-    discrete = True
     tokens = True
 
     def __init__(self, classes: int = 256):
@@ -147,7 +142,6 @@ class Logistic(Likelihood):
     """Discretized logistic (Salimans et al. 2017, one component): the probability mass of
     the bin [x - 1/255, x + 1/255] in [-1, 1] coordinates, edges open to +-infinity."""
 
-    discrete = True
     out_mult = 2
 
     def __init__(self, bins: int = 256, min_log_scale: float = -7.0):

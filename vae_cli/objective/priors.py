@@ -19,6 +19,13 @@ from torch.distributions import Categorical, Distribution, Independent, MixtureS
 from vae_cli.errors import UserError
 
 
+def diagonal_normal(loc: torch.Tensor, scale: torch.Tensor) -> Independent:
+    """N(loc, diag(scale^2)) over the last dimension. validate_args=False: the checks sync
+    with the device on every call and cost more than the maths at these sizes, and every
+    caller builds the parameters itself."""
+    return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+
+
 class Prior(nn.Module):
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -56,7 +63,7 @@ class NormalPrior(Prior):
         self.register_buffer("scale", torch.ones(latent_dim))
 
     def dist(self) -> Distribution:
-        return Independent(Normal(self.loc, self.scale), 1)
+        return diagonal_normal(self.loc, self.scale)
 
 
 class LearnedPrior(Prior):
@@ -68,11 +75,12 @@ class LearnedPrior(Prior):
         self.logvar = nn.Parameter(torch.zeros(latent_dim))
 
     def dist(self) -> Distribution:
-        return Independent(Normal(self.loc, torch.exp(0.5 * self.logvar)), 1)
+        return diagonal_normal(self.loc, torch.exp(0.5 * self.logvar))
 
 
 def _mixture(logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> Distribution:
-    return MixtureSameFamily(Categorical(logits=logits), Independent(Normal(loc, scale), 1))
+    return MixtureSameFamily(Categorical(logits=logits, validate_args=False),
+                             diagonal_normal(loc, scale), validate_args=False)
 
 
 class MixturePrior(Prior):

@@ -3,6 +3,8 @@
 Protocol: ``term(div, weight, step)`` returns the term added to the reconstruction loss;
 ``step`` counts optimizer steps (it advances in training only) and ``None`` means the end
 of the schedule, which evaluation uses so scores do not depend on when they were taken.
+A ``multiplicative`` schedule's term is ``factor(step) * weight * div``, so the same factor
+can scale the log-weights inside an importance-weighted bound (see bounds.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from vae_cli.errors import UserError
 
 
 class Schedule:
+    multiplicative = True
+
     def factor(self, step: int | None) -> float:
         return 1.0
 
@@ -59,6 +63,8 @@ class Cyclical(Schedule):
 class Capacity(Schedule):
     """Controlled capacity (Burgess et al. 2018): gamma * beta * |div - C|, with the target
     C rising linearly from 0 to ``c_max`` nats over ``steps`` steps."""
+
+    multiplicative = False  # |div - C| is no multiple of div
 
     def __init__(self, c_max: float = 25.0, steps: int = 100000, gamma: float = 1000.0):
         if c_max < 0 or steps < 1 or gamma <= 0:

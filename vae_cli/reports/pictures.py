@@ -23,7 +23,7 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     """Reconstructions, interpolations, traversals (rows ordered by KL) and a latent
     scatter coloured by label (or the first ground-truth factor); their text versions for
     a sequence model."""
-    if getattr(data, "vocab", None) is not None:
+    if data.vocab is not None:
         return write_text_pictures(model, data, split, out_dir)
     model.eval()
     out_dir = Path(out_dir)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from vae_cli.data.vocab import Vocab
 from vae_cli.evaluation.diagnostics import encode_all
 from vae_cli.objective.model import VAE
 from vae_cli.reports.plots import plot_scatter
-from vae_cli.tokens import Vocab
+from vae_cli.runtime.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,6 @@ def reconstruction_lines(model: VAE, vocab: Vocab, x: torch.Tensor) -> list[str]
     return [f"> {a}\n= {b}" for a, b in pairs]
 
 
-def write(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
 def sample_text(model: VAE, vocab: Vocab, z: torch.Tensor, temperature: float) -> str:
     """Greedy decodes of the prior draws z, then samples at the given temperature."""
     greedy = samples(model, vocab, z, 0.0)
@@ -64,7 +58,7 @@ def write_text_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     model.eval()
     out_dir, vocab, x = Path(out_dir), data.vocab, data.split(split)
     text = "\n\n".join(reconstruction_lines(model, vocab, x[:count])) + "\n"
-    written = [write(out_dir / "reconstructions.txt", text)]
+    written = [write_text(out_dir / "reconstructions.txt", text)]
     n, steps = min(pairs, len(x) // 2), 7
     ends = lines(vocab, x[: 2 * n])
     paths = lines(vocab, homotopy(model, x[: 2 * n], steps))  # every pair in one decode
@@ -72,7 +66,7 @@ def write_text_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     for i in range(n):
         middle = (f"  {s}" for s in paths[i * steps:(i + 1) * steps])
         blocks.append("\n".join([f"> {ends[2 * i]}", *middle, f"> {ends[2 * i + 1]}"]))
-    written.append(write(out_dir / "interpolations.txt", "\n\n".join(blocks) + "\n"))
+    written.append(write_text(out_dir / "interpolations.txt", "\n\n".join(blocks) + "\n"))
     mu = encode_all(model, x[:max_points], batch_size)[0]
     written.append(plot_scatter(mu, None, "", out_dir / "latent_scatter.png"))
     return written
@@ -85,7 +79,7 @@ def epoch_text(model: VAE, vocab: Vocab, x: torch.Tensor, z: torch.Tensor, path:
     drawn = samples(model, vocab, z, 0.0)
     text = "\n".join(["# samples (greedy)", *drawn, "", "# reconstructions",
                       *reconstruction_lines(model, vocab, x)]) + "\n"
-    write(path, text)
+    write_text(path, text)
     log.info("samples: %s", " | ".join(drawn[:3]))
     if board:
         board.add_text("samples", "  \n".join(drawn), step)

@@ -5,7 +5,8 @@ WORLD_SIZE and LOCAL_RANK set. Every rank holds the whole dataset on its device 
 the same permutation; global batch t is split into N disjoint slices, one per rank. Gradients
 are averaged by DistributedDataParallel, so N ranks take exactly the step one process would
 take on the global batch (trainer.batch_size stays the global batch; the posterior noise is
-drawn for the global batch on every rank and sliced, see VAE.rsample). Rank 0 alone writes.
+drawn for the global batch on every rank and sliced, see objective.model.Shard). Rank 0
+alone writes.
 """
 
 from __future__ import annotations
@@ -58,15 +59,13 @@ def run_dir_args(args: list[str]) -> list[str]:
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel over the model, leaving out a divergence's own parameters (an
-    adversarial critic steps its own optimizer inside forward and syncs its gradients
-    itself, see average_grads)."""
+    """DistributedDataParallel over the model. DDP averages the gradients of the parameters
+    that require them when it is built; parameters frozen then (an adversarial critic,
+    trained by its own auxiliary step) are left to average_grads."""
     if world() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    own = [f"module.{n}" for n, _ in model.named_parameters() if n.startswith("divergence.")]
-    DDP._set_params_and_buffers_to_ignore_for_model(model, own)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -1,0 +1,55 @@
+"""`vae eval ckpt=...`: rebuild the model from its checkpoint and score a split; writes
+eval.json (eval_<split>.json for other splits) into the run folder and prints a table."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from vae_cli.config.build import load_data, load_trained
+from vae_cli.config.schemas import validate_eval
+from vae_cli.evaluation.diagnostics import encode_all, posterior_stats
+from vae_cli.evaluation.disentangle import mig
+from vae_cli.evaluation.evaluate import evaluate
+from vae_cli.evaluation.likelihood import iwae_bound
+from vae_cli.reports.tables import table, write_report
+from vae_cli.runtime import checkpoint
+from vae_cli.runtime.device import resolve_device
+
+log = logging.getLogger(__name__)
+MAX_LOGITS = 2**26  # floats of decoder output held at once by `vae eval` (256 MB)
+
+
+def run(cfg: DictConfig) -> dict:
+    cfg = validate_eval(cfg)
+    e = cfg.eval
+    objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
+    model = objective.model
+    data = load_data(ckpt, cfg.dataset, next(objective.parameters()).device)
+    x, factors = data.split(e.split), data.factors.get(e.split)
+    if e.max_examples:
+        x = x[: e.max_examples]
+        factors = None if factors is None else factors[: e.max_examples]
+    batch, iw_batch = e.batch_size, e.iw_batch
+    if model.out_numel:  # L x V logits per sequence: bound what is decoded at once
+        batch, iw_batch = (max(1, min(b, MAX_LOGITS // model.out_numel))
+                           for b in (batch, iw_batch))
+    torch.manual_seed(cfg.seed)
+    result = {"checkpoint": str(cfg.ckpt), "split": e.split, "examples": len(x),
+              "epoch": ckpt.get("state", {}).get("epoch"),
+              **evaluate(objective, x, batch)}
+    if e.iw_samples:
+        result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch))
+    encoded = encode_all(model, x, batch)
+    result.update(posterior_stats(model, x, batch, encoded=encoded))
+    if factors is not None:
+        result.update(mig(encoded[0], factors, e.mig_bins, data.factor_names))
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
+    name = "eval.json" if e.split == "test" else f"eval_{e.split}.json"
+    path = write_report(result, out_dir / name)
+    print(table(result))
+    log.info("wrote %s", path)
+    return result

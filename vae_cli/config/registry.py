@@ -1,0 +1,97 @@
+"""Which builders a config may name: the component registry.
+
+A config (composed from the command line, or read from a checkpoint someone sent) names its
+components by ``_target_``. Only the targets that the package's own config tree names for a
+group (configs/<group>/<option>.yaml), the paths older checkpoints used for them, and, for
+``optim``, the optimizers of ``torch.optim`` can be built; anything else is refused with
+one line before it is imported or called.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from vae_cli.errors import UserError
+
+COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule")
+# Modules whose components moved: their old paths stay valid in saved checkpoints.
+MOVED = {f"vae_cli.{m}": f"vae_cli.objective.{m}"
+         for m in ("divergences", "priors", "likelihoods", "schedules")}
+
+
+def upgrade(config: dict) -> dict:
+    """A checkpoint's config in today's form: checkpoints written before optim._target_
+    named the optimizer by ``optim.name`` (adam | adamw)."""
+    optim = config.get("optim")
+    if isinstance(optim, dict) and "_target_" not in optim and "name" in optim:
+        names = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
+        rest = {k: v for k, v in optim.items() if k != "name"}
+        config = {**config, "optim": {"_target_": names.get(optim["name"]), **rest}}
+    return config
+
+
+def config_dir() -> Path:
+    """configs/ inside the package (wheel) or beside it (source checkout, editable install)."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise UserError(f"cannot find the config tree next to {here}; reinstall the package")
+
+
+@functools.cache
+def registry() -> dict[str, dict[str, str]]:
+    """group -> {target a config may name: the import path it builds}."""
+    table: dict[str, dict[str, str]] = {}
+    for group in COMPONENTS:
+        table[group] = {}
+        for path in sorted((config_dir() / group).glob("*.yaml")):
+            target = OmegaConf.load(path).get("_target_")
+            if isinstance(target, str):
+                table[group][target] = target
+                module, _, name = target.rpartition(".")
+                old = next((o for o, new in MOVED.items() if new == module), None)
+                if old:
+                    table[group][f"{old}.{name}"] = target
+    table["optim"] = {f"torch.optim.{n}": f"torch.optim.{n}" for n in _optimizers()}
+    return table
+
+
+def _optimizers() -> list[str]:
+    import torch
+
+    return [n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+            and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+            and n != "Optimizer"]
+
+
+def locate(group: str, target: Any) -> Any:
+    """The builder a ``_target_`` names for ``group``, refusing anything unregistered."""
+    path = registry().get(group, {}).get(target) if isinstance(target, str) else None
+    if path is None:
+        raise UserError(f"{group}._target_={target!r} is outside vae_cli's {group} options; "
+                        "refusing to build it")
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{group}._target_={target!r} cannot be imported ({e})") from None
+
+
+def check_targets(node: Any, where: str = "") -> None:
+    """Every ``_target_`` in a (possibly hostile) config is a registered option of the
+    group it stands in; a ``_target_`` anywhere else is refused."""
+    if isinstance(node, dict | DictConfig):
+        for k, v in node.items():
+            if k == "_target_" and not (where in registry() and v in registry()[where]):
+                raise UserError(f"{where or 'config'}._target_={v!r} is outside vae_cli's "
+                                "registered components; refusing to build it")
+            check_targets(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list | ListConfig):
+        for i, v in enumerate(node):
+            check_targets(v, f"{where}[{i}]")

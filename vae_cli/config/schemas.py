@@ -1,0 +1,162 @@
+"""The typed part of each command's config, and its validation: once, at the command line.
+
+Every command's config is checked here before any work: the fixed schemas below (trainer,
+eval, sample settings) by OmegaConf against their dataclasses, the component groups
+(dataset, model, ..., optim) against their builders' signatures. What comes out is typed;
+nothing downstream re-checks it. An impossible value stops with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from vae_cli.config.components import check_component
+from vae_cli.config.registry import COMPONENTS, check_targets
+from vae_cli.errors import UserError
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    epochs: int = 40
+    batch_size: int = 128
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; log-densities stay fp32)
+    patience: int | None = None  # epochs without val improvement before stopping
+    resume: Any = False  # true: continue hydra.run.dir's last.pt | auto: if there is one
+    log_every: int = 50  # steps between progress-bar refreshes (each one syncs)
+    image_every: int = 1  # epochs between reconstruction/sample grids
+    num_images: int = 64
+    iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
+    tensorboard: bool = False  # scalars and image grids under <run>/tensorboard
+    detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
+    compile: bool = False  # torch.compile the training step (model forward and optimizer)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 500
+    iw_samples: int = 1000
+    iw_batch: int = 20000
+    mig_bins: int = 20
+    max_examples: int | None = None
+
+
+def dataset_overrides() -> dict[str, Any]:
+    """Keys laid over a checkpoint's dataset config when not null (data moved since); any
+    other dataset key may be added with +dataset.<key>=..."""
+    return {"root": None, "download": None}
+
+
+@dataclasses.dataclass
+class EvalCommand:
+    ckpt: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str | None = None
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
+
+
+@dataclasses.dataclass
+class SampleCommand:
+    ckpt: str | None = None
+    num_samples: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str | None = None
+    pictures: bool = True
+    split: str = "test"
+    dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SPLITS = ("train", "val", "test")
+
+
+def typed(node: Any, schema: type, name: str) -> DictConfig:
+    """``node`` merged onto its schema: unknown keys and wrong types become one line."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), node or {})
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        where = f"{name}.{key}" if name and key else (key or name)
+        raise UserError(f"{where}: {msg}" if where else msg) from None
+
+
+def positive(**values: Any) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"{key.replace('__', '.')}={value} must be a positive integer")
+
+
+def check_device(key: str, device: str) -> None:
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise UserError(f"{key}={device!r} is not auto, cpu, cuda, cuda:N or mps")
+
+
+def validate_train(cfg: DictConfig) -> DictConfig:
+    """`vae train`'s config: components, trainer, optim and seed; returns it typed."""
+    unknown = set(cfg) - {*COMPONENTS, "optim", "trainer", "seed", "ckpt"}
+    if unknown:
+        raise UserError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; "
+                        "see vae train --cfg job for the keys")
+    check_targets(cfg)
+    for group in (*COMPONENTS, "optim"):
+        if group not in cfg:
+            raise UserError(f"config has no {group!r} group")
+        check_component(group, cfg[group])
+    with open_dict(cfg):
+        cfg.trainer = typed(cfg.get("trainer"), TrainerConfig, "trainer")
+    t, o = cfg.trainer, cfg.optim
+    positive(trainer__epochs=t.epochs, trainer__batch_size=t.batch_size,
+             trainer__log_every=t.log_every, trainer__image_every=t.image_every,
+             trainer__num_images=t.num_images, trainer__iw_samples=t.iw_samples,
+             model__latent_dim=cfg.model.get("latent_dim"))
+    if t.resume not in (True, False, "auto"):
+        raise UserError(f"trainer.resume={t.resume!r} is not true, false or auto")
+    if t.patience is not None and t.patience <= 0:
+        raise UserError(f"trainer.patience={t.patience} must be positive or null")
+    if t.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={t.precision!r} is not one of {PRECISIONS}")
+    check_device("trainer.device", t.device)
+    if not o.get("lr", 1) > 0:
+        raise UserError(f"optim.lr={o.lr} must be > 0")
+    betas = o.get("betas", [0.0, 0.0])
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UserError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise UserError(f"seed={cfg.get('seed')!r} must be an integer")
+    return cfg
+
+
+def validate_eval(cfg: DictConfig) -> DictConfig:
+    cfg = typed(cfg, EvalCommand, "")
+    e = cfg.eval
+    if e.split not in SPLITS:
+        raise UserError(f"eval.split={e.split!r} is not one of val, test, train")
+    positive(eval__batch_size=e.batch_size, eval__iw_batch=e.iw_batch,
+             eval__mig_bins=e.mig_bins)
+    if e.iw_samples < 0:
+        raise UserError(f"eval.iw_samples={e.iw_samples!r} must be >= 0 (0 skips the bound)")
+    if e.max_examples is not None:
+        positive(eval__max_examples=e.max_examples)
+    check_device("device", cfg.device)
+    return cfg
+
+
+def validate_sample(cfg: DictConfig) -> DictConfig:
+    cfg = typed(cfg, SampleCommand, "")
+    positive(num_samples=cfg.num_samples)
+    if cfg.temperature < 0:
+        raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: greedy only)")
+    if cfg.split not in SPLITS:
+        raise UserError(f"split={cfg.split!r} is not one of val, test, train")
+    check_device("device", cfg.device)
+    return cfg

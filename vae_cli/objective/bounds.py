@@ -1,0 +1,136 @@
+"""How the terms of a VAE combine into a number: the only place they do.
+
+Per example the model gives log p(x|z) (likelihood), log p(z) (prior) and log q(z|x)
+(posterior); the divergence gives its own estimate of how far q(z|x) is from p(z), and the
+schedule how much it weighs at a training step. From these:
+
+- the training and validation loss (``Objective``): recon + schedule(beta * div), or with
+  ``iw_samples`` = k > 1 the importance-weighted bound (Burda et al. 2016) in which the
+  weight w = schedule factor x beta scales log p(z) - log q(z|x) inside every importance
+  weight: -log (1/k) sum_i p(x|z_i) (p(z_i)/q(z_i|x))^w. At k = 1 that is the weighted ELBO
+  with a Monte Carlo KL. Options with no such form (capacity's |KL - C|, tc's three
+  weights, free bits) are refused at start-up;
+- the negative ELBO reported by evaluation, recon + KL whatever weight trained the model;
+- the importance-weighted log-likelihood estimate (``log_weights``, k samples);
+- the KL of each latent dimension (``kl_per_dim``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal
+
+from vae_cli.errors import UserError
+from vae_cli.objective.divergences import Divergence
+from vae_cli.objective.model import VAE, WHOLE, Shard
+from vae_cli.objective.schedules import Constant, Schedule
+
+
+class LogWeights(NamedTuple):
+    """log p(x|z), log p(z), log q(z|x) for k samples z ~ q(z|x): each [k, B]."""
+
+    px: torch.Tensor
+    pz: torch.Tensor
+    qz: torch.Tensor
+
+    def total(self, w: float = 1.0) -> torch.Tensor:
+        """log p(x|z) + w (log p(z) - log q(z|x)): w = 1 is log p(x, z) / q(z|x)."""
+        return self.px + w * (self.pz - self.qz)
+
+
+def log_weights(model: VAE, x: torch.Tensor, k: int, shard: Shard = WHOLE) -> LogWeights:
+    q = model.posterior(x)
+    z = model.rsample(q, k, shard)
+    return LogWeights(model.log_px(z, x), model.prior.log_prob(z), q.log_prob(z))
+
+
+def check_iw(divergence: Divergence, schedule: Schedule, iw_samples: int) -> None:
+    """Refuse, with one line, settings an importance-weighted bound cannot honour."""
+    if iw_samples == 1:
+        return
+    divergence.iw_weight()  # raises where the divergence has no importance-weighted form
+    if not schedule.multiplicative:
+        raise UserError(f"schedule={type(schedule).__name__.lower()} is not a factor on the "
+                        f"divergence, so trainer.iw_samples={iw_samples} cannot apply it; use "
+                        "schedule=constant, linear or cyclical, or trainer.iw_samples=1")
+
+
+class Objective(nn.Module):
+    """The loss of a batch: model + divergence + schedule (+ k importance samples).
+
+    ``forward`` returns the batch-mean terms (the "loss" entry is minimised, the others are
+    logged) and the latent sample, detached, for auxiliary steps such as a critic's (None
+    under the importance-weighted bound, which no divergence with such a step allows).
+    """
+
+    def __init__(self, model: VAE, divergence: Divergence, schedule: Schedule | None = None,
+                 iw_samples: int = 1):
+        super().__init__()
+        schedule = schedule or Constant()
+        check_iw(divergence, schedule, iw_samples)
+        divergence.check(model.prior)
+        self.model, self.divergence = model, divergence
+        self.schedule, self.iw_samples = schedule, iw_samples
+
+    def forward(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        if self.iw_samples > 1:
+            return self.iwae(x, self.iw_samples, step, shard)
+        return self.elbo(x, step, shard)
+
+    def elbo(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        q = self.model.posterior(x)
+        z = self.model.rsample(q, shard=shard)
+        recon = -self.model.log_px(z, x).mean()
+        terms = self.divergence(q, z, self.model.prior)
+        div = self.schedule.term(terms["div"], self.divergence.weight(), step)
+        return {"loss": recon + div, "recon": recon, **terms}, z.detach()
+
+    def iwae(self, x: torch.Tensor, k: int, step: int | None = None, shard: Shard = WHOLE
+             ) -> tuple[dict[str, torch.Tensor], None]:
+        lw = log_weights(self.model, x, k, shard)
+        w = self.schedule.factor(step) * self.divergence.iw_weight()
+        bound = torch.logsumexp(lw.total(w), dim=0) - math.log(k)
+        terms = {"loss": -bound.mean(), "recon": -lw.px.mean(), "div": (lw.qz - lw.pz).mean()}
+        return terms, None
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """What the main optimizer steps: everything but a divergence's own networks."""
+        own = {id(p) for p in self.divergence.auxiliary_parameters()}
+        return [p for p in self.parameters() if id(p) not in own]
+
+
+def negative_elbo(recon: float, terms: dict[str, float]) -> float:
+    """recon + KL: the divergence's "kl" entry where it reports one apart from the weighted
+    "div" (free bits, tc), else "div". Meaningful when the divergence bounds_likelihood."""
+    return recon + terms.get("kl", terms["div"])
+
+
+def prior_marginals(prior: Distribution, z: torch.Tensor) -> torch.Tensor:
+    """log p(z_d) per dimension, [..., D]: exact for diagonal Gaussians and for mixtures of
+    them (each marginal is a 1-D mixture with the same weights)."""
+    if isinstance(prior, Independent) and isinstance(prior.base_dist, Normal):
+        return prior.base_dist.log_prob(z)
+    if isinstance(prior, MixtureSameFamily):
+        comp = prior.component_distribution.base_dist  # Normal, batch [K, D]
+        log_pi = torch.log_softmax(prior.mixture_distribution.logits, -1)  # [K]
+        per = Normal(comp.loc, comp.scale, validate_args=False).log_prob(z.unsqueeze(-2))
+        return torch.logsumexp(per + log_pi.unsqueeze(-1), dim=-2)
+    raise TypeError(f"no per-dimension marginals for {type(prior).__name__}")
+
+
+def kl_per_dim(mu: torch.Tensor, std: torch.Tensor, prior: Distribution,
+               mc_samples: int = 16) -> torch.Tensor:
+    """KL(q(z_d|x) || p(z_d)) for each example and dimension, [B, D]: analytic against a
+    diagonal Gaussian prior, else a Monte Carlo estimate against the prior's 1-D marginals
+    (then the dimensions need not sum to the total KL, the prior not being factorised)."""
+    q = Normal(mu, std, validate_args=False)
+    if isinstance(prior, Independent) and isinstance(prior.base_dist, Normal):
+        return torch.distributions.kl_divergence(q, prior.base_dist)
+    z = q.sample((mc_samples,))
+    return (q.log_prob(z) - prior_marginals(prior, z)).mean(0)

@@ -1,0 +1,115 @@
+"""One table over runs (or multirun folders), read from their files (`vae compare`).
+
+Columns: the overrides that differ between runs, then results: best and final validation
+loss (metrics.csv), test NLL from the IWAE bound (or the negative ELBO), active units and
+MIG (eval.json). Printed as text, written as CSV and markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from vae_cli.errors import UserError
+from vae_cli.runtime.files import write_text
+
+RESULTS = ["epochs", "best_val_loss", "final_val_loss", "test_nll", "test_bpd", "test_ppl",
+           "active_units", "mig"]
+IGNORED = ("hydra.", "dataset.root", "ckpt", "trainer.device")
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise UserError(f"{p} is not a folder; pass run or multirun folders")
+        # a sweep job that failed before its first epoch has a log but no metrics: listed
+        # with 0 epochs, so a sweep's table shows every job
+        found = [p] if (p / "metrics.csv").exists() else sorted(
+            {m.parent for pattern in ("metrics.csv", "train.log") for m in p.rglob(pattern)},
+            key=lambda r: str(r))
+        runs += found
+    if not runs:
+        raise UserError(f"no runs (folders with metrics.csv) under {' '.join(paths)}")
+    return runs
+
+
+def _overrides(run: Path) -> dict[str, str]:
+    path = run / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    pairs = (o.lstrip("+~").split("=", 1) for o in items or [] if "=" in o)
+    return {k: v for k, v in pairs if not k.startswith(IGNORED)}
+
+
+def collect(run: Path) -> dict:
+    rows = []
+    if (run / "metrics.csv").exists():
+        with (run / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+    val = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    row: dict = {"run": str(run), "epochs": len(rows),
+                 "best_val_loss": min(val) if val else math.nan,
+                 "final_val_loss": val[-1] if val else math.nan}
+    ev = run / "eval.json"
+    if ev.exists():
+        e = json.loads(ev.read_text())
+        row["test_nll"] = e.get("nll_iwae", e.get("nelbo", math.nan))
+        row["test_bpd"] = e.get("bpd_iwae", e.get("bpd", math.nan))
+        row["test_ppl"] = e.get("ppl_iwae", e.get("ppl", math.nan))  # text models
+        row["active_units"] = e.get("active_units")
+        row["mig"] = e.get("mig")
+    return row
+
+
+def build_table(runs: list[Path], sort: str | None = None,
+                descending: bool = False) -> tuple[list[str], list[dict]]:
+    overrides = {r: _overrides(r) for r in runs}
+    keys = sorted({k for o in overrides.values() for k in o})
+    differing = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
+    rows = [{**{k: overrides[r].get(k, "") for k in differing}, **collect(r)} for r in runs]
+    columns = ["run", *differing, *RESULTS]
+    if sort:
+        if sort not in columns:
+            raise UserError(f"--sort {sort!r} is not a column: {', '.join(columns)}")
+
+        def key(r: dict):
+            v = r.get(sort)
+            missing = v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+            return (missing, v if not missing else 0)
+
+        rows.sort(key=key, reverse=descending)
+        if descending:  # keep runs without the value last either way
+            rows.sort(key=lambda r: key(r)[0])
+    return columns, rows
+
+
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render(columns: list[str], rows: list[dict]) -> tuple[str, str]:
+    """(fixed-width text, markdown)."""
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True))  # noqa: E731
+    text = "\n".join([line(columns), *(line(r) for r in cells)])
+    md = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                    *("| " + " | ".join(r) + " |" for r in cells)])
+    return text, md
+
+
+def write_tables(columns: list[str], rows: list[dict], md: str, out: Path) -> None:
+    """compare.csv and compare.md in ``out``."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
+    write_text(out / "compare.csv", buf.getvalue())
+    write_text(out / "compare.md", md + "\n")

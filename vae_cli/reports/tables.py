@@ -1,0 +1,34 @@
+"""Evaluation results as a JSON file and a table on the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vae_cli.runtime.files import write_text
+
+SHOWN = ("split", "examples", "epoch", "loss", "recon", "div", "nelbo", "bpd", "nll_token",
+         "ppl", "nll_iwae", "bpd_iwae", "nll_token_iwae", "ppl_iwae", "iw_samples",
+         "active_units", "kl_per_dim", "mig", "mig_per_factor")
+
+
+def write_report(result: dict, path: Path) -> Path:
+    return write_text(path, json.dumps(result, indent=2) + "\n")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return " ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in v)
+    if isinstance(v, dict):
+        return "  ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def table(result: dict) -> str:
+    rows = [(k, _fmt(result[k])) for k in SHOWN if k in result]
+    rows += [(k, _fmt(v)) for k, v in result.items()
+             if k not in SHOWN and isinstance(v, float) and k not in ("checkpoint",)]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,77 @@
+"""One pass over the training split."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from vae_cli.config.schemas import TrainerConfig
+from vae_cli.data.base import Splits
+from vae_cli.data.batching import shuffled
+from vae_cli.errors import UserError
+from vae_cli.runtime import distributed
+from vae_cli.training.signals import StopFlag
+from vae_cli.training.state import EpochProgress, TrainState
+from vae_cli.training.step import Stepper
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """A signal arrived mid-epoch: the state's progress says where the epoch stands."""
+
+
+def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.Generator,
+                state: TrainState, stop: StopFlag | None = None,
+                desc: str = "") -> dict[str, float]:
+    """Mean terms of one epoch; metrics stay on the device until the end. Continues a
+    stopped epoch from ``state.progress``. Raises StopRequested, with ``state.progress``
+    set, when ``stop`` was raised: enough to finish the epoch after a resume exactly as if
+    it had not stopped."""
+    device = data.train.device
+    progress, state.progress = state.progress, None
+    epoch_order = progress.order if progress else order.get_state()
+    order.set_state(epoch_order)
+    first = progress.batch if progress else 0
+    names = progress.names if progress else None
+    sums = progress.sums.to(device) if progress else None
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    n = len(data.train) // t.batch_size
+    bar = tqdm(total=n, initial=first, desc=desc, leave=False,
+               disable=None if distributed.rank() == 0 else True, dynamic_ncols=True)
+    stepper.objective.train()
+    shard = stepper.shard
+    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard)
+    for i, xb in enumerate(batches, start=first):
+        out = stepper(xb, state.step)
+        state.step += 1
+        values = torch.stack([v.detach().float() for v in out.values()])
+        if sums is None:
+            names, sums = list(out), torch.zeros_like(values)
+        sums += values
+        # Remember the first non-finite step on the device: no host sync per step.
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values[0]), state.step,
+                               bad_step)
+        last = i + 1 == n
+        # Ranks agree at the same steps: a signal is acted on at the next such step.
+        alone = shard.world == 1 and stop is not None and stop.signum
+        if (i + 1) % t.log_every == 0 or last or alone:
+            signum = stop.signum if stop and stop.signum else 0
+            flags = torch.stack([bad_step, torch.full_like(bad_step, signum)])
+            bad, signum = distributed.all_max(flags).tolist()
+            if stop and signum:
+                stop.signum = signum
+            if bad >= 0:
+                raise UserError(f"loss became non-finite at step {bad}; the last "
+                                "good checkpoint is kept (lower optim.lr, or "
+                                "trainer.detect_anomaly=true to find the operation)")
+            loss = values[0].item()
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update((i + 1) - bar.n)
+            for hook in stepper.hooks.on_log:
+                hook(state.step, {"loss": loss})
+            if stop and stop.signum and not last:
+                state.progress = EpochProgress(epoch_order, i + 1, names,
+                                               distributed.all_mean(sums.clone()).cpu())
+                bar.close()
+                raise StopRequested
+    bar.close()
+    return dict(zip(names, distributed.all_mean(sums).div(n).tolist(), strict=True))

@@ -1,0 +1,44 @@
+"""What must survive a restart besides weights and optimizer moments: counters and, when a
+signal stopped an epoch half way, where that epoch stands."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EpochProgress:
+    """A stopped epoch: its batch order, the next batch, and the metric sums so far
+    (averaged over ranks, so a resume on any number of processes adds to them)."""
+
+    order: torch.Tensor  # the batch-order generator's state at the epoch's start
+    batch: int
+    names: list[str]
+    sums: torch.Tensor
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # finished epochs
+    step: int = 0  # optimizer steps taken
+    best_val: float = math.inf
+    bad_epochs: int = 0  # epochs since the validation loss last improved
+    progress: EpochProgress | None = None
+
+    def to_dict(self) -> dict:
+        """Plain values for a checkpoint (loads with weights_only)."""
+        out = {k: getattr(self, k) for k in ("epoch", "step", "best_val", "bad_epochs")}
+        if self.progress is not None:
+            out["progress"] = dataclasses.asdict(self.progress)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        progress = d.get("progress")
+        return cls(epoch=d["epoch"], step=d["step"], best_val=d["best_val"],
+                   bad_epochs=d["bad_epochs"],
+                   progress=EpochProgress(**progress) if progress else None)
