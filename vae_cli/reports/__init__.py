@@ -1,0 +1,1 @@
+"""What runs write for people: picture grids, text outputs, plots, TensorBoard, tables."""

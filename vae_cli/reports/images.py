@@ -6,12 +6,13 @@ import math
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from vae_cli.objective.model import VAE
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
+    from torchvision.utils import save_image  # torchvision takes a second to import
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))

@@ -1,0 +1,2 @@
+"""Plumbing below the maths: devices and precision, torchrun/DDP, checkpoints, atomic
+files, random state."""
