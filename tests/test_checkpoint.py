@@ -24,7 +24,7 @@ class Payload:
 def _good(tmp_path) -> Path:
     path = tmp_path / "ok.pt"
     checkpoint.save(path, {"config": {"model": {"_target_": "vae_cli.nets.mlp.build"}},
-                           "model": {"w": torch.ones(2)}})
+                           "model": {"w": torch.ones(2)}, "shape": [1, 4, 4]})
     return path
 
 
@@ -93,7 +93,8 @@ def test_foreign_target_in_checkpoint_config_is_refused(tmp_path, target):
     from vae_cli.config.schemas import validate_train
 
     path = tmp_path / "t.pt"
-    checkpoint.save(path, {"config": {"loss": {"_target_": target}}, "model": {}})
+    checkpoint.save(path, {"config": {"loss": {"_target_": target}}, "model": {},
+                           "shape": [1, 4, 4]})
     with pytest.raises(UserError, match="outside vae_cli"):
         load_trained(str(path), torch.device("cpu"))
     with pytest.raises(UserError, match="outside vae_cli"):

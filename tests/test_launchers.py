@@ -26,7 +26,10 @@ def sweep_dir(tmp_path):
 @needs("hydra_joblib_launcher")
 def test_joblib_runs_jobs_side_by_side_and_a_failed_job_spares_the_others(tmp_path):
     out = vae("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-              "model.latent_dim=2,0,3", *SMALL, cwd=tmp_path)
+              "model.latent_dim=2,0,3", *SMALL, cwd=tmp_path, check=False)
+    # the sweep ran every job, then said which failed (the summary comes from this process,
+    # the jobs ran in joblib's workers)
+    assert out.returncode == 1 and "1 of 3 sweep jobs failed" in out.stderr, out.stderr
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
     assert "job failed: model.latent_dim=0 must be a positive integer" in out.stdout + out.stderr
     root = sweep_dir(tmp_path)

@@ -71,7 +71,7 @@ i = 0
 while True:
     i += 1
     checkpoint.save(sys.argv[1], {"config": {}, "model": {"w": torch.full((400_000,), float(i))},
-                                  "i": i})
+                                  "shape": [1], "i": i})
 """
 
 

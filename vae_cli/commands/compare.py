@@ -8,21 +8,32 @@ MIG (eval.json). Printed as text, written as CSV and markdown.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from vae_cli.reports.compare import build_table, find_runs, render, write_tables
+from vae_cli.errors import UserError
+from vae_cli.reports.compare import build_table, find_runs, readable, render, write_tables
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through the dispatcher, not usage + exit
+        raise UserError(f"{message} (see vae compare --help)")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vae compare", description=__doc__.splitlines()[0])
+    parser = Parser(prog="vae compare", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="run folders or multirun folders")
     parser.add_argument("--sort", help="column to sort by (e.g. test_nll, best_val_loss)")
     parser.add_argument("--desc", action="store_true", help="sort descending")
     parser.add_argument("--out", help="folder for compare.csv/.md (default: the first DIR)")
     args = parser.parse_args(argv)
-    columns, rows = build_table(find_runs(args.dirs), args.sort, args.desc)
-    text, md = render(columns, rows)
     out = Path(args.out or args.dirs[0])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder for compare.csv/.md")
+    runs = readable(find_runs(args.dirs), lambda line: print(f"warning: {line}",
+                                                             file=sys.stderr))
+    columns, rows = build_table(runs, args.sort, args.desc)
+    text, md = render(columns, rows)
     write_tables(columns, rows, md, out)
     print(text)
     print(f"\nwrote {out / 'compare.csv'} and {out / 'compare.md'}")

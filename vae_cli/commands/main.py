@@ -9,6 +9,7 @@ type below; the user's own HYDRA_FULL_ERROR=1 still shows every traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vae_cli.config.registry import config_dir
 from vae_cli.errors import UserError
+from vae_cli.training.signals import Signalled, raise_on_signals
 
 log = logging.getLogger("vae_cli")
 
@@ -46,11 +48,11 @@ def _command(name: str) -> Callable[[DictConfig], object]:
 
 
 def _run_dir(ckpt: str | None, default: str) -> str:
-    """Resuming from ckpt=<run>/checkpoints/x.pt writes back into <run>."""
-    if not ckpt:
+    """Resuming from ckpt=<run>/checkpoints/x.pt writes back into <run>; a checkpoint kept
+    anywhere else starts a new run folder rather than filling the one it sits in."""
+    if not ckpt or Path(ckpt).resolve().parent.name != "checkpoints":
         return default
-    from vae_cli.runtime.checkpoint import run_dir_of
-    return str(run_dir_of(ckpt))
+    return str(Path(ckpt).resolve().parent.parent)
 
 
 def _output_subdir(run_dir: str) -> str:
@@ -82,9 +84,10 @@ def one_line(e: BaseException) -> str:
 
 
 def guarded(task: Callable[[DictConfig], object], full_error: bool):
-    """The Hydra task: UserError -> one line and exit 2 (in a sweep: log it, keep the
-    others); anything unexpected -> one line naming it and exit 1, or the traceback when
-    the user set HYDRA_FULL_ERROR=1."""
+    """The Hydra task. Bad input (UserError, an OmegaConf refusal) -> one line and exit 2;
+    in a sweep the job is marked failed and the others run. A signal -> one line and exit
+    128 + n, ending a sweep too. Anything unexpected -> one line naming it and exit 1, or
+    the traceback when the user set HYDRA_FULL_ERROR=1."""
 
     def app(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
@@ -93,23 +96,38 @@ def guarded(task: Callable[[DictConfig], object], full_error: bool):
         sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             return task(cfg)
-        except UserError as e:
-            if sweep:
-                log.error("job failed: %s", e)
-                return None
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
+        except Signalled as e:
+            fail(f"{e} received; stopped", 128 + e.signum)
+        except (UserError, OmegaConfBaseException) as e:
+            code = e.exit_code if isinstance(e, UserError) else 2
+            if sweep and code == 2:
+                return job_failed(one_line(e))
+            fail(one_line(e), code)
         except Exception as e:
             if full_error:
                 raise
+            message = (f"unexpected {type(e).__name__}: {one_line(e)[:200]} "
+                       "(HYDRA_FULL_ERROR=1 prints the traceback)")
             if sweep:
-                log.error("job failed: %s: %s", type(e).__name__, one_line(e)[:200])
-                return None
-            print(f"error: unexpected {type(e).__name__}: {one_line(e)[:200]} "
-                  "(HYDRA_FULL_ERROR=1 prints the traceback)", file=sys.stderr)
-            sys.exit(1)
+                return job_failed(message)
+            fail(message, 1)
 
     return app
+
+
+def fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def job_failed(message: str) -> None:
+    """A sweep goes on past a failed job; its folder records why (see sweeps.py)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from vae_cli.commands.sweeps import mark_failed
+
+    log.error("job failed: %s", message)
+    mark_failed(Path(HydraConfig.get().runtime.output_dir), message)
 
 
 def check_flags(args: list[str]) -> None:
@@ -150,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     command, args = argv[0], argv[1:]
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     finished = False
+    raise_on_signals()
     try:
         if command == "compare":  # reads finished runs: plain arguments, no Hydra app
             from vae_cli.commands.compare import main as compare
@@ -164,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             args = distributed.run_dir_args(args)
         run_hydra(command, args, full_error)
         finished = True
+        return sweep_outcome()
+    except Signalled as e:
+        print(f"error: {e} received; stopped", file=sys.stderr)
+        return 128 + e.signum
     except Exception as e:
         message = describe(e)
         if full_error or message is None:
@@ -174,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         if "torch.distributed" in sys.modules:
             from vae_cli.runtime import distributed
             distributed.shutdown(finished)
-    return 0
+
+
+def sweep_outcome() -> int:
+    """0, or 1 with one line when jobs of the sweep that just ran failed."""
+    from vae_cli.commands.sweeps import REPORT
+
+    if not REPORT.failed:
+        return 0
+    print(f"error: {len(REPORT.failed)} of {REPORT.jobs} sweep jobs failed; their logs: "
+          f"{', '.join(str(p) for p in REPORT.failed)}", file=sys.stderr)
+    return 1
 
 
 def describe(e: Exception) -> str | None:
@@ -188,6 +221,8 @@ def describe(e: Exception) -> str | None:
     if isinstance(e, UserError | HydraException | OmegaConfBaseException |
                   argparse.ArgumentError):
         return one_line(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({one_line(e)}); free space and start again"
     if isinstance(e, OSError):  # Hydra making the run folder, before the task starts
         return f"cannot write the run folder ({one_line(e)}); set hydra.run.dir elsewhere"
     return None

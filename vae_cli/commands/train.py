@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.config.registry import upgrade
+from vae_cli.config.registry import check_saved, upgrade
 from vae_cli.config.schemas import validate_train
 from vae_cli.errors import UserError
-from vae_cli.runtime import checkpoint
+from vae_cli.runtime import checkpoint, distributed
+from vae_cli.runtime.files import folder_lock
 from vae_cli.training.recipe import fit, setup
 from vae_cli.training.resume import find_resume, resume_config
 
@@ -25,6 +27,12 @@ def run(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     share_cores(hc)
     cfg = validate_train(cfg)
+    # one run per folder: a second process into it is refused (rank 0 holds it for all)
+    with folder_lock(run_dir) if distributed.rank() == 0 else nullcontext():
+        return train(cfg, run_dir, list(hc.overrides.task))
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
     path = find_resume(cfg, run_dir)
     ckpt = None
     if path is not None:
@@ -32,8 +40,9 @@ def run(cfg: DictConfig) -> float:
         if "optim" not in ckpt or "state" not in ckpt:
             raise UserError(f"{path} holds no optimizer state to resume from")
         saved = upgrade(ckpt["config"])
-        cfg = validate_train(resume_config(saved, cfg, list(hc.overrides.task)))
-    summary = fit(setup(cfg, run_dir, ckpt))
+        check_saved(saved)
+        cfg = validate_train(resume_config(saved, cfg, overrides))
+    summary = fit(setup(cfg, run_dir, ckpt, path))
     log.info("best val loss %.4f after %d epochs; outputs in %s", summary["best_val"],
              summary["epoch"], run_dir)
     return summary["best_val"]

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.config.components import check_component, instantiate
-from vae_cli.config.registry import check_targets, upgrade
+from vae_cli.config.registry import check_saved, check_targets, upgrade
 from vae_cli.config.schemas import validate_train
 from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
@@ -61,7 +61,7 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
     """Rebuild a model from a checkpoint's own config (not today's defaults), in eval mode."""
     ckpt = checkpoint.load(path)
     saved = upgrade(ckpt["config"])
-    check_targets(saved, "")
+    check_saved(saved)
     cfg = validate_train(OmegaConf.create(saved))
     vocab = Vocab.from_state(ckpt.get("vocab"))
     objective = build_objective(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
@@ -78,6 +78,7 @@ def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device) ->
     """The dataset a checkpoint was trained on (its own config, with non-null command-line
     keys such as dataset.root laid over it), on the given device. Text is encoded with the
     checkpoint's own vocabulary, never one rebuilt from the file."""
+    check_saved(ckpt["config"]["dataset"], "dataset")
     node = OmegaConf.create(ckpt["config"]["dataset"])
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -83,6 +83,29 @@ def locate(group: str, target: Any) -> Any:
         raise UserError(f"{group}._target_={target!r} cannot be imported ({e})") from None
 
 
+def check_saved(config: Any, where: str = "") -> None:
+    """A config read from a file someone sent: plain values only. A checkpoint stores its
+    config resolved, so an interpolation in it (``${oc.env:...}``, ``${...}``) is refused
+    rather than resolved; then every ``_target_`` must be registered."""
+    _no_interpolations(config, where)
+    check_targets(config, where)
+
+
+def _no_interpolations(node: Any, where: str) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _no_interpolations(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _no_interpolations(v, f"{where}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        raise UserError(f"{where or 'config'}={node!r} in a saved config is an interpolation; "
+                        "a checkpoint's config is stored resolved, refusing to resolve it")
+    elif not isinstance(node, str | int | float | bool | type(None)):
+        raise UserError(f"{where or 'config'} in a saved config is a "
+                        f"{type(node).__name__}, not a plain value")
+
+
 def check_targets(node: Any, where: str = "") -> None:
     """Every ``_target_`` in a (possibly hostile) config is a registered option of the
     group it stands in; a ``_target_`` anywhere else is refused."""

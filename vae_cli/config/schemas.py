@@ -9,6 +9,9 @@ nothing downstream re-checks it. An impossible value stops with one line naming 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -96,6 +99,40 @@ def positive(**values: Any) -> None:
             raise UserError(f"{key.replace('__', '.')}={value} must be a positive integer")
 
 
+def finite(node: Any, where: str = "") -> None:
+    """Every number in a config is finite: nan or inf anywhere is refused, naming the key
+    (an interpolation that cannot be resolved is refused here too, by OmegaConf)."""
+    if isinstance(node, DictConfig):
+        for k in node:
+            finite(node[k], f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list | tuple) or OmegaConf.is_list(node):
+        for i, v in enumerate(node):
+            finite(v, f"{where}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"{where}={node} must be a finite number")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise UserError(f"seed={seed!r} must be an integer in [0, 2^63)")
+
+
+def check_out_dir(out_dir: str | None) -> None:
+    """A folder given for the outputs must be one we can write, known before the work."""
+    if not out_dir:
+        return
+    path = Path(out_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"out_dir={out_dir} cannot be written ({path} is not a writable "
+                        "folder)")
+
+
 def check_device(key: str, device: str) -> None:
     if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
         raise UserError(f"{key}={device!r} is not auto, cpu, cuda, cuda:N or mps")
@@ -108,6 +145,7 @@ def validate_train(cfg: DictConfig) -> DictConfig:
         raise UserError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; "
                         "see vae train --cfg job for the keys")
     check_targets(cfg)
+    finite(cfg)
     for group in (*COMPONENTS, "optim"):
         if group not in cfg:
             raise UserError(f"config has no {group!r} group")
@@ -126,18 +164,29 @@ def validate_train(cfg: DictConfig) -> DictConfig:
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r} is not one of {PRECISIONS}")
     check_device("trainer.device", t.device)
-    if not o.get("lr", 1) > 0:
-        raise UserError(f"optim.lr={o.lr} must be > 0")
+    if not _number(o.get("lr", 1)) or not o.get("lr", 1) > 0:
+        raise UserError(f"optim.lr={o.lr} must be a number > 0")
+    if not _number(o.get("weight_decay", 0)) or not o.get("weight_decay", 0) >= 0:
+        raise UserError(f"optim.weight_decay={o.weight_decay} must be a number >= 0")
     betas = o.get("betas", [0.0, 0.0])
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
         raise UserError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
-    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
-        raise UserError(f"seed={cfg.get('seed')!r} must be an integer")
+    check_seed(cfg.get("seed"))
+    return cfg
+
+
+def reader_command(cfg: DictConfig, schema: type) -> DictConfig:
+    """What `vae eval` and `vae sample` share: typed, finite, a seed, a device, a folder."""
+    cfg = typed(cfg, schema, "")
+    finite(cfg)
+    check_seed(cfg.seed)
+    check_out_dir(cfg.out_dir)
+    check_device("device", cfg.device)
     return cfg
 
 
 def validate_eval(cfg: DictConfig) -> DictConfig:
-    cfg = typed(cfg, EvalCommand, "")
+    cfg = reader_command(cfg, EvalCommand)
     e = cfg.eval
     if e.split not in SPLITS:
         raise UserError(f"eval.split={e.split!r} is not one of val, test, train")
@@ -147,16 +196,14 @@ def validate_eval(cfg: DictConfig) -> DictConfig:
         raise UserError(f"eval.iw_samples={e.iw_samples!r} must be >= 0 (0 skips the bound)")
     if e.max_examples is not None:
         positive(eval__max_examples=e.max_examples)
-    check_device("device", cfg.device)
     return cfg
 
 
 def validate_sample(cfg: DictConfig) -> DictConfig:
-    cfg = typed(cfg, SampleCommand, "")
+    cfg = reader_command(cfg, SampleCommand)
     positive(num_samples=cfg.num_samples)
     if cfg.temperature < 0:
         raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: greedy only)")
     if cfg.split not in SPLITS:
         raise UserError(f"split={cfg.split!r} is not one of val, test, train")
-    check_device("device", cfg.device)
     return cfg

@@ -22,11 +22,30 @@ from vae_cli.errors import UserError
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Pixels an image may decode to (8192 x 8192): a small file can claim a huge size (a
+# decompression bomb), so the size in its header is checked before anything is decoded.
+MAX_PIXELS = 2**26
 CACHE_VERSION = 1
+
+
+def _check_size(path: Path) -> None:
+    """Refuse an image whose header claims more than MAX_PIXELS, before decoding it."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # read the size, not refuse
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if w * h > MAX_PIXELS:
+        raise UserError(f"{path} would decode to {w}x{h} pixels, over the limit of "
+                        f"{MAX_PIXELS} (8192x8192); resize it or leave it out")
 
 
 def _decode(path: Path, channels: int) -> torch.Tensor:
     """uint8 [channels, H, W]; torchvision.io does png/jpeg/webp, PIL the rest (bmp)."""
+    _check_size(path)
     if path.suffix.lower() == ".bmp":
         import numpy as np
         from PIL import Image
@@ -57,6 +76,8 @@ def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
     for i, f in enumerate(files):
         try:
             img = _decode(f, channels)
+        except UserError:
+            raise
         except Exception as e:
             # torchvision prefixes its messages with a C++ source location: drop it.
             msg = re.sub(r"^.*?\.cpp:\d+, ", "", str(e).splitlines()[0] if str(e) else "")

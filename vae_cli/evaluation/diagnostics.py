@@ -41,7 +41,7 @@ def posterior_stats(model: VAE, x: torch.Tensor, batch_size: int, mc_samples: in
         kl = bounds.kl_per_dim(mu[i:i + batch_size], std[i:i + batch_size], p, mc_samples)
         kl_sum += kl.double().sum(0)
     kl_per_dim = (kl_sum / len(mu)).tolist()
-    activity = mu.double().var(0, unbiased=True)
+    activity = mu.double().var(0, unbiased=len(mu) > 1)  # one example: no spread
     agg_mean = mu.double().mean(0)
     agg_var = activity + std.double().pow(2).mean(0)  # law of total variance
     zp = model.prior.sample(max(len(mu), 1000)).double()

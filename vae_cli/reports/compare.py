@@ -39,31 +39,79 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def _overrides(run: Path) -> dict[str, str]:
-    path = run / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.exists() else []
-    pairs = (o.lstrip("+~").split("=", 1) for o in items or [] if "=" in o)
+def _override_list(text: str) -> dict[str, str]:
+    items = yaml.safe_load(text) or []
+    if not isinstance(items, list) or not all(isinstance(o, str) for o in items):
+        raise ValueError("not a list of overrides")
+    pairs = (o.lstrip("+~").split("=", 1) for o in items if "=" in o)
     return {k: v for k, v in pairs if not k.startswith(IGNORED)}
 
 
+def _overrides(run: Path) -> dict[str, str]:
+    path = run / ".hydra" / "overrides.yaml"
+    return _read(path, _override_list) if path.exists() else {}
+
+
+def _val_losses(text: str) -> tuple[list[float], int]:
+    rows = list(csv.DictReader(io.StringIO(text)))
+    if rows and "epoch" not in rows[0]:
+        raise ValueError("no epoch column: not a vae metrics.csv")
+    return [float(r["val_loss"]) for r in rows if r.get("val_loss")], len(rows)
+
+
+def _eval(text: str) -> dict:
+    e = json.loads(text)
+    if not isinstance(e, dict):
+        raise ValueError("not a JSON object")
+    return e
+
+
 def collect(run: Path) -> dict:
-    rows = []
+    val, epochs = [], 0
     if (run / "metrics.csv").exists():
-        with (run / "metrics.csv").open() as f:
-            rows = list(csv.DictReader(f))
-    val = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
-    row: dict = {"run": str(run), "epochs": len(rows),
+        val, epochs = _read(run / "metrics.csv", _val_losses)
+    row: dict = {"run": str(run), "epochs": epochs,
                  "best_val_loss": min(val) if val else math.nan,
                  "final_val_loss": val[-1] if val else math.nan}
     ev = run / "eval.json"
     if ev.exists():
-        e = json.loads(ev.read_text())
+        e = _read(ev, _eval)
         row["test_nll"] = e.get("nll_iwae", e.get("nelbo", math.nan))
         row["test_bpd"] = e.get("bpd_iwae", e.get("bpd", math.nan))
         row["test_ppl"] = e.get("ppl_iwae", e.get("ppl", math.nan))  # text models
         row["active_units"] = e.get("active_units")
         row["mig"] = e.get("mig")
     return row
+
+
+def readable(runs: list[Path], warn) -> list[Path]:
+    """The runs whose files parse; each other one is skipped with one line naming the file
+    (a corrupt or foreign metrics.csv, eval.json or overrides.yaml)."""
+    good = []
+    for run in runs:
+        try:
+            _overrides(run)
+            collect(run)
+        except RunFileError as e:
+            warn(f"skipped {run}: {e}")
+        else:
+            good.append(run)
+    if not good:
+        raise UserError("no readable runs left to compare")
+    return good
+
+
+class RunFileError(Exception):
+    """A run's file that cannot be read as what it should be."""
+
+
+def _read(path: Path, parse):
+    try:
+        return parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, csv.Error,
+            yaml.YAMLError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise RunFileError(f"{path} is unreadable ({reason})") from None
 
 
 def build_table(runs: list[Path], sort: str | None = None,
@@ -111,5 +159,8 @@ def write_tables(columns: list[str], rows: list[dict], md: str, out: Path) -> No
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     w.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
-    write_text(out / "compare.csv", buf.getvalue())
-    write_text(out / "compare.md", md + "\n")
+    try:
+        write_text(out / "compare.csv", buf.getvalue())
+        write_text(out / "compare.md", md + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write the tables into {out} ({e.strerror or e})") from None

@@ -29,8 +29,9 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     out_dir = Path(out_dir)
     x_all = data.split(split)
     x = to_unit(x_all[:count])
-    written = [save_reconstructions(model, x, out_dir / "reconstructions.png"),
-               save_interpolations(model, x, out_dir / "interpolations.png")]
+    written = [save_reconstructions(model, x, out_dir / "reconstructions.png")]
+    if len(x) >= 2:  # interpolations need a pair of examples
+        written.append(save_interpolations(model, x, out_dir / "interpolations.png"))
     x_stats = x_all[:max_points]
     encoded = encode_all(model, x_stats, batch_size)
     stats = posterior_stats(model, x_stats, batch_size, encoded=encoded)

@@ -48,7 +48,8 @@ def project_2d(mu: torch.Tensor) -> tuple[torch.Tensor, str]:
         return (mu if mu.shape[1] == 2 else torch.cat([mu, torch.zeros_like(mu)], 1)), "z"
     centred = mu - mu.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T, "PC"
+    xy = centred @ v[:2].T  # fewer than two points give fewer than two components
+    return torch.cat([xy, torch.zeros(len(xy), 2 - xy.shape[1], dtype=xy.dtype)], 1), "PC"
 
 
 def plot_scatter(mu: torch.Tensor, colour: torch.Tensor | None, label: str,

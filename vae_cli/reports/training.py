@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
 from vae_cli.data.base import Splits
 from vae_cli.data.batching import as_input
@@ -18,7 +17,8 @@ from vae_cli.reports.text import epoch_text
 
 
 class TrainingReports:
-    """Rank 0's view of a run: ``epoch(...)`` after each epoch, ``close()`` at the end."""
+    """Rank 0's view of a run: ``epoch(...)`` after each epoch, ``final()`` when training
+    ended, ``close()`` in any case."""
 
     def __init__(self, model: VAE, data: Splits, run_dir: Path, num_images: int, seed: int,
                  tensorboard: bool):
@@ -52,16 +52,20 @@ class TrainingReports:
         save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png")
         samples = save_samples(model, z, folder / f"samples_{epoch:03d}.png")
         if self.board:
+            from torchvision.utils import make_grid
+
             rows = reconstruction_rows(model, x).cpu()
             self.board.add_image("reconstructions", make_grid(rows), step)
             self.board.add_image("samples", make_grid(samples.float().cpu()), step)
 
-    def close(self, finished: bool) -> None:
+    def final(self) -> None:
+        """The picture set of the finished run, and the training curves."""
+        write_data_pictures(self.model, self.data, "val", self.run_dir)
+        write_curves(self.run_dir)
+
+    def close(self) -> None:
         if self.board:
             self.board.close()
-        if finished:
-            write_data_pictures(self.model, self.data, "val", self.run_dir)
-            write_curves(self.run_dir)
 
 
 def open_tensorboard(run_dir: Path):

@@ -6,6 +6,7 @@ anything is built from it.
 
 from __future__ import annotations
 
+import io
 import shutil
 import warnings
 from pathlib import Path
@@ -20,8 +21,12 @@ FORMAT = "vae_cli.checkpoint/1"
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_write(path) as f:
-        torch.save({"format": FORMAT, **payload}, f)
+    """Serialised in memory first, so that a full disk surfaces as an OSError of our own
+    write (not torch's C++ text) and the previous file stays intact."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buf)
+    with atomic_write(path, make_parents=False) as f:
+        f.write(buf.getbuffer())
 
 
 def copy(src: Path, dst: Path) -> None:
@@ -46,12 +51,38 @@ def load(path: str | Path | None) -> dict[str, Any]:
         raise UserError(f"{path} is not a readable vae checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a vae checkpoint (no {FORMAT!r} marker)")
+    problem = _malformed(ckpt)
+    if problem:
+        raise UserError(f"{path} is a damaged vae checkpoint ({problem})")
+    return ckpt
+
+
+def _malformed(ckpt: dict) -> str | None:
+    """What is wrong with the layout of a loaded checkpoint, or None."""
     for key in ("config", "model"):
         if key not in ckpt:
-            raise UserError(f"{path} is an incomplete vae checkpoint (no {key!r})")
+            return f"no {key!r}"
     if not isinstance(ckpt["config"], dict):
-        raise UserError(f"{path} holds no config mapping")
-    return ckpt
+        return "its config is not a mapping"
+    if not isinstance(ckpt["model"], dict) or not all(
+            isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        return "its weights are not a mapping of tensors"
+    shape = ckpt.get("shape")
+    if not (isinstance(shape, list) and len(shape) in (1, 3)
+            and all(isinstance(n, int) and n > 0 for n in shape)):
+        return f"data shape {shape!r}"
+    size = ckpt.get("dataset_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        return f"dataset size {size!r}"
+    vocab = ckpt.get("vocab")
+    if vocab is not None and not (isinstance(vocab, dict) and isinstance(vocab.get("itos"), list)
+                                  and all(isinstance(t, str) for t in vocab["itos"])
+                                  and isinstance(vocab.get("tokens"), str)):
+        return "its vocabulary"
+    for key in ("optim", "state", "rng", "divergence", "aux_optim"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            return f"its {key!r} is not a mapping"
+    return None
 
 
 def run_dir_of(ckpt_path: str | Path) -> Path:

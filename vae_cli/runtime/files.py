@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -9,24 +10,65 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from vae_cli.errors import UserError
+
 
 @contextmanager
-def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_write(path: str | Path, make_parents: bool = True) -> Iterator[BinaryIO]:
     """A binary handle whose content becomes ``path`` only once complete: a temp file in the
     same folder, fsync, os.replace. A writer killed at any moment leaves the previous file
-    intact (and at most a ``.<name>.*.tmp`` file, never read)."""
+    intact (and at most a ``.<name>.*.tmp`` file, never read). ``make_parents=False``: a
+    missing folder is an error, not something to recreate."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _full(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _full(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _full(e: OSError, path: Path) -> Exception:
+    """A full disk (or quota) as one line; the previous file at ``path`` is intact."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"the disk is full writing {path}; the previous file is kept "
+                         "(free space, then resume)")
+    return e
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a folder held while the block runs: a second process asking for
+    it is refused at once. flock on the folder itself, so nothing is written into it, and
+    the operating system releases it when the holder exits, however it exits."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: run unlocked
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{folder} is in use by another vae train; choose another "
+                            "hydra.run.dir") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> Path:

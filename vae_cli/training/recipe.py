@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from vae_cli.config.build import build_objective, build_optimizer, optimizer_settings
 from vae_cli.config.components import instantiate
 from vae_cli.data.base import Splits
+from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.objective.bounds import Objective
@@ -24,7 +25,7 @@ from vae_cli.runtime import checkpoint, distributed
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.rng import rng_state, seed_all, set_rng_state
 from vae_cli.training.loop import StopRequested, train_epoch
-from vae_cli.training.metrics import MetricsLog
+from vae_cli.training.metrics import read_metrics, write_metrics
 from vae_cli.training.signals import Interrupted, StopFlag
 from vae_cli.training.state import TrainState
 from vae_cli.training.step import Stepper
@@ -42,21 +43,25 @@ class Run:
     state: TrainState
     order: torch.Generator  # batch order, on the CPU so it is device-independent
     writer: bool  # rank 0: the one process that writes files
+    resumed_from: Path | None = None  # the checkpoint file this run continues
 
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
 
-def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> Run:
+def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
+          ckpt_path: Path | None = None) -> Run:
     """Device, data, objective and optimizers from a validated config; restored from
-    ``ckpt`` (a loaded checkpoint) when given."""
+    ``ckpt`` (the checkpoint loaded from ``ckpt_path``) when given."""
     t = cfg.trainer
     device, shard = placement(t)
     if shard.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     seed_all(cfg.seed)
-    data = instantiate("dataset", cfg.dataset)
+    # A text run continues with its own vocabulary, never one rebuilt from an edited file.
+    vocab = Vocab.from_state(ckpt.get("vocab")) if ckpt else None
+    data = instantiate("dataset", cfg.dataset, vocab=vocab.itos if vocab else None)
     if t.batch_size > len(data.train):
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
                         f"({len(data.train)} examples)")
@@ -68,13 +73,15 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None) -> Run:
     aux_opt = div.auxiliary_optimizer() if div.auxiliary_steps else None
     state, order = TrainState(), torch.Generator().manual_seed(cfg.seed)
     if ckpt is not None:
+        check_position(ckpt, cfg)
         state = restore(ckpt, objective, opt, aux_opt, cfg.optim, order)
     log.info("%s on %s%s: %d parameters, data %s x %d", cfg.model._target_, device,
              f" x {shard.world} processes" if shard.world > 1 else "",
              sum(p.numel() for p in objective.parameters()), tuple(data.shape), len(data.train))
     stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
                       t.precision, shard, aux_opt, distributed.average_grads)
-    return Run(cfg, Path(run_dir), data, objective, stepper, state, order, shard.rank == 0)
+    return Run(cfg, Path(run_dir), data, objective, stepper, state, order, shard.rank == 0,
+               ckpt_path)
 
 
 def placement(t) -> tuple[torch.device, Shard]:
@@ -90,22 +97,37 @@ def placement(t) -> tuple[torch.device, Shard]:
     return device, shard
 
 
+def check_position(ckpt: dict, cfg: DictConfig) -> None:
+    """A run stopped inside an epoch continues that epoch's batch order at a batch index:
+    only the same batch size gives those indices the same meaning."""
+    saved = (ckpt["config"].get("trainer") or {}).get("batch_size")
+    if ckpt["state"].get("progress") and cfg.trainer.batch_size != saved:
+        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} differs from the "
+                        f"interrupted epoch's ({saved}); resume with trainer.batch_size="
+                        f"{saved}, the epoch's position depends on it")
+
+
 def restore(ckpt: dict, objective: Objective, opt: torch.optim.Optimizer,
             aux_opt: torch.optim.Optimizer | None, optim_cfg: DictConfig,
             order: torch.Generator) -> TrainState:
     """Weights, optimizer moments, random streams and counters from a checkpoint; optim
     settings given now (an optim.lr= override) win over the saved ones."""
-    objective.model.load_state_dict(ckpt["model"])
-    objective.divergence.load_state_dict(ckpt.get("divergence", {}))
-    opt.load_state_dict(ckpt["optim"])
+    try:
+        objective.model.load_state_dict(ckpt["model"])
+        objective.divergence.load_state_dict(ckpt.get("divergence") or {})
+        opt.load_state_dict(ckpt["optim"])
+        if aux_opt is not None:
+            aux_opt.load_state_dict(ckpt["aux_optim"])
+        set_rng_state(ckpt["rng"])
+        order.set_state(ckpt["rng"]["order"])
+        state = TrainState.from_dict(ckpt["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"the checkpoint cannot be resumed: its training state does not "
+                        f"fit this run ({reason})") from None
     settings = optimizer_settings(optim_cfg)
     for group in opt.param_groups:
         group.update({k: v for k, v in settings.items() if k in group})
-    if aux_opt is not None:
-        aux_opt.load_state_dict(ckpt["aux_optim"])
-    set_rng_state(ckpt["rng"])
-    order.set_state(ckpt["rng"]["order"])
-    state = TrainState.from_dict(ckpt["state"])
     log.info("resumed at epoch %d, step %d", state.epoch, state.step)
     return state
 
@@ -128,9 +150,15 @@ def save_checkpoint(run: Run, name: str) -> Path:
     path = run.ckpt_dir / name
     if not run.writer:
         return path
+    check_run_dir(run)
+    run.ckpt_dir.mkdir(exist_ok=True)
     stepper, vocab = run.stepper, run.data.vocab
+    config = OmegaConf.to_container(run.cfg, resolve=True)
+    # how this start was launched is not part of the run: the same run, however often
+    # resumed, saves the same bytes
+    config["ckpt"], config["trainer"]["resume"] = None, False
     checkpoint.save(path, {
-        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "config": config,
         "shape": list(run.data.shape), "dataset_size": len(run.data.train),
         "vocab": vocab.state() if vocab else None,
         "model": run.objective.model.state_dict(),
@@ -142,38 +170,70 @@ def save_checkpoint(run: Run, name: str) -> Path:
 
 
 def fit(run: Run) -> dict:
-    """Epochs until trainer.epochs, early stopping or a signal; writes everything into the
-    run folder. Returns a summary."""
+    """Epochs until trainer.epochs, early stopping or a signal, then the final pictures;
+    writes everything into the run folder. A signal at any point, the final validation
+    and pictures included, leaves a resumable last.pt and raises Interrupted."""
     t, state = run.cfg.trainer, run.state
     if run.writer:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run.run_dir / "metrics.csv")
+        reconcile(run)
     reports = TrainingReports(run.objective.model, run.data, run.run_dir, t.num_images,
                               run.cfg.seed, t.tensorboard) if run.writer else None
-    finished = False
-    try:
-        with StopFlag() as stop, torch.autograd.set_detect_anomaly(t.detect_anomaly):
+    with StopFlag() as stop, torch.autograd.set_detect_anomaly(t.detect_anomaly):
+        try:
             while state.epoch < t.epochs:
                 row, improved = run_epoch(run, stop)
                 save_checkpoint(run, "last.pt")
                 if run.writer:
-                    metrics.append(row)
+                    check_run_dir(run)
+                    write_metrics(run.run_dir / "metrics.csv", state.rows)
                     if improved:  # the same bytes: copy them rather than serialise twice
                         checkpoint.copy(run.ckpt_dir / "last.pt", run.ckpt_dir / "best.pt")
                     reports.epoch(state.epoch, state.step, row,
                                   state.epoch % t.image_every == 0 or state.epoch == t.epochs)
-                stop.signum = distributed.all_max_int(stop.signum or 0, run.stepper.device) or None
-                if stop.signum and state.epoch < t.epochs:
+                if agreed_signal(run, stop) and state.epoch < t.epochs:
                     raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
                 if t.patience and state.bad_epochs >= t.patience:
                     log.info("early stop: no val improvement in %d epochs", t.patience)
                     break
-        finished = True
-    finally:
-        if reports:
-            reports.close(finished)
+            if reports:
+                check_run_dir(run)
+                reports.final()
+        finally:
+            if reports:
+                reports.close()
+        if agreed_signal(run, stop):  # during the final validation or pictures
+            raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
     return {"best_val": state.best_val, "epoch": state.epoch, "step": state.step,
             "run_dir": str(run.run_dir)}
+
+
+def check_run_dir(run: Run) -> None:
+    """Before each write: a run folder removed under a running run is not recreated."""
+    if not run.run_dir.is_dir():
+        raise UserError(f"the run folder {run.run_dir} was removed during training; "
+                        "stopping without recreating it")
+
+
+def reconcile(run: Run) -> None:
+    """The run folder as an uninterrupted run would have it at the resumed checkpoint: a
+    process killed after saving last.pt but before writing metrics.csv or copying best.pt
+    left them one epoch behind."""
+    state = run.state
+    if not state.rows and state.epoch:  # a checkpoint from before rows were kept in it
+        state.rows = read_metrics(run.run_dir / "metrics.csv")[: state.epoch]
+    write_metrics(run.run_dir / "metrics.csv", state.rows)
+    best = run.ckpt_dir / "best.pt"
+    source = run.resumed_from
+    if (source is not None and state.progress is None and state.epoch > 0
+            and state.best_epoch == state.epoch and source.resolve() != best.resolve()):
+        checkpoint.copy(source, best)
+
+
+def agreed_signal(run: Run, stop: StopFlag) -> int | None:
+    """The signal any rank received (ranks stop together), or None."""
+    stop.signum = distributed.all_max_int(stop.signum or 0, run.stepper.device) or None
+    return stop.signum
 
 
 def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
@@ -196,9 +256,12 @@ def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
     state.epoch = epoch
     improved = va["loss"] < state.best_val
     state.best_val = min(state.best_val, va["loss"])
+    state.best_epoch = epoch if improved else state.best_epoch
     state.bad_epochs = 0 if improved else state.bad_epochs + 1
     log.info("epoch %d/%d  train %.3f  val %.3f (recon %.3f, div %.3f)%s  %.1fs", epoch,
              t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
              "  *" if improved else "", time.perf_counter() - start)
-    return {"epoch": epoch, "step": state.step, **{f"train_{k}": v for k, v in tr.items()},
-            **{f"val_{k}": v for k, v in va.items()}}, improved
+    row = {"epoch": epoch, "step": state.step, **{f"train_{k}": v for k, v in tr.items()},
+           **{f"val_{k}": v for k, v in va.items()}}
+    state.rows.append(row)
+    return row, improved

@@ -8,24 +8,49 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.config.registry import COMPONENTS
 from vae_cli.errors import UserError
+from vae_cli.runtime.checkpoint import run_dir_of
+
+MARKER = "FAILED"  # left in a sweep job's folder when the job failed (commands/sweeps.py)
+
+
+# What a run folder may hold before a run starts in it: Hydra's record of this start, its
+# log, a failed sweep job's marker. Anything else belongs to another run.
+OWN = {".hydra", "train.log", MARKER}
+
+
+def another_run(run_dir: Path) -> list[str]:
+    """What in run_dir belongs to a run: all but OWN, and a checkpoints/ folder holding no
+    checkpoint yet (a start killed while writing its first one)."""
+    if not run_dir.is_dir():
+        return []
+    ckpts = run_dir / "checkpoints"
+    empty = ckpts.is_dir() and not any(ckpts.glob("*.pt"))
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in OWN and not (p == ckpts and empty))
 
 
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue from: ckpt=..., or last.pt when trainer.resume=true (or
-    auto and it exists)."""
+    auto and it exists). A run folder is written only when it is empty, absent, or the
+    resumed run's own: never mixed with another run's files."""
     last = run_dir / "checkpoints" / "last.pt"
+    others = another_run(run_dir)
     if cfg.get("ckpt"):
-        return Path(cfg.ckpt)
-    if cfg.trainer.resume == "auto":  # a requeued cluster job: continue if it had started
-        return last if last.exists() else None
-    if cfg.trainer.resume:
+        path = Path(cfg.ckpt)
+        if others and run_dir_of(path) != run_dir.resolve():
+            raise UserError(f"{run_dir} holds another run ({', '.join(others[:3])}); "
+                            f"ckpt={path} continues in its own run folder or an empty one")
+        return path
+    if cfg.trainer.resume == "auto" and last.exists():  # a requeued cluster job
+        return last
+    if cfg.trainer.resume is True:
         if not last.exists():
             raise UserError(f"trainer.resume=true but {last} does not exist; "
                             "set hydra.run.dir=<run folder> or ckpt=<path>")
         return last
-    if last.exists():
-        raise UserError(f"{run_dir} already holds checkpoints; pass trainer.resume=true to "
-                        "continue it or choose another hydra.run.dir")
+    if others:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(others[:3])}); pass "
+                        "trainer.resume=true to continue it or choose another hydra.run.dir")
     return None
 
 

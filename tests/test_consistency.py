@@ -1,0 +1,145 @@
+"""Reliability class 3: what is on disk is always consistent. SIGKILLs at any moment, then
+a resume, give the metrics.csv, best.pt and weights of an uninterrupted run, bit for bit;
+a full disk keeps the previous checkpoint; a resume that would misread a saved position is
+refused; a text run keeps its own vocabulary."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from hostile import one_line_failure, tiny_run
+from test_cli import TINY, vae
+from test_reliability import LONG, _popen, _wait_for
+from test_text import TINY_RNN, write_corpus
+
+from vae_cli.runtime import checkpoint
+
+# six short epochs (32 steps): kills land in training, validation, saves and pictures
+KILLS = [*TINY, "dataset.n_train=1024", "trainer.epochs=6", "trainer.image_every=2"]
+
+
+def _identical(x, y, where: str = "") -> None:
+    """Same structure, same types, tensors equal bit for bit (the pickled bytes may differ
+    only in how equal strings were shared)."""
+    assert type(x) is type(y), where
+    if isinstance(x, dict):
+        assert list(x) == list(y), where
+        for k in x:
+            _identical(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, list | tuple):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            _identical(u, v, f"{where}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert x.dtype == y.dtype and torch.equal(x, y), where
+    else:
+        assert x == y or (x != x and y != y), where  # nan == nan here
+
+
+def _same_run(a, b) -> None:
+    assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+    for name in ("best.pt", "last.pt"):
+        _identical(checkpoint.load(a / "checkpoints" / name),
+                   checkpoint.load(b / "checkpoints" / name), name)
+
+
+def _count(path, text: str) -> int:
+    return path.read_text().count(text) if path.exists() else 0
+
+
+def test_sigkills_at_random_moments_then_resume_match_an_uninterrupted_run(tmp_path):
+    data = f"dataset.root={tmp_path / 'data'}"
+    vae("train", *KILLS, data, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    run, rng, kills = tmp_path / "cut", random.Random(0), 0
+    args = ["train", *KILLS, data, f"hydra.run.dir={run}", "trainer.resume=auto"]
+    while kills < 12:
+        starts = _count(run / "train.log", "parameters")
+        proc = _popen(args, tmp_path)
+        while _count(run / "train.log", "parameters") == starts and proc.poll() is None:
+            time.sleep(0.02)  # this start is set up: the kill lands in its run
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            break  # finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    vae(*args, cwd=tmp_path)  # the last start runs to the end
+    assert kills >= 6, kills
+    _same_run(run, tmp_path / "full")
+
+
+def test_a_kill_between_the_checkpoint_and_the_metrics_row_is_repaired(tmp_path):
+    # The state a kill right after saving last.pt leaves: the newest row missing from
+    # metrics.csv and best.pt not yet the improved epoch's.
+    full, cut = tiny_run(tmp_path, "full", "trainer.epochs=2"), tiny_run(tmp_path, "cut")
+    stale_best = (cut / "checkpoints/best.pt").read_bytes()
+    vae("train", *TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={cut}",
+        "trainer.resume=true", "trainer.epochs=2", cwd=tmp_path)
+    text = (cut / "metrics.csv").read_text().splitlines(keepends=True)
+    (cut / "metrics.csv").write_text("".join(text[:-1]))
+    (cut / "checkpoints/best.pt").write_bytes(stale_best)
+    vae("train", *TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={cut}",
+        "trainer.resume=true", "trainer.epochs=2", cwd=tmp_path)  # nothing left to train
+    _same_run(cut, full)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        run = tiny_run(tmp_path, "disk/run")
+        good = (run / "checkpoints/last.pt").read_bytes()
+        filler = disk / "filler"
+        with filler.open("wb", buffering=0) as f:  # fill what is left ...
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        # ... but for 64 KiB: Hydra's record of the start fits, a checkpoint does not
+        os.truncate(filler, filler.stat().st_size - 65536)
+        proc = vae("train", *TINY, f"dataset.root={tmp_path / 'data'}",
+                   f"hydra.run.dir={run}", "trainer.resume=true", "trainer.epochs=2",
+                   cwd=tmp_path, check=False)
+        one_line_failure(proc, "the disk is full")
+        assert (run / "checkpoints/last.pt").read_bytes() == good
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_resume_with_another_batch_size_mid_epoch_is_refused(tmp_path):
+    run = tmp_path / "run"
+    proc = _popen(["train", *LONG, f"dataset.root={tmp_path / 'data'}",
+                   f"hydra.run.dir={run}"], tmp_path)
+    _wait_for(run / "train.log", "epoch 1/3", proc)
+    while not (run / "images/samples_001.png").exists() and proc.poll() is None:
+        time.sleep(0.01)  # epoch 1's files written: epoch 2 is starting
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert checkpoint.load(run / "checkpoints/last.pt")["state"].get("progress")
+    proc = vae("train", f"ckpt={run / 'checkpoints/last.pt'}", "trainer.batch_size=64",
+               cwd=tmp_path, check=False)
+    one_line_failure(proc, "trainer.batch_size=64")
+
+
+def test_a_text_run_resumes_with_its_own_vocabulary(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    base = ["dataset=text", f"dataset.path={corpus}", *TINY_RNN, "trainer.batch_size=8",
+            "trainer.num_images=4", f"hydra.run.dir={run}"]
+    vae("train", *base, "trainer.epochs=1", cwd=tmp_path)
+    vocab = checkpoint.load(run / "checkpoints/last.pt")["vocab"]
+    with corpus.open("a") as f:  # the file edited since: new words, new frequencies
+        f.write("zebra quokka axolotl\n" * 50)
+    vae("train", *base, "trainer.resume=true", "trainer.epochs=2", cwd=tmp_path)
+    assert checkpoint.load(run / "checkpoints/last.pt")["vocab"] == vocab

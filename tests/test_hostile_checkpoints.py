@@ -1,0 +1,101 @@
+"""Reliability class 1: a checkpoint or command line names registered components, never
+arbitrary functions, and a checkpoint's config is never resolved against this machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hostile import digest, doctored, one_line_failure, tiny_run, unchanged
+from test_cli import vae
+
+from vae_cli.config.build import load_trained
+from vae_cli.errors import UserError
+from vae_cli.runtime import checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("hostile"))
+
+
+def _set(group, key, value):
+    def edit(config):
+        config[group][key] = value
+    return edit
+
+
+CASES = {
+    # a package function that writes files when called, with the arguments to do so
+    "package_function": (lambda c: c.update(loss={"_target_": "vae_cli.commands.compare.main",
+                                                   "argv": ["DIR"]}), "outside vae_cli"),
+    "foreign_function": (_set("loss", "_target_", "os.system"), "outside vae_cli"),
+    "other_group": (_set("loss", "_target_", "vae_cli.nets.mlp.build"), "outside vae_cli"),
+    "nested_target": (_set("dataset", "extra", {"_target_": "vae_cli.data.shapes.shapes"}),
+                      "outside vae_cli"),
+    "env_interpolation": (_set("dataset", "root", "${oc.env:HOME}"), "interpolation"),
+    "self_interpolation": (_set("model", "latent_dim", "${trainer.epochs}"), "interpolation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_doctored_checkpoint_is_refused_by_every_reader(run, tmp_path, case):
+    # in-process: the functions eval/sample and a resume go through
+    edit, fragment = CASES[case]
+    bad = doctored(run / "checkpoints/last.pt", tmp_path / "bad.pt", edit)
+    with pytest.raises(UserError, match=fragment):
+        load_trained(str(bad), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("command, case", [
+    ("eval", "package_function"), ("eval", "env_interpolation"), ("eval", "nested_target"),
+    ("sample", "package_function"), ("sample", "self_interpolation"),
+    ("train", "package_function"), ("train", "env_interpolation"),
+])
+def test_doctored_checkpoint_is_refused_before_anything_runs(run, tmp_path, command, case):
+    edit, fragment = CASES[case]
+    bad = doctored(run / "checkpoints/last.pt", tmp_path / "bad/checkpoints/last.pt", edit)
+    before = digest(run)
+    args = [f"ckpt={bad}", f"out_dir={tmp_path / 'out'}"] if command != "train" else [
+        f"ckpt={bad}", f"hydra.run.dir={tmp_path / 'new'}"]
+    proc = vae(command, *args, cwd=tmp_path, check=False)
+    one_line_failure(proc, fragment)
+    assert unchanged(before, run)
+    assert not list(tmp_path.rglob("compare.*")) and not (tmp_path / "out").exists()
+    assert not (tmp_path / "new/checkpoints").exists()
+
+
+@pytest.mark.parametrize("override", ["loss._target_=vae_cli.commands.compare.main",
+                                      "+loss.argv=[x]", "model._target_=builtins.eval"])
+def test_command_line_targets_are_registered_components_only(tmp_path, override):
+    proc = vae("train", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+               check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run/checkpoints").exists() and not list(tmp_path.rglob("compare.*"))
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("shape", "abc", "data shape"),
+    ("shape", [1, -5, 3], "data shape"),
+    ("model", {"w": "not a tensor"}, "weights"),
+    ("vocab", {"itos": [1, 2], "tokens": "word"}, "vocabulary"),
+    ("dataset_size", -1, "dataset size"),
+    ("state", [1, 2], "'state'"),
+])
+def test_a_damaged_layout_is_refused_on_load(run, tmp_path, key, value, fragment):
+    ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    ckpt.pop("format")
+    ckpt[key] = value
+    checkpoint.save(tmp_path / "bad.pt", ckpt)
+    with pytest.raises(UserError, match=fragment):
+        checkpoint.load(tmp_path / "bad.pt")
+
+
+def test_a_damaged_training_state_is_refused_on_resume(run, tmp_path):
+    ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    ckpt.pop("format")
+    del ckpt["state"]["step"], ckpt["rng"]["order"]
+    (tmp_path / "r/checkpoints").mkdir(parents=True)
+    checkpoint.save(tmp_path / "r/checkpoints/last.pt", ckpt)
+    proc = vae("train", f"ckpt={tmp_path / 'r/checkpoints/last.pt'}", "trainer.epochs=2",
+               cwd=tmp_path, check=False)
+    one_line_failure(proc, "cannot be resumed")

@@ -1,0 +1,77 @@
+"""Reliability class 2: a run folder belongs to one run. A second process is refused, a
+checkpoint never continues into another run's folder, a folder removed mid-run is not
+recreated, and a checkpoint kept among other files starts a folder of its own."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from hostile import digest, one_line_failure, tiny_run, unchanged
+from test_cli import TINY, rows, vae
+from test_reliability import LONG, _popen, _wait_for
+
+
+def test_a_second_process_into_a_running_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    first = _popen(["train", *LONG, f"dataset.root={tmp_path / 'data'}",
+                    f"hydra.run.dir={run}"], tmp_path)
+    _wait_for(run / "train.log", "parameters", first)  # past the lock, training
+    second = vae("train", *LONG, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}",
+                 "trainer.resume=true", cwd=tmp_path, check=False)
+    one_line_failure(second, "in use by another vae train")
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert [r["epoch"] for r in rows(run)] == ["1", "2", "3"]
+
+
+def test_a_checkpoint_does_not_continue_into_another_runs_folder(tmp_path):
+    a, b = tiny_run(tmp_path, "a"), tiny_run(tmp_path, "b")
+    before = digest(b)
+    proc = vae("train", f"ckpt={a / 'checkpoints/last.pt'}", f"hydra.run.dir={b}",
+               "trainer.epochs=2", cwd=tmp_path, check=False)
+    one_line_failure(proc, "holds another run")
+    assert unchanged(before, b) and len(rows(b)) == 1
+
+
+def test_a_folder_with_another_runs_files_but_no_checkpoint_is_refused(tmp_path):
+    run = tiny_run(tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    before = digest(run)
+    proc = vae("train", *TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}",
+               cwd=tmp_path, check=False)
+    one_line_failure(proc, "already holds a run")
+    assert unchanged(before, run)
+
+
+def test_a_checkpoint_continues_into_an_empty_folder_with_its_history(tmp_path):
+    a = tiny_run(tmp_path, "a")
+    vae("train", f"ckpt={a / 'checkpoints/last.pt'}", f"hydra.run.dir={tmp_path / 'b'}",
+        "trainer.epochs=2", cwd=tmp_path)
+    assert [r["epoch"] for r in rows(tmp_path / "b")] == ["1", "2"]
+    assert rows(tmp_path / "b")[0] == rows(a)[0] and len(rows(a)) == 1
+
+
+def test_a_run_folder_removed_while_training_is_not_recreated(tmp_path):
+    run = tmp_path / "run"
+    proc = _popen(["train", *LONG, f"dataset.root={tmp_path / 'data'}",
+                   f"hydra.run.dir={run}"], tmp_path)
+    _wait_for(run / "train.log", "parameters", proc)
+    time.sleep(0.3)
+    shutil.rmtree(run)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "was removed" in err, err
+    assert not run.exists()
+
+
+def test_a_checkpoint_among_other_files_starts_its_own_run_folder(tmp_path):
+    a = tiny_run(tmp_path, "a")
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    shutil.copy(a / "checkpoints/last.pt", shelf / "model.pt")
+    (shelf / "notes.txt").write_text("mine")
+    vae("train", f"ckpt={shelf / 'model.pt'}", "trainer.epochs=2", cwd=tmp_path)
+    assert sorted(p.name for p in shelf.iterdir()) == ["model.pt", "notes.txt"]
+    (new,) = {m.parent for m in (tmp_path / "outputs").rglob("metrics.csv")}
+    assert [r["epoch"] for r in rows(new)] == ["1", "2"]
