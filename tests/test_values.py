@@ -10,8 +10,13 @@ import zlib
 import pytest
 import torch
 from hostile import digest, one_line_failure, tiny_run, unchanged
+from omegaconf.errors import OmegaConfBaseException
 from test_cli import TINY, vae
 from torchvision.io import write_png
+
+from vae_cli.commands.main import one_line
+from vae_cli.config.schemas import validate_eval, validate_sample, validate_train
+from vae_cli.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +35,15 @@ def _bomb(path) -> None:
                      + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
 
-@pytest.mark.parametrize("args, fragment", [
+TRAIN = [
     (["optim.lr=inf"], "optim.lr"),
     (["divergence.beta=nan"], "divergence.beta"),
     (["optim.weight_decay=-1"], "optim.weight_decay"),
     (["seed=18446744073709551616"], "seed"),
     (["dataset.root=${oc.env:VAE_TEST_UNSET_VARIABLE}"], "VAE_TEST_UNSET_VARIABLE"),
     (["model.hidden=[64,nan]"], "model.hidden"),
-])
-def test_train_values(tmp_path, args, fragment):
-    proc = vae("train", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-               check=False)
-    one_line_failure(proc, fragment)
-    assert not (tmp_path / "run/checkpoints").exists()
-
-
-@pytest.mark.parametrize("command, args, fragment", [
+]
+READERS = [
     ("eval", ["eval.max_examples=-1"], "eval.max_examples"),
     ("eval", ["eval.iw_samples=1.5"], "eval.iw_samples"),
     ("sample", ["temperature=nan"], "temperature"),
@@ -54,7 +52,35 @@ def test_train_values(tmp_path, args, fragment):
     ("sample", ["seed=-1"], "seed"),
     ("eval", ["out_dir=OUT/sub"], "out_dir"),
     ("sample", ["out_dir=OUT"], "out_dir"),
-])
+]
+
+
+@pytest.mark.parametrize("args, fragment", TRAIN)
+def test_train_values_are_refused_with_the_key_named(compose_cfg, args, fragment):
+    with pytest.raises((UserError, OmegaConfBaseException)) as e:
+        validate_train(compose_cfg([*TINY, *args]))
+    assert fragment in one_line(e.value)
+
+
+@pytest.mark.parametrize("command, args, fragment", READERS)
+def test_eval_and_sample_values_are_refused_with_the_key_named(compose_cfg, tmp_path,
+                                                               command, args, fragment):
+    (tmp_path / "OUT").write_text("a file, not a folder")
+    args = [a.replace("OUT", str(tmp_path / "OUT")) for a in args]
+    validate = validate_eval if command == "eval" else validate_sample
+    with pytest.raises(UserError, match=fragment):
+        validate(compose_cfg(["ckpt=x.pt", *args], name=command))
+
+
+@pytest.mark.parametrize("args, fragment", [TRAIN[0], TRAIN[4]])
+def test_train_values_through_the_command(tmp_path, args, fragment):
+    proc = vae("train", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+               check=False)
+    one_line_failure(proc, fragment)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+@pytest.mark.parametrize("command, args, fragment", [READERS[0], READERS[4], READERS[7]])
 def test_eval_and_sample_values_are_checked_before_any_file(run, tmp_path, command, args,
                                                             fragment):
     (tmp_path / "OUT").write_text("a file, not a folder")
