@@ -15,7 +15,7 @@ import pytest
 import torch
 from hostile import one_line_failure, tiny_run
 from test_cli import TINY, vae
-from test_reliability import LONG, _popen, _wait_for
+from test_reliability import LONG, _interrupt_mid_epoch, _popen
 from test_text import TINY_RNN, write_corpus
 
 from vae_cli.runtime import checkpoint
@@ -118,14 +118,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
 
 def test_resume_with_another_batch_size_mid_epoch_is_refused(tmp_path):
     run = tmp_path / "run"
-    proc = _popen(["train", *LONG, f"dataset.root={tmp_path / 'data'}",
-                   f"hydra.run.dir={run}"], tmp_path)
-    _wait_for(run / "train.log", "epoch 1/3", proc)
-    while not (run / "images/samples_001.png").exists() and proc.poll() is None:
-        time.sleep(0.01)  # epoch 1's files written: epoch 2 is starting
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    _interrupt_mid_epoch(["train", *LONG, f"dataset.root={tmp_path / 'data'}",
+                          f"hydra.run.dir={run}"], tmp_path, signal.SIGTERM)
     assert checkpoint.load(run / "checkpoints/last.pt")["state"].get("progress")
     proc = vae("train", f"ckpt={run / 'checkpoints/last.pt'}", "trainer.batch_size=64",
                cwd=tmp_path, check=False)

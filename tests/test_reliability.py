@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import pty
+import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -38,6 +44,33 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
     raise AssertionError(f"{text!r} never appeared in {path}")
 
 
+def _interrupt_mid_epoch(args: list[str], cwd: Path, sig: int) -> tuple[int, str]:
+    """Run ``vae train`` with its stderr on a terminal, as a user sees it, and send ``sig``
+    once the progress bar shows a step of epoch 2 done (a fixed sleep after epoch 1 can land
+    before epoch 2 starts on a loaded machine). Returns the exit code and the last line."""
+    main, tty = pty.openpty()
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen([sys.executable, "-m", "vae_cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=tty)
+    os.close(tty)
+    out, sent, end = "", False, time.time() + 300
+    while time.time() < end:
+        if select.select([main], [], [], 0.1)[0]:
+            try:
+                out += os.read(main, 65536).decode(errors="replace")
+            except OSError:  # the terminal closed: the process is gone
+                break
+        if not sent and re.search(r"epoch 2/\d+:[^\r\n]*\| *[1-9]\d*/\d+", out):
+            proc.send_signal(sig)
+            sent = True
+    os.close(main)
+    proc.wait(timeout=60)
+    assert sent, f"epoch 2 never started: {out[-600:]}"
+    lines = [x.strip() for x in re.split(r"[\r\n]+", out) if x.strip()]
+    return proc.returncode, lines[-1] if lines else ""
+
+
 def _weights(run: Path) -> dict:
     return torch.load(run / "checkpoints/last.pt", weights_only=True)["model"]
 
@@ -48,13 +81,9 @@ def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path, sig)
     vae("train", *LONG, data, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
 
     run = tmp_path / "cut"
-    proc = _popen(["train", *LONG, data, f"hydra.run.dir={run}"], tmp_path)
-    _wait_for(run / "train.log", "epoch 1/3", proc)  # interrupt inside epoch 2
-    time.sleep(0.2)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, err
-    assert len(err.strip().splitlines()) == 1 and sig.name in err and "ckpt=" in err
+    code, line = _interrupt_mid_epoch(["train", *LONG, data, f"hydra.run.dir={run}"],
+                                      tmp_path, sig)
+    assert code == 128 + sig and sig.name in line and "ckpt=" in line, line
     saved = checkpoint.load(run / "checkpoints/last.pt")
     assert saved["state"]["epoch"] == 1 and saved["state"]["progress"]["batch"] > 0
 
