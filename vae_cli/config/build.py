@@ -58,7 +58,8 @@ def build_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
 
 
 def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
-    """Rebuild a model from a checkpoint's own config (not today's defaults), in eval mode."""
+    """Rebuild a model from a checkpoint's own config (not today's defaults), in eval mode,
+    with the weights its run validated: the EMA of the weights when it kept one."""
     ckpt = checkpoint.load(path)
     saved = upgrade(ckpt["config"])
     check_saved(saved)
@@ -67,8 +68,8 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
     objective = build_objective(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
                                 len(vocab) if vocab else None)
     try:
-        objective.model.load_state_dict(ckpt["model"])
-        objective.divergence.load_state_dict(ckpt.get("divergence", {}))
+        objective.model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+        objective.divergence.load_state_dict(ckpt.get("divergence") or {})
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} does not match its own config: {str(e).splitlines()[0]}") from None
     return objective.to(device).eval(), ckpt

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_cli.errors import UserError
 
-COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule")
+COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule", "lr_scheduler")
+# Groups added since: a saved config without them gets the option that behaves as before.
+ADDED = {"lr_scheduler": "vae_cli.training.lr_schedules.LRSchedule"}
 # Modules whose components moved: their old paths stay valid in saved checkpoints.
 MOVED = {f"vae_cli.{m}": f"vae_cli.objective.{m}"
          for m in ("divergences", "priors", "likelihoods", "schedules")}
@@ -26,13 +28,14 @@ MOVED = {f"vae_cli.{m}": f"vae_cli.objective.{m}"
 
 def upgrade(config: dict) -> dict:
     """A checkpoint's config in today's form: checkpoints written before optim._target_
-    named the optimizer by ``optim.name`` (adam | adamw)."""
+    named the optimizer by ``optim.name`` (adam | adamw), and before the groups in ADDED."""
     optim = config.get("optim")
     if isinstance(optim, dict) and "_target_" not in optim and "name" in optim:
         names = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
         rest = {k: v for k, v in optim.items() if k != "name"}
         config = {**config, "optim": {"_target_": names.get(optim["name"]), **rest}}
-    return config
+    missing = {g: {"_target_": t} for g, t in ADDED.items() if g not in config}
+    return {**config, **missing}
 
 
 def config_dir() -> Path:

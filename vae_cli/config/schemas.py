@@ -37,6 +37,8 @@ class TrainerConfig:
     tensorboard: bool = False  # scalars and image grids under <run>/tensorboard
     detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
     compile: bool = False  # torch.compile the training step (model forward and optimizer)
+    grad_clip: float | None = None  # max total gradient norm (after fp16 unscaling)
+    ema: float | None = None  # decay of an exponential moving average of the weights
 
 
 @dataclasses.dataclass
@@ -164,6 +166,10 @@ def validate_train(cfg: DictConfig) -> DictConfig:
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r} is not one of {PRECISIONS}")
     check_device("trainer.device", t.device)
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        raise UserError(f"trainer.grad_clip={t.grad_clip} must be > 0 or null")
+    if t.ema is not None and not 0 < t.ema < 1:
+        raise UserError(f"trainer.ema={t.ema} must be a decay in (0, 1) or null")
     if not _number(o.get("lr", 1)) or not o.get("lr", 1) > 0:
         raise UserError(f"optim.lr={o.lr} must be a number > 0")
     if not _number(o.get("weight_decay", 0)) or not o.get("weight_decay", 0) >= 0:

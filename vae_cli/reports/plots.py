@@ -17,8 +17,14 @@ def _pyplot():
     return plt
 
 
+# panels beside the losses, when the run logged them: the learning rate (log scale when it
+# changes) and the gradient norm before clipping
+EXTRA = (("lr", "lr"), ("grad norm", "train_grad_norm"))
+
+
 def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
-    """Train/val loss, reconstruction and divergence against epochs."""
+    """Train/val loss, reconstruction and divergence against epochs, then the learning rate
+    and gradient norm where logged."""
     with Path(metrics_csv).open() as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -26,8 +32,10 @@ def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
     plt = _pyplot()
     epochs = [int(r["epoch"]) for r in rows]
     panels = [k for k in ("loss", "recon", "div") if f"train_{k}" in rows[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], panels, strict=True):
+    extra = [(title, col) for title, col in EXTRA if rows[0].get(col)]
+    n = len(panels) + len(extra)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=False):
         for split, style in (("train", "-"), ("val", "--")):
             col = f"{split}_{key}"
             if col in rows[0]:
@@ -35,6 +43,13 @@ def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.legend()
+    for ax, (title, col) in zip(axes[0][len(panels):], extra, strict=True):
+        values = [float(r[col]) for r in rows]
+        ax.plot(epochs, values, "-")
+        if min(values) > 0 and max(values) > min(values):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -64,9 +64,12 @@ def _malformed(ckpt: dict) -> str | None:
             return f"no {key!r}"
     if not isinstance(ckpt["config"], dict):
         return "its config is not a mapping"
-    if not isinstance(ckpt["model"], dict) or not all(
-            isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
-        return "its weights are not a mapping of tensors"
+    for key in ("model", "ema"):
+        weights = ckpt.get(key, {}) if key == "ema" else ckpt[key]
+        if weights is not None and not (isinstance(weights, dict) and all(
+                isinstance(v, torch.Tensor) for v in weights.values())):
+            return f"its {'weights' if key == 'model' else 'averaged weights'} are not a " \
+                   "mapping of tensors"
     shape = ckpt.get("shape")
     if not (isinstance(shape, list) and len(shape) in (1, 3)
             and all(isinstance(n, int) and n > 0 for n in shape)):
@@ -79,7 +82,7 @@ def _malformed(ckpt: dict) -> str | None:
                                   and all(isinstance(t, str) for t in vocab["itos"])
                                   and isinstance(vocab.get("tokens"), str)):
         return "its vocabulary"
-    for key in ("optim", "state", "rng", "divergence", "aux_optim"):
+    for key in ("optim", "state", "rng", "divergence", "aux_optim", "scaler", "lr_scheduler"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"its {key!r} is not a mapping"
     return None

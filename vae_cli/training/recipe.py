@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,7 +25,9 @@ from vae_cli.reports.training import TrainingReports
 from vae_cli.runtime import checkpoint, distributed
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.rng import rng_state, seed_all, set_rng_state
+from vae_cli.training.ema import WeightAverage
 from vae_cli.training.loop import StopRequested, train_epoch
+from vae_cli.training.lr_schedules import LRSchedule
 from vae_cli.training.metrics import read_metrics, write_metrics
 from vae_cli.training.signals import Interrupted, StopFlag
 from vae_cli.training.state import TrainState
@@ -43,11 +46,17 @@ class Run:
     state: TrainState
     order: torch.Generator  # batch order, on the CPU so it is device-independent
     writer: bool  # rank 0: the one process that writes files
+    lr_schedule: LRSchedule
+    ema: WeightAverage | None = None
     resumed_from: Path | None = None  # the checkpoint file this run continues
 
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    def weights_shown(self) -> contextlib.AbstractContextManager:
+        """The weights validation, pictures and evaluation use: the EMA when kept."""
+        return self.ema.applied() if self.ema else contextlib.nullcontext()
 
 
 def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
@@ -71,17 +80,25 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     opt = build_optimizer(cfg.optim, objective.main_parameters())
     div = objective.divergence
     aux_opt = div.auxiliary_optimizer() if div.auxiliary_steps else None
+    stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
+                      t.precision, shard, aux_opt, distributed.average_grads,
+                      scaler=torch.amp.GradScaler(device.type) if t.precision == "fp16"
+                      else None, grad_clip=t.grad_clip)
+    schedule = instantiate("lr_scheduler", cfg.lr_scheduler, opt, epochs=t.epochs,
+                           steps_per_epoch=len(data.train) // t.batch_size)
+    ema = WeightAverage(objective.model, t.ema) if t.ema else None
     state, order = TrainState(), torch.Generator().manual_seed(cfg.seed)
     if ckpt is not None:
         check_position(ckpt, cfg)
-        state = restore(ckpt, objective, opt, aux_opt, cfg.optim, order)
+        state = restore(ckpt, objective, stepper, schedule, ema, cfg, order)
+    stepper.hooks.after_update.append(lambda step: schedule.advance("step"))
+    if ema:
+        stepper.hooks.after_update.append(lambda step: ema.update())
     log.info("%s on %s%s: %d parameters, data %s x %d", cfg.model._target_, device,
              f" x {shard.world} processes" if shard.world > 1 else "",
              sum(p.numel() for p in objective.parameters()), tuple(data.shape), len(data.train))
-    stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
-                      t.precision, shard, aux_opt, distributed.average_grads)
     return Run(cfg, Path(run_dir), data, objective, stepper, state, order, shard.rank == 0,
-               ckpt_path)
+               schedule, ema, ckpt_path)
 
 
 def placement(t) -> tuple[torch.device, Shard]:
@@ -107,29 +124,48 @@ def check_position(ckpt: dict, cfg: DictConfig) -> None:
                         f"{saved}, the epoch's position depends on it")
 
 
-def restore(ckpt: dict, objective: Objective, opt: torch.optim.Optimizer,
-            aux_opt: torch.optim.Optimizer | None, optim_cfg: DictConfig,
-            order: torch.Generator) -> TrainState:
-    """Weights, optimizer moments, random streams and counters from a checkpoint; optim
-    settings given now (an optim.lr= override) win over the saved ones."""
+def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSchedule,
+            ema: WeightAverage | None, cfg: DictConfig, order: torch.Generator) -> TrainState:
+    """Weights, optimizer moments, schedules, random streams and counters from a
+    checkpoint; optim settings given now (an optim.lr= override) win over the saved ones."""
     try:
         objective.model.load_state_dict(ckpt["model"])
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})
-        opt.load_state_dict(ckpt["optim"])
-        if aux_opt is not None:
-            aux_opt.load_state_dict(ckpt["aux_optim"])
+        stepper.opt.load_state_dict(ckpt["optim"])
+        if stepper.aux_opt is not None:
+            stepper.aux_opt.load_state_dict(ckpt["aux_optim"])
+        if stepper.scaler is not None and ckpt.get("scaler"):
+            stepper.scaler.load_state_dict(ckpt["scaler"])
+        schedule.load_state_dict(ckpt.get("lr_scheduler") or {})
+        state = TrainState.from_dict(ckpt["state"])
+        if ema is not None:  # a run that starts averaging on resume starts from here
+            ema.load_state_dict(ckpt.get("ema") or ckpt["model"],
+                                state.step if ckpt.get("ema") else 0)
         set_rng_state(ckpt["rng"])
         order.set_state(ckpt["rng"]["order"])
-        state = TrainState.from_dict(ckpt["state"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"the checkpoint cannot be resumed: its training state does not "
                         f"fit this run ({reason})") from None
-    settings = optimizer_settings(optim_cfg)
-    for group in opt.param_groups:
-        group.update({k: v for k, v in settings.items() if k in group})
+    override_settings(stepper.opt, cfg.optim, ckpt, scheduled=schedule.scheduler is not None)
     log.info("resumed at epoch %d, step %d", state.epoch, state.step)
     return state
+
+
+def override_settings(opt: torch.optim.Optimizer, optim_cfg: DictConfig, ckpt: dict,
+                      scheduled: bool) -> None:
+    """optim settings given now win over the saved ones, except the lr under a schedule:
+    the schedule's saved state owns it, so a changed optim.lr is refused, not half-applied."""
+    settings = optimizer_settings(optim_cfg)
+    if scheduled:
+        saved = (ckpt["config"].get("optim") or {}).get("lr")
+        if saved is not None and settings.get("lr") != saved:
+            raise UserError(f"optim.lr={settings.get('lr')} differs from the run's ({saved}), "
+                            "and an lr_scheduler continues from its saved state; resume "
+                            "without changing optim.lr, or start a new run")
+        settings.pop("lr", None)
+    for group in opt.param_groups:
+        group.update({k: v for k, v in settings.items() if k in group})
 
 
 def training_net(objective: Objective, opt: torch.optim.Optimizer, compile: bool,
@@ -165,6 +201,9 @@ def save_checkpoint(run: Run, name: str) -> Path:
         "divergence": run.objective.divergence.state_dict(),
         "optim": stepper.opt.state_dict(),
         "aux_optim": stepper.aux_opt.state_dict() if stepper.aux_opt else None,
+        "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
+        "lr_scheduler": run.lr_schedule.state_dict(),
+        "ema": run.ema.state_dict() if run.ema else None,
         "state": run.state.to_dict(), "rng": {**rng_state(), "order": run.order.get_state()}})
     return path
 
@@ -189,8 +228,9 @@ def fit(run: Run) -> dict:
                     write_metrics(run.run_dir / "metrics.csv", state.rows)
                     if improved:  # the same bytes: copy them rather than serialise twice
                         checkpoint.copy(run.ckpt_dir / "last.pt", run.ckpt_dir / "best.pt")
-                    reports.epoch(state.epoch, state.step, row,
-                                  state.epoch % t.image_every == 0 or state.epoch == t.epochs)
+                    with run.weights_shown():
+                        reports.epoch(state.epoch, state.step, row, state.epoch
+                                      % t.image_every == 0 or state.epoch == t.epochs)
                 if agreed_signal(run, stop) and state.epoch < t.epochs:
                     raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
                 if t.patience and state.bad_epochs >= t.patience:
@@ -198,7 +238,8 @@ def fit(run: Run) -> dict:
                     break
             if reports:
                 check_run_dir(run)
-                reports.final()
+                with run.weights_shown():
+                    reports.final()
         finally:
             if reports:
                 reports.close()
@@ -247,12 +288,15 @@ def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
     except StopRequested:
         raise Interrupted(stop.signum, state.step, save_checkpoint(run, "last.pt")) from None
     distributed.check_replicas(run.objective)
-    # every rank scores the whole split; rank 0's numbers decide for all
-    va = distributed.broadcast(evaluate(run.objective, run.data.val, t.batch_size,
-                                        t.precision))
+    lr = run.lr_schedule.lr  # the epoch's (a per-step schedule's: its last step's)
+    with run.weights_shown():  # every rank scores the whole split; rank 0's numbers decide
+        va = distributed.broadcast(evaluate(run.objective, run.data.val, t.batch_size,
+                                            t.precision))
     if not math.isfinite(va["loss"]):
         raise UserError(f"validation loss is non-finite after epoch {epoch}; "
                         "the last good checkpoint is kept (lower optim.lr?)")
+    run.lr_schedule.advance("epoch")
+    run.lr_schedule.advance("val", va["loss"])
     state.epoch = epoch
     improved = va["loss"] < state.best_val
     state.best_val = min(state.best_val, va["loss"])
@@ -262,6 +306,6 @@ def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
              t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
              "  *" if improved else "", time.perf_counter() - start)
     row = {"epoch": epoch, "step": state.step, **{f"train_{k}": v for k, v in tr.items()},
-           **{f"val_{k}": v for k, v in va.items()}}
+           **{f"val_{k}": v for k, v in va.items()}, "lr": lr}
     state.rows.append(row)
     return row, improved

@@ -74,7 +74,7 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
                 same = here == there
             if not same:
                 raise UserError(f"{key}={here} differs from the checkpoint ({there}); a resumed "
-                                "run keeps its dataset/model/prior/divergence/loss")
+                                f"run keeps its {head} (as its other components)")
             continue
         if head == "optim" and key == head:  # another optimizer: its whole node
             OmegaConf.update(cfg, "optim", current.optim, force_add=True, merge=False)

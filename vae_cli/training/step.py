@@ -1,8 +1,9 @@
 """One training step, and the named points where features plug into it.
 
-The order, in one place: forward (under autocast) -> backward -> ``after_backward`` hooks
-(gradients final: clipping) -> optimizer step -> auxiliary steps (a divergence's own
-network, e.g. the critic) -> ``after_update`` hooks (LR schedule, EMA of weights).
+The order, in one place: forward (under autocast) -> backward (loss-scaled under fp16) ->
+unscale -> gradient clipping -> ``after_backward`` hooks (gradients final) -> optimizer step
+-> auxiliary steps (a divergence's own network, e.g. the critic) -> ``after_update`` hooks
+(LR schedule, EMA of weights).
 """
 
 from __future__ import annotations
@@ -44,16 +45,29 @@ class Stepper:
     aux_opt: torch.optim.Optimizer | None = None
     reduce_grads: Callable[[list[nn.Parameter]], None] = lambda params: None
     hooks: Hooks = field(default_factory=Hooks)
+    scaler: torch.amp.GradScaler | None = None  # fp16: loss scaling keeps small grads
+    grad_clip: float | None = None  # max total gradient norm
 
     def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """One step on batch x, the ``step``-th; returns the batch's terms (on device)."""
+        """One step on batch x, the ``step``-th; returns the batch's terms (on device),
+        with ``grad_norm`` (the norm before clipping) when clipping is on."""
         with autocast(self.device, self.precision):
             terms, z = self.net(x, step, self.shard)
         self.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        loss = terms["loss"]
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)  # the clip threshold is in true gradient units
+        if self.grad_clip is not None:
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            terms = {**terms, "grad_norm": nn.utils.clip_grad_norm_(params, self.grad_clip)}
         for hook in self.hooks.after_backward:
             hook()
-        self.opt.step()
+        if self.scaler:
+            self.scaler.step(self.opt)  # skipped when the scaled grads overflowed
+            self.scaler.update()
+        else:
+            self.opt.step()
         if self.aux_opt is not None:
             auxiliary_step(self.objective.divergence, self.objective.model.prior,
                            self.aux_opt, z, self.reduce_grads)

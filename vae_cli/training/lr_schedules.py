@@ -1,0 +1,142 @@
+"""Learning-rate schedules: the ``lr_scheduler`` group, one class per option.
+
+Each wraps one of torch's own schedulers and says when it advances (``per``): after every
+optimizer step, after every epoch, or on each epoch's validation loss. Its state goes into
+the checkpoint, so a resume (mid-epoch included) continues the same learning rates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch.optim import lr_scheduler as torch_schedulers
+
+from vae_cli.errors import UserError
+
+Per = Literal["step", "epoch", "val"]
+
+
+class LRSchedule:
+    """No schedule: the optimizer's lr throughout (``lr_scheduler=none``)."""
+
+    per: Per = "epoch"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, /, *, steps_per_epoch: int = 1,
+                 epochs: int = 1):
+        self.optimizer = optimizer
+        self.scheduler: torch_schedulers.LRScheduler | torch_schedulers.ReduceLROnPlateau | None
+        self.scheduler = None
+
+    def advance(self, per: Per, val_loss: float | None = None) -> None:
+        """Called after each step ("step"), each epoch ("epoch") and each validation
+        ("val"); the schedule moves on the one it is defined on."""
+        if self.scheduler is None or per != self.per:
+            return
+        if per == "val":
+            self.scheduler.step(val_loss)
+        else:
+            self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
+
+
+class Cosine(LRSchedule):
+    """Linear warm-up from ~0 over ``warmup_epochs``, then cosine decay to ``min_lr`` at the
+    last step of the run; advanced per optimizer step."""
+
+    per: Per = "step"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, /, warmup_epochs: float = 1.0,
+                 min_lr: float = 0.0, *, steps_per_epoch: int = 1, epochs: int = 1):
+        super().__init__(optimizer)
+        total = steps_per_epoch * epochs
+        warmup = round(warmup_epochs * steps_per_epoch)
+        if warmup_epochs < 0 or warmup >= total:
+            raise UserError(f"lr_scheduler.warmup_epochs={warmup_epochs} must be >= 0 and "
+                            f"shorter than the run ({epochs} epochs)")
+        if min_lr < 0:
+            raise UserError(f"lr_scheduler.min_lr={min_lr} must be >= 0")
+        cosine = torch_schedulers.CosineAnnealingLR(optimizer, T_max=total - warmup,
+                                                    eta_min=min_lr)
+        if warmup == 0:
+            self.scheduler = cosine
+            return
+        # the first step trains at lr/warmup, the warmup-th at the full lr
+        ramp = torch_schedulers.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0,
+                                         total_iters=warmup - 1)
+        self.scheduler = torch_schedulers.SequentialLR(optimizer, [ramp, cosine],
+                                                       milestones=[warmup])
+
+
+class Step(LRSchedule):
+    """lr x gamma every ``step_epochs`` epochs."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, /, step_epochs: int = 30,
+                 gamma: float = 0.1, *, steps_per_epoch: int = 1, epochs: int = 1):
+        super().__init__(optimizer)
+        check(step_epochs=step_epochs, gamma=gamma)
+        self.scheduler = torch_schedulers.StepLR(optimizer, step_size=step_epochs,
+                                                 gamma=gamma)
+
+
+class Exponential(LRSchedule):
+    """lr x gamma after every epoch."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, /, gamma: float = 0.95, *,
+                 steps_per_epoch: int = 1, epochs: int = 1):
+        super().__init__(optimizer)
+        check(gamma=gamma)
+        self.scheduler = torch_schedulers.ExponentialLR(optimizer, gamma=gamma)
+
+
+class Plateau(LRSchedule):
+    """lr x factor when the validation loss has not improved (by ``threshold``, relative)
+    for ``patience`` epochs, down to ``min_lr``."""
+
+    per: Per = "val"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, /, factor: float = 0.5,
+                 patience: int = 5, threshold: float = 1e-4, min_lr: float = 0.0, *,
+                 steps_per_epoch: int = 1, epochs: int = 1):
+        super().__init__(optimizer)
+        check(factor=factor)
+        if patience < 0 or threshold < 0 or min_lr < 0:
+            raise UserError("lr_scheduler.patience, threshold and min_lr must be >= 0")
+        self.scheduler = torch_schedulers.ReduceLROnPlateau(
+            optimizer, mode="min", factor=factor, patience=patience, threshold=threshold,
+            min_lr=min_lr)
+
+
+class Staged(LRSchedule):
+    """The IWAE paper's schedule (Burda et al. 2016, sec. 5): stage i = 0..stages-1 lasts
+    base^i epochs at lr x decay^i (3^i epochs at lr x 10^(-i/7), 3280 epochs in all); the
+    last stage's lr is kept if the run goes on."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, /, stages: int = 8, base: int = 3,
+                 decay: float = 10 ** (-1 / 7), *, steps_per_epoch: int = 1, epochs: int = 1):
+        super().__init__(optimizer)
+        check(stages=stages, base=base, decay=decay)
+        ends = [sum(base**j for j in range(i + 1)) for i in range(stages - 1)]
+        self.scheduler = torch_schedulers.MultiStepLR(optimizer, milestones=ends, gamma=decay)
+
+    @staticmethod
+    def total_epochs(stages: int = 8, base: int = 3) -> int:
+        return sum(base**i for i in range(stages))
+
+
+def check(**values: float) -> None:
+    """Counts and factors of a schedule are positive (a factor of 0 would zero the lr)."""
+    for key, value in values.items():
+        if not value > 0 or not math.isfinite(value):
+            raise UserError(f"lr_scheduler.{key}={value} must be > 0")
