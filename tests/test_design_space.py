@@ -11,7 +11,7 @@ from test_cli import vae
 
 DIVERGENCES = ["kl", "mmd", "sliced", "adversarial", "tc"]
 PRIORS = ["normal", "learned", "mog", "vamp"]
-LOSSES = ["bernoulli", "gaussian", "laplace", "categorical", "logistic"]
+LOSSES = ["bernoulli", "gaussian", "laplace", "mse", "categorical", "logistic"]
 DATA = ["dataset=shapes", "dataset.image_size=16", "dataset.n_train=128", "dataset.n_val=32",
         "dataset.n_test=32", "trainer.epochs=1", "trainer.batch_size=32", "trainer.device=cpu",
         "trainer.num_images=8"]
@@ -49,6 +49,14 @@ def test_every_divergence_with_every_prior(tmp_path):
     # One column per component: beta-TCVAE logs its three terms.
     tc_job = next(j for j in jobs if "divergence=tc" in (j / ".hydra/overrides.yaml").read_text())
     assert {"train_mi", "train_tc", "train_dwkl"} <= set(_finite_rows(tc_job))
+
+
+def test_every_critic_constraint_with_every_prior(tmp_path):
+    jobs = _sweep(tmp_path, "divergence=adversarial", "divergence.lipschitz=clip,spectral",
+                  f"prior={','.join(PRIORS)}", "divergence.critic_steps=1")
+    assert len(jobs) == 2 * len(PRIORS)
+    for job in jobs:
+        assert "val_div" in _finite_rows(job)
 
 
 def test_every_loss_schedule_and_architecture(tmp_path):

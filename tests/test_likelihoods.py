@@ -9,7 +9,14 @@ from torch.distributions import Laplace as TLaplace
 from torch.distributions import Normal
 
 from vae_cli.errors import UserError
-from vae_cli.objective.likelihoods import Bernoulli, Categorical, Gaussian, Laplace, Logistic
+from vae_cli.objective.likelihoods import (
+    Bernoulli,
+    Categorical,
+    Gaussian,
+    Laplace,
+    Logistic,
+    SquaredError,
+)
 
 B, C, H, W = 4, 3, 5, 5
 
@@ -35,6 +42,18 @@ def test_gaussian_matches_torch_normal(sigma):
     expected = -Normal(mean, sigma).log_prob(x).flatten(1).sum(1)
     got = Gaussian(sigma=sigma).nll(mean, x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_mse_is_the_plain_sum_of_squares_and_a_gaussian_of_variance_one_half():
+    mean, x = _data(2)
+    got = SquaredError().nll(mean, x)
+    assert torch.allclose(got, ((x - mean) ** 2).flatten(1).sum(1))
+    d = C * H * W
+    half = -Normal(mean, 0.5**0.5).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(got, half - d / 2 * math.log(math.pi), rtol=1e-5, atol=1e-3)
+    for sigma in (0.1, 0.7):  # the formula the README states for loss=gaussian
+        want = got / (2 * sigma**2) + d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+        assert torch.allclose(Gaussian(sigma=sigma).nll(mean, x), want, rtol=1e-5, atol=1e-3)
 
 
 def test_fixed_gaussian_sigma_is_a_buffer_not_a_parameter():
@@ -223,6 +242,7 @@ LIKELIHOODS = {
     "gaussian": Gaussian,
     "gaussian_learned": lambda: Gaussian(learn_sigma=True),
     "laplace": Laplace,
+    "mse": SquaredError,
     "categorical": Categorical,
     "logistic": Logistic,
 }

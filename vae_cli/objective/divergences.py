@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributions import Distribution, Normal, kl_divergence
 
 from vae_cli.errors import UserError
+from vae_cli.objective.critics import Critic
 from vae_cli.objective.priors import Prior, diagonal_normal
 
 ESTIMATORS = ("auto", "analytic", "mc")
@@ -66,6 +67,9 @@ class Divergence(nn.Module):
 
     def auxiliary_loss(self, z: torch.Tensor, prior: Prior) -> torch.Tensor:
         raise NotImplementedError
+
+    def after_auxiliary_step(self, z: torch.Tensor, prior: Prior) -> None:
+        """After each auxiliary optimizer step (a critic's constraint)."""
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -195,31 +199,25 @@ class SlicedWasserstein(Divergence):
 
 class Adversarial(Divergence):
     """Wasserstein-1 between the aggregate posterior and the prior, estimated by a critic on
-    z with a gradient penalty (Gulrajani et al. 2017) standing in for the Lipschitz
-    constraint. The encoder minimises E_q f(z) - E_p f(z); the critic maximises it minus the
-    penalty in ``critic_steps`` steps of its own Adam after each encoder step (the auxiliary
-    step the training loop runs). Its parameters are frozen otherwise, so the main loss
-    neither trains it nor spends a backward pass on it."""
+    z kept Lipschitz by ``lipschitz`` (gp | clip | spectral, see critics.py). The encoder
+    minimises E_q f(z) - E_p f(z); the critic maximises it (minus the gradient penalty under
+    gp) in ``critic_steps`` steps of its own optimizer after each encoder step (the
+    auxiliary step the training loop runs): Adam, or RMSprop under clip as in Arjovsky et
+    al. 2017. Its parameters are frozen otherwise, so the main loss neither trains it nor
+    spends a backward pass on it."""
 
     def __init__(self, beta: float = 1.0, hidden: int = 256, critic_steps: int = 5,
-                 lr: float = 1e-4, gp_weight: float = 10.0, *, latent_dim: int):
+                 lr: float = 1e-4, gp_weight: float = 10.0, lipschitz: str = "gp",
+                 clip: float = 0.01, *, latent_dim: int):
         super().__init__(beta)
         if critic_steps < 1 or hidden < 1 or not lr > 0:
             raise UserError("divergence.critic_steps, hidden and lr must be positive")
-        self.critic = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2),
-                                    nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-                                    nn.Linear(hidden, 1))
+        self.critic = Critic(latent_dim, hidden, lipschitz, clip)
         self.critic.requires_grad_(False)
         self.auxiliary_steps, self.gp_weight, self.lr = critic_steps, gp_weight, lr
 
     def w1(self, zq: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-        return self.critic(zq).mean() - self.critic(zp).mean()
-
-    def penalty(self, zq: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-        eps = torch.rand(len(zq), 1, device=zq.device)
-        mid = (eps * zq + (1 - eps) * zp).requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.critic(mid).sum(), mid, create_graph=True)
-        return (grad.norm(dim=1) - 1).pow(2).mean()
+        return self.critic.gap(zq, zp)
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         return {"div": self.w1(z.float(), prior.sample(len(z)).float())}
@@ -228,13 +226,20 @@ class Adversarial(Divergence):
         return list(self.critic.parameters())
 
     def auxiliary_optimizer(self) -> torch.optim.Optimizer:
+        if self.critic.lipschitz == "clip":
+            return torch.optim.RMSprop(self.auxiliary_parameters(), lr=self.lr)
         return torch.optim.Adam(self.auxiliary_parameters(), lr=self.lr, betas=(0.5, 0.9))
 
     def auxiliary_loss(self, zq: torch.Tensor, prior: Prior) -> torch.Tensor:
-        """What the critic minimises on detached posterior samples: -W1 + penalty."""
+        """What the critic minimises on detached posterior samples: -W1 (+ penalty)."""
         with torch.no_grad():
             zp = prior.sample(len(zq)).float()
-        return -self.w1(zq, zp) + self.gp_weight * self.penalty(zq, zp)
+        return -self.w1(zq, zp) + self.gp_weight * self.critic.penalty(zq, zp)
+
+    def after_auxiliary_step(self, zq: torch.Tensor, prior: Prior) -> None:
+        with torch.no_grad():
+            zp = prior.sample(len(zq)).float()
+        self.critic.constrain(zp)
 
 
 class TotalCorrelation(Divergence):

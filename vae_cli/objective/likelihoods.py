@@ -81,6 +81,18 @@ class Gaussian(_Scaled):
         return 0.5 * _per_example(sq) + dims * (self.log_scale + 0.5 * math.log(2 * math.pi))
 
 
+class SquaredError(Likelihood):
+    """The sum of squared errors over an example, ||x - x_hat||^2: no 1/2, no sigma. It is
+    -log N(x | x_hat, 1/2) up to the constant D/2 log(pi) (D values per example), so
+    loss=gaussian with sigma s scores mse / (2 s^2) + D (log s + log(2 pi) / 2) nats."""
+
+    def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _per_example((x - out.float()).pow(2))
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return out.float().clamp(0, 1)
+
+
 class Laplace(_Scaled):
     """-log Laplace(x | decoder location, b): an L1 reconstruction with a proper scale."""
 

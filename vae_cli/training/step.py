@@ -92,6 +92,7 @@ def auxiliary_step(div: Divergence, prior: Prior, opt: torch.optim.Optimizer,
             loss.backward()
             reduce_grads(params)  # replicas step alike under data parallelism
             opt.step()
+            div.after_auxiliary_step(z.float(), prior)
     finally:
         for p in params:
             p.requires_grad_(False)
