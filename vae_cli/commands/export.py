@@ -1,4 +1,4 @@
-"""`vae export ckpt=... format=safetensors`: the model as files another program loads,
+"""`vae export ckpt=... format=safetensors|onnx`: the model as files another program loads,
 with a model card (README.md), in a folder `huggingface_hub.upload_folder` takes as it is
 (pushing it is the user's step). Default folder: <run>/export/<format>/."""
 
@@ -20,7 +20,12 @@ from vae_cli.runtime.device import resolve_device
 
 def run(cfg: DictConfig) -> Path:
     cfg = validate_export(cfg)
-    require_safetensors()
+    if cfg.format == "onnx":
+        from vae_cli.reports.onnx_export import require_onnx
+
+        require_onnx()  # before the checkpoint is read: a missing extra is known at once
+    else:
+        require_safetensors()
     objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
     run_dir = checkpoint.run_dir_of(cfg.ckpt)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "export" / cfg.format
@@ -31,8 +36,19 @@ def run(cfg: DictConfig) -> Path:
                    shape=list(ckpt["shape"]), dataset_size=ckpt.get("dataset_size", 1),
                    vocab=ckpt.get("vocab"), checkpoint=Path(cfg.ckpt), epoch=state.get("epoch"),
                    rows=list(state.get("rows", [])))
-    files = write_safetensors(src, out_dir)
-    card = write_card(src, cfg.format, files, run_dir, out_dir)
+    notes: list[str] = []
+    if cfg.format == "onnx":
+        from vae_cli.reports.onnx_export import CHECK_BATCH, write_onnx
+
+        files, diffs = write_onnx(src, out_dir)
+        checked = ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+        notes = [f"Checked at export: onnxruntime and PyTorch on a batch of {CHECK_BATCH} "
+                 f"(the graphs were traced with another size), max |difference| {checked}.",
+                 ""]
+        print(f"onnxruntime matches PyTorch: max |difference| {checked}")
+    else:
+        files = write_safetensors(src, out_dir)
+    card = write_card(src, cfg.format, files, run_dir, out_dir, notes)
     print("wrote " + ", ".join(str(out_dir / name) for name in files) + f", {card}")
     return out_dir
 

@@ -32,7 +32,7 @@ commands:
   train    train a model             vae train model=conv divergence=kl trainer.epochs=5
   eval     score a checkpoint        vae eval ckpt=outputs/<run>/checkpoints/best.pt
   sample   samples and pictures      vae sample ckpt=<run>/checkpoints/best.pt num_samples=64
-  export   weights and model card    vae export ckpt=<run>/checkpoints/best.pt
+  export   safetensors or ONNX       vae export ckpt=<run>/checkpoints/best.pt format=onnx
   compare  one table over runs       vae compare multirun/<date>/<time> --sort test_nll
 
   vae <command> --help     the command's config groups and options

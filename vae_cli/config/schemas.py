@@ -87,7 +87,7 @@ class ExportCommand:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-EXPORT_FORMATS = ("safetensors",)
+EXPORT_FORMATS = ("safetensors", "onnx")
 SPLITS = ("train", "val", "test")
 
 

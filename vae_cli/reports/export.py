@@ -1,8 +1,8 @@
 """`vae export`'s files: what a trained model is (shared by every format), and the
 safetensors format (the weights of any model, text models included).
 
-The model card is in ``model_card.py``. Every file is written atomically; files of the
-folder that are not the export's own are left alone.
+ONNX graphs are in ``onnx_export.py`` and the model card in ``model_card.py``. Every file is
+written atomically; files of the folder that are not the export's own are left alone.
 """
 
 from __future__ import annotations

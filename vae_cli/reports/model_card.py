@@ -116,14 +116,37 @@ load_model(model, folder / "model.safetensors")  # also ties shared tensors back
 model.eval()
 x = model.generate(model.prior.sample(16))  # 16 samples: __WHAT__'''
 
+ONNX_SNIPPET = '''from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+folder = Path(".")  # this folder, e.g. huggingface_hub.snapshot_download("<user>/<repo>")
+encoder = ort.InferenceSession(str(folder / "encoder.onnx"))
+decoder = ort.InferenceSession(str(folder / "decoder.onnx"))
+x = np.random.rand(8, __SHAPE__).astype(np.float32)  # 8 examples, values in [0, 1]
+mu, logvar = encoder.run(["mu", "logvar"], {"x": x})
+params, mean = decoder.run(["params", "mean"], {"z": mu})  # mean: the reconstructions
+z = np.random.randn(8, __LATENT__).astype(np.float32)  # __PRIOR__
+samples = decoder.run(["mean"], {"z": z})[0]  # 8 images in [0, 1]'''
+
+
 def load_section(src: Exported, fmt: str) -> list[str]:
-    what = "token ids [16, L]" if src.sequence else "images in [0, 1]"
-    code = SAFETENSORS_SNIPPET.replace("__WHAT__", what)
-    if src.sequence:
-        code += ('\nfrom vae_cli.data.vocab import Vocab\n\nvocab = Vocab.from_state('
-                 'info["vocab"])\nprint("\\n".join(vocab.decode(row) for row in x))')
-    intro = ("With vae's own builder (`pip install vae-cli`): the config rebuilds the "
-             "networks, safetensors fills in the weights:")
+    if fmt == "onnx":
+        prior = ("samples of the prior N(0, I)" if src.components.get("prior") == "normal"
+                 else "N(0, I) codes; the learned prior itself is in format=safetensors")
+        code = (ONNX_SNIPPET.replace("__SHAPE__", ", ".join(str(n) for n in src.shape))
+                .replace("__LATENT__", str(src.model.latent_dim)).replace("__PRIOR__", prior))
+        intro = ("With onnxruntime alone (`pip install onnxruntime numpy`); io.json names "
+                 "every input and output and what `params` means for this likelihood:")
+    else:
+        what = "token ids [16, L]" if src.sequence else "images in [0, 1]"
+        code = SAFETENSORS_SNIPPET.replace("__WHAT__", what)
+        if src.sequence:
+            code += ('\nfrom vae_cli.data.vocab import Vocab\n\nvocab = Vocab.from_state('
+                     'info["vocab"])\nprint("\\n".join(vocab.decode(row) for row in x))')
+        intro = ("With vae's own builder (`pip install vae-cli`): the config rebuilds the "
+                 "networks, safetensors fills in the weights:")
     return ["## How to load", "", intro, "", "```python", code, "```"]
 
 
