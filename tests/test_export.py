@@ -221,6 +221,8 @@ def test_onnx_card_snippet_runs(mlp_onnx, monkeypatch):
     out = mlp_onnx
     assert {p.name for p in out.iterdir()} == {"encoder.onnx", "decoder.onnx", "io.json",
                                                "README.md"}
+    assert "| `encoder.onnx` | x -> mu, logvar: the encoder q(z\\|x) |" in (
+        out / "README.md").read_text()  # a | in a table cell is escaped
     monkeypatch.chdir(out)
     scope: dict = {}
     exec(snippet((out / "README.md").read_text()), scope)  # noqa: S102 - our own card

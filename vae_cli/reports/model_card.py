@@ -45,6 +45,11 @@ def read_eval(run_dir: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
+def cell(text: str) -> str:
+    """Text inside a Markdown table cell: a bare | would end the cell (q(z|x))."""
+    return text.replace("|", "\\|")
+
+
 def _number(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
@@ -160,7 +165,7 @@ def model_card(src: Exported, fmt: str, files: dict[str, str], run_dir: Path,
              "q(z|x), a decoder p(x|z) and a prior p(z), trained on",
              "loss(x) = recon(x) + beta * divergence(q(z|x), p(z)).", "", *summary(src), "",
              *metrics_section(src, run_dir), "", "## Files", "", "| file | what |", "|---|---|",
-             *[f"| `{name}` | {what} |" for name, what in
+             *[f"| `{name}` | {cell(what)} |" for name, what in
                {**files, "README.md": "this model card"}.items()], "", *notes,
              *load_section(src, fmt), "", "## Config", "",
              "The run's config as the checkpoint stores it (`vae train` reads the same keys):",
