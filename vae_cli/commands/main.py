@@ -32,6 +32,7 @@ commands:
   train    train a model             vae train model=conv divergence=kl trainer.epochs=5
   eval     score a checkpoint        vae eval ckpt=outputs/<run>/checkpoints/best.pt
   sample   samples and pictures      vae sample ckpt=<run>/checkpoints/best.pt num_samples=64
+  export   safetensors or ONNX       vae export ckpt=<run>/checkpoints/best.pt format=onnx
   compare  one table over runs       vae compare multirun/<date>/<time> --sort test_nll
 
   vae <command> --help     the command's config groups and options
@@ -173,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "compare":  # reads finished runs: plain arguments, no Hydra app
             from vae_cli.commands.compare import main as compare
             return compare(args)
-        if command not in ("train", "eval", "sample"):
+        if command not in ("train", "eval", "sample", "export"):
             raise UserError(f"unknown command {command!r}; expected one of train, eval, "
-                            "sample, compare (see vae --help)")
+                            "sample, export, compare (see vae --help)")
         if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from vae_cli.runtime import distributed  # torchrun: one group, one run folder
 

@@ -1,7 +1,7 @@
 """The typed part of each command's config, and its validation: once, at the command line.
 
 Every command's config is checked here before any work: the fixed schemas below (trainer,
-eval, sample settings) by OmegaConf against their dataclasses, the component groups
+eval, sample, export settings) by OmegaConf against their dataclasses, the component groups
 (dataset, model, ..., optim) against their builders' signatures. What comes out is typed;
 nothing downstream re-checks it. An impossible value stops with one line naming the key.
 """
@@ -80,7 +80,16 @@ class SampleCommand:
     dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
 
 
+@dataclasses.dataclass
+class ExportCommand:
+    ckpt: str | None = None
+    format: str = "safetensors"
+    out_dir: str | None = None
+    device: str = "cpu"
+
+
 PRECISIONS = ("fp32", "bf16", "fp16")
+EXPORT_FORMATS = ("safetensors", "onnx")
 SPLITS = ("train", "val", "test")
 
 
@@ -212,4 +221,13 @@ def validate_sample(cfg: DictConfig) -> DictConfig:
         raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: greedy only)")
     if cfg.split not in SPLITS:
         raise UserError(f"split={cfg.split!r} is not one of val, test, train")
+    return cfg
+
+
+def validate_export(cfg: DictConfig) -> DictConfig:
+    cfg = typed(cfg, ExportCommand, "")
+    if cfg.format not in EXPORT_FORMATS:
+        raise UserError(f"format={cfg.format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    check_out_dir(cfg.out_dir)
+    check_device("device", cfg.device)
     return cfg

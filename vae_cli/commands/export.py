@@ -1,0 +1,70 @@
+"""`vae export ckpt=... format=safetensors|onnx`: the model as files another program loads,
+with a model card (README.md), in a folder `huggingface_hub.upload_folder` takes as it is
+(pushing it is the user's step). Default folder: <run>/export/<format>/."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vae_cli.config.build import load_trained
+from vae_cli.config.registry import COMPONENTS, config_dir, registry, upgrade
+from vae_cli.config.schemas import check_out_dir, validate_export
+from vae_cli.reports.export import Exported, require_safetensors, write_safetensors
+from vae_cli.reports.model_card import write_card
+from vae_cli.runtime import checkpoint
+from vae_cli.runtime.device import resolve_device
+
+
+def run(cfg: DictConfig) -> Path:
+    cfg = validate_export(cfg)
+    if cfg.format == "onnx":
+        from vae_cli.reports.onnx_export import require_onnx
+
+        require_onnx()  # before the checkpoint is read: a missing extra is known at once
+    else:
+        require_safetensors()
+    objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
+    run_dir = checkpoint.run_dir_of(cfg.ckpt)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "export" / cfg.format
+    check_out_dir(str(out_dir))
+    config = upgrade(ckpt["config"])
+    state = ckpt.get("state") or {}
+    src = Exported(model=objective.model, config=config, components=option_names(config),
+                   shape=list(ckpt["shape"]), dataset_size=ckpt.get("dataset_size", 1),
+                   vocab=ckpt.get("vocab"), checkpoint=Path(cfg.ckpt), epoch=state.get("epoch"),
+                   rows=list(state.get("rows", [])))
+    notes: list[str] = []
+    if cfg.format == "onnx":
+        from vae_cli.reports.onnx_export import CHECK_BATCH, write_onnx
+
+        files, diffs = write_onnx(src, out_dir)
+        checked = ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+        notes = [f"Checked at export: onnxruntime and PyTorch on a batch of {CHECK_BATCH} "
+                 f"(the graphs were traced with another size), max |difference| {checked}.",
+                 ""]
+        print(f"onnxruntime matches PyTorch: max |difference| {checked}")
+    else:
+        files = write_safetensors(src, out_dir)
+    card = write_card(src, cfg.format, files, run_dir, out_dir, notes)
+    print("wrote " + ", ".join(str(out_dir / name) for name in files) + f", {card}")
+    return out_dir
+
+
+def option_names(config: dict) -> dict[str, str]:
+    """group -> the option a config's component came from (model: mlp), read from the config
+    tree by its _target_; the target's last part when no option names it."""
+    names = {}
+    for group in COMPONENTS:
+        target = (config.get(group) or {}).get("_target_")
+        target = registry()[group].get(target, target)
+        names[group] = _options(group).get(target) or str(target).rpartition(".")[2]
+    return names
+
+
+@functools.cache
+def _options(group: str) -> dict[str, str]:
+    return {OmegaConf.load(p).get("_target_"): p.stem
+            for p in sorted((config_dir() / group).glob("*.yaml"))}
