@@ -19,9 +19,8 @@ DATA = ["dataset=shapes", "dataset.image_size=16", "dataset.n_train=256", "datas
 TINY = [*DATA, "model.hidden=[64]", "model.latent_dim=4"]
 
 
-def vae(*args: str, cwd: Path, check: bool = True,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+def vae(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run([sys.executable, "-m", "vae_cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)

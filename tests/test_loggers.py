@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import TINY, rows, vae
+from test_cli import TINY, rows
 
 from vae_cli.commands.train import train
 from vae_cli.config.schemas import validate_train
@@ -26,9 +26,15 @@ STEPS = 8  # 256 examples / batch 32: steps per epoch
 LOG = "trainer.log_every=2"  # the running loss every 2 steps
 
 
-def run_in_process(compose, tmp_path: Path, *overrides: str, run: str = "run") -> Path:
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")  # shapes rendered once for the module
+
+
+def run_in_process(compose, tmp_path: Path, *overrides: str, run: str = "run",
+                   data: Path | None = None) -> Path:
     """`vae train` after Hydra: the command's own function, resumes included."""
-    args = [*TINY, f"dataset.root={tmp_path / 'data'}", LOG, *overrides]
+    args = [*TINY, f"dataset.root={data or tmp_path / 'data'}", LOG, *overrides]
     train(validate_train(compose(args)), tmp_path / run, args)
     return tmp_path / run
 
@@ -47,10 +53,10 @@ def same(logged: list[tuple[int, float]], expected: list[tuple[int, float]]) -> 
                 logged, expected, strict=True)))
 
 
-def test_tensorboard_writes_every_metric_picture_and_the_config(compose_cfg, tmp_path):
+def test_tensorboard_writes_every_metric_picture_and_the_config(compose_cfg, tmp_path, data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = run_in_process(compose_cfg, tmp_path, "logger=tensorboard")
+    run = run_in_process(compose_cfg, tmp_path, "logger=tensorboard", data=data)
     events = EventAccumulator(str(run / "tensorboard"),
                               size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
@@ -76,13 +82,15 @@ def mlflow_client(run: Path):
     return MlflowClient(f"sqlite:///{run / 'mlflow/mlflow.db'}"), run_id
 
 
-def test_mlflow_logs_a_run_and_a_resume_appends_to_it(compose_cfg, tmp_path, monkeypatch):
+def test_mlflow_logs_a_run_and_a_resume_appends_to_it(compose_cfg, tmp_path, monkeypatch,
+                                                      data):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run = run_in_process(compose_cfg, tmp_path, "logger=mlflow", "trainer.epochs=1")
+    run = run_in_process(compose_cfg, tmp_path, "logger=mlflow", "trainer.epochs=1",
+                         data=data)
     client, run_id = mlflow_client(run)
     assert client.get_run(run_id).info.status == "FINISHED"
     run_in_process(compose_cfg, tmp_path, f"ckpt={run / 'checkpoints/last.pt'}",
-                   "trainer.epochs=2")
+                   "trainer.epochs=2", data=data)
     client, resumed_id = mlflow_client(run)
     assert resumed_id == run_id
     logged = client.get_run(run_id)
@@ -153,15 +161,22 @@ def wandb_history(records) -> dict[str, list[tuple[int, object]]]:
     return history
 
 
-def test_wandb_offline_run_holds_config_metrics_pictures_and_checkpoint(tmp_path):
+def test_wandb_offline_run_holds_config_metrics_pictures_and_checkpoint(compose_cfg, tmp_path,
+                                                                        monkeypatch, data):
+    import wandb
+
     home_config = Path.home() / ".config" / "wandb"
     before = home_config.exists()
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           **{f"WANDB_{k}_DIR": str(tmp_path / "wandb" / k.lower())
-              for k in ("CACHE", "CONFIG", "DATA")}}
-    run = tmp_path / "run"
-    vae("train", *TINY, LOG, "logger=wandb", f"dataset.root={tmp_path / 'data'}",
-        f"hydra.run.dir={run}", cwd=tmp_path, env=env)
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                       **{f"WANDB_{k}_DIR": str(tmp_path / "wandb" / k.lower())
+                          for k in ("CACHE", "CONFIG", "DATA")}}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    try:
+        run = run_in_process(compose_cfg, tmp_path, "logger=wandb", data=data)
+        assert wandb.run is None  # the tool finished its run, not an exit hook
+    finally:
+        wandb.teardown()  # and this process's wandb service
     (folder,) = (run / "wandb").glob("offline-run-*")
     (log,) = folder.glob("run-*.wandb")
     records = list(wandb_records(log))
@@ -183,7 +198,7 @@ def test_wandb_offline_run_holds_config_metrics_pictures_and_checkpoint(tmp_path
                               .digest()).decode()
     assert kinds["artifact"].artifact.type == "model" and entry.path == "best.pt"
     assert entry.digest == digest
-    assert kinds["exit"].exit.exit_code == 0  # finish() ran: the run is closed
+    assert kinds["exit"].exit.exit_code == 0
     assert home_config.exists() == before  # nothing outside the test's folders
 
 
