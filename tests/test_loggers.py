@@ -82,15 +82,16 @@ def mlflow_client(run: Path):
     return MlflowClient(f"sqlite:///{run / 'mlflow/mlflow.db'}"), run_id
 
 
-def test_mlflow_logs_a_run_and_a_resume_appends_to_it(compose_cfg, tmp_path, monkeypatch,
-                                                      data):
+def test_mlflow_started_on_a_resume_gets_the_history_and_the_next_resume_appends(
+        compose_cfg, tmp_path, monkeypatch, data):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run = run_in_process(compose_cfg, tmp_path, "logger=mlflow", "trainer.epochs=1",
-                         data=data)
+    run = run_in_process(compose_cfg, tmp_path, "trainer.epochs=1", data=data)  # csv only
+    last = f"ckpt={run / 'checkpoints/last.pt'}"
+    run_in_process(compose_cfg, tmp_path, last, "trainer.epochs=2", "logger=mlflow",
+                   data=data)
     client, run_id = mlflow_client(run)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    run_in_process(compose_cfg, tmp_path, f"ckpt={run / 'checkpoints/last.pt'}",
-                   "trainer.epochs=2", data=data)
+    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [8, 16]
+    run_in_process(compose_cfg, tmp_path, last, "trainer.epochs=3", data=data)
     client, resumed_id = mlflow_client(run)
     assert resumed_id == run_id
     logged = client.get_run(run_id)
@@ -99,24 +100,24 @@ def test_mlflow_logs_a_run_and_a_resume_appends_to_it(compose_cfg, tmp_path, mon
     assert len(client.search_runs([experiment.experiment_id])) == 1
     params = logged.data.params
     assert params["model.latent_dim"] == "4" and params["model.hidden"] == "[64]"
-    assert params["trainer.epochs"] == "1"  # MLflow keeps the first start's params
+    assert params["trainer.epochs"] == "2"  # MLflow keeps the first start's params
     assert params["logger._target_"] == "vae_cli.reports.trackers.MLflow"
     expected = csv_series(run)
-    assert len(expected["train/loss"]) == 2
+    assert len(expected["train/loss"]) == 3
     assert set(logged.data.metrics) == {*expected, "train/loss_step"}
     for name, series in expected.items():
         history = client.get_metric_history(run_id, name)
         assert same(sorted((m.step, m.value) for m in history), series), name
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss_step"))
-    assert steps == list(range(2, 17, 2))
+    assert steps == list(range(10, 25, 2))  # from the start of the tracking
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "checkpoints", "images", "curves.png", "reconstructions.png",
             "interpolations.png", "traversals.png", "latent_scatter.png"} <= top
     config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml",
                                                            str(tmp_path))).read_text())
-    assert config["trainer"]["epochs"] == 2  # the latest start's config
+    assert config["trainer"]["epochs"] == 3  # the latest start's config
     assert {a.path for a in client.list_artifacts(run_id, "images")} == {
-        f"images/{kind}_00{e}.png" for kind in ("reconstructions", "samples") for e in (1, 2)}
+        f"images/{kind}_00{e}.png" for kind in ("reconstructions", "samples") for e in (2, 3)}
     saved = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
     assert Path(saved).read_bytes() == (run / "checkpoints/best.pt").read_bytes()
 

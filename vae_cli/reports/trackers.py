@@ -76,10 +76,12 @@ class Tracker:
     option = "csv"
     run_dir: Path = Path(".")
 
-    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> None:
+    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> bool:
         """``config`` resolved; ``resumed_at`` is the step a resumed run continues from,
-        None for a new run."""
+        None for a new run. True when this continues a tracker run that holds the earlier
+        epochs; False when it starts one (the reports then send it the earlier epochs)."""
         self.run_dir = run_dir
+        return False
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Numbers at a global optimizer step (train/loss, val/bpd, ...)."""
@@ -134,14 +136,16 @@ class TensorBoard(Tracker):
         self.board = need("torch.utils.tensorboard", self.option, "tensorboard")
         self.writer: Any = None
 
-    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> None:
+    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> bool:
         super().start(config, run_dir, resumed_at)
         folder = Path(self.log_dir) if self.log_dir else run_dir / "tensorboard"
+        continued = resumed_at is not None and any(folder.glob("events.out.tfevents.*"))
         # On a resume, events a killed process wrote after the checkpoint's step are
         # hidden, so each step keeps one value.
         purge = None if resumed_at is None else resumed_at + 1
         self.writer = self.board.SummaryWriter(str(folder), purge_step=purge)
         self.writer.add_text("config", indent(config_yaml(config)), resumed_at or 0)
+        return continued
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
@@ -191,7 +195,7 @@ class MLflow(Tracker):
         self.client: Any = None
         self.run_id = ""
 
-    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> None:
+    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> bool:
         super().start(config, run_dir, resumed_at)
         for name in ("mlflow", "alembic"):  # store set-up chatter stays out of train.log
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -201,6 +205,7 @@ class MLflow(Tracker):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.client = self.mlflow.MlflowClient(self.store_uri())
             run = self.continued() if resumed_at is not None else None
+            continued = run is not None
             if run is None:
                 run = self.client.create_run(self.experiment_id(), run_name=self.run_name
                                              or run_label(run_dir),
@@ -211,6 +216,7 @@ class MLflow(Tracker):
             self.log_config(config, run.data.params)
         except error as e:
             raise UserError(f"logger=mlflow: {str(e).splitlines()[0][:300]}") from None
+        return continued
 
     def store_uri(self) -> str:
         if self.tracking_uri:
@@ -297,7 +303,7 @@ class WandB(Tracker):
         self.name, self.tags = name, list(tags or [])
         self.run: Any = None
 
-    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> None:
+    def start(self, config: dict, run_dir: Path, resumed_at: int | None) -> bool:
         super().start(config, run_dir, resumed_at)
         run_id = self.saved().get("id") if resumed_at is not None else None
         folder = Path(self.dir) if self.dir else run_dir
@@ -315,6 +321,7 @@ class WandB(Tracker):
         if run_id:  # a resumed run keeps its id; its config is the latest start's
             self.run.config.update(config, allow_val_change=True)
         self.save({"id": self.run.id})
+        return run_id is not None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)

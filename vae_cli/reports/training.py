@@ -38,18 +38,33 @@ class TrainingReports:
         self.show, self.num_images = as_input(data.val[:num_images]), num_images
         self.tracker = tracker or Tracker()
 
-    def start(self, config: dict, resumed_at: int | None) -> None:
-        """Failing here stops the run before any training (a bad tracking URI...)."""
-        self.tracker.start(config, self.run_dir, resumed_at)
+    def start(self, config: dict, resumed_at: int | None, rows: list[dict]) -> None:
+        """Failing here stops the run before any training (a bad tracking URI...). A
+        tracker run started by a resumed run (logger= added on the resume) gets the
+        earlier epochs' metrics.csv rows first."""
+        if not self.tracker.start(config, self.run_dir, resumed_at):
+            for row in rows:
+                self.track("log_metrics", self.numbers(row), int(row["step"]))
+
+    @staticmethod
+    def numbers(row: dict) -> dict[str, float]:
+        """A metrics.csv row as tracker metrics (rows of checkpoints that predate rows in
+        the state come from the file, as text)."""
+        numbers = {}
+        for key, value in row.items():
+            try:
+                numbers[metric_name(key)] = float(value)
+            except (TypeError, ValueError):
+                continue
+        numbers.pop("step", None)
+        return numbers
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """The loop's running numbers (the on_log hook of training/step.py)."""
         self.track("log_metrics", {f"train/{k}_step": v for k, v in metrics.items()}, step)
 
     def epoch(self, epoch: int, step: int, row: dict, pictures: bool) -> None:
-        numbers = {metric_name(k): v for k, v in row.items() if k != "step"
-                   and isinstance(v, int | float) and not isinstance(v, bool)}
-        self.track("log_metrics", numbers, step)
+        self.track("log_metrics", self.numbers(row), step)
         if pictures:
             self.pictures(epoch, step)
 

@@ -214,7 +214,7 @@ def open_reports(run: Run) -> TrainingReports | None:
     reports = TrainingReports(run.objective.model, run.data, run.run_dir, t.num_images,
                               run.cfg.seed, run.tracker)
     reports.start(OmegaConf.to_container(run.cfg, resolve=True),
-                  run.state.step if run.resumed_from else None)
+                  run.state.step if run.resumed_from else None, run.state.rows)
     run.stepper.hooks.on_log.append(reports.step)
     return reports
 
