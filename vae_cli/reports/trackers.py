@@ -189,7 +189,7 @@ class MLflow(Tracker):
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         self.experiment, self.run_name = experiment, run_name
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        if self.tracking_uri is None:  # MLflow's database store, without the full package
+        if self.tracking_uri is None:  # the default SQLite store: not in mlflow-skinny
             need("sqlalchemy", self.option)
             need("alembic", self.option)
         self.client: Any = None
