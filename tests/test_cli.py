@@ -97,11 +97,14 @@ def test_compare_reads_a_multirun(tmp_path):
     assert empty.returncode == 2 and "no runs" in empty.stderr
 
 
-def test_tensorboard_logging(tmp_path):
-    run = tmp_path / "run"
-    vae("train", *TINY, "trainer.epochs=1", "trainer.tensorboard=true",
-        f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+def test_the_old_tensorboard_flag_names_the_logger_option(tmp_path):
+    # TensorBoard itself is tested with the other trackers (test_loggers.py)
+    proc = vae("train", *TINY, "trainer.tensorboard=true", f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: trainer.tensorboard is gone; use logger=tensorboard (the logger group: csv, "
+        "tensorboard, mlflow, wandb)"]
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -19,7 +19,7 @@ def test_default_config_validates_and_builds(compose_cfg):
     "model=conv", "loss=gaussian", "optim=adamw", "optim=sgd", "divergence.beta=4",
     "model.latent_dim=3", "optim._target_=torch.optim.Adamax",
     "trainer.device=cpu", "trainer.patience=3", "divergence.estimator=mc",
-    "model.activation=gated",
+    "model.activation=gated", "logger=tensorboard", "logger=mlflow", "logger=wandb",
 ])
 def test_valid_overrides(compose_cfg, override):
     validate(compose_cfg([override]))
@@ -44,6 +44,10 @@ def test_valid_overrides(compose_cfg, override):
     (["seed=x"], "seed"),
     (["trainer.patience=0"], "trainer.patience"),
     (["model.hidden=5"], "model.hidden"),
+    (["logger=wandb", "logger.mode=upload"], "logger.mode"),
+    (["logger=mlflow", "+logger.uri=x"], "logger.uri"),
+    (["logger=mlflow", "logger.tags=3"], "logger.tags"),
+    (["+trainer.tensorboard=true"], "trainer.tensorboard"),
 ])
 def test_bad_values_fail_with_the_key_named(compose_cfg, overrides, fragment):
     with pytest.raises(UserError) as e:
@@ -149,3 +153,23 @@ def test_configs_saved_before_the_objective_package_still_build(compose_cfg):
     assert type(objective.divergence).__name__ == "KL"
     with pytest.raises(UserError, match="optim"):
         validate(OmegaConf.create(upgrade({**saved, "optim": {"name": "lbfgs2"}})))
+
+
+@pytest.mark.parametrize("board, tracker", [(False, "Tracker"), (True, "TensorBoard"),
+                                            (None, "Tracker")])
+def test_configs_saved_before_the_logger_group_still_load(compose_cfg, board, tracker):
+    # Checkpoints written before logger= had trainer.tensorboard (true: logger=tensorboard)
+    # and no logger group; eval, sample and a resume read them through upgrade().
+    from omegaconf import OmegaConf
+
+    from vae_cli.config.registry import upgrade
+
+    saved = OmegaConf.to_container(compose_cfg(), resolve=True)
+    del saved["logger"]
+    if board is not None:
+        saved["trainer"]["tensorboard"] = board
+    cfg = validate(OmegaConf.create(upgrade(saved)))
+    assert cfg.logger._target_ == f"vae_cli.reports.trackers.{tracker}"
+    assert "tensorboard" not in cfg.trainer
+    with pytest.raises(UserError, match="no 'logger' group"):  # only upgrade() adds it
+        validate(OmegaConf.create(saved))

@@ -32,6 +32,7 @@ CASES = {
     "other_group": (_set("loss", "_target_", "vae_cli.nets.mlp.build"), "outside vae_cli"),
     "nested_target": (_set("dataset", "extra", {"_target_": "vae_cli.data.shapes.shapes"}),
                       "outside vae_cli"),
+    "logger_function": (_set("logger", "_target_", "os.system"), "outside vae_cli"),
     "env_interpolation": (_set("dataset", "root", "${oc.env:HOME}"), "interpolation"),
     "self_interpolation": (_set("model", "latent_dim", "${trainer.epochs}"), "interpolation"),
 }

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vae_cli.config.registry import config_dir
+from vae_cli.config.registry import check_retired, config_dir
 from vae_cli.errors import UserError
 from vae_cli.training.signals import Signalled, raise_on_signals
 
@@ -148,6 +148,7 @@ def run_hydra(command: str, args: list[str], full_error: bool) -> None:
 
     register_resolvers()
     check_flags(args)
+    check_retired(args)
     sys.argv = [f"vae {command}", *args]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing and exiting

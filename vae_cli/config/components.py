@@ -33,6 +33,8 @@ def _type_ok(value: Any, ann: Any) -> bool:
         args = typing.get_args(ann)
         return isinstance(value, list | tuple | ListConfig) and (
             not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict or ann is dict:
+        return isinstance(value, dict | DictConfig)
     if ann is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if ann is int:
@@ -43,6 +45,8 @@ def _type_ok(value: Any, ann: Any) -> bool:
 
 
 def _show(ann: Any) -> str:
+    if typing.get_origin(ann) is Literal:
+        return " | ".join(map(str, typing.get_args(ann)))
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 

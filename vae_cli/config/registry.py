@@ -18,9 +18,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_cli.errors import UserError
 
-COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule", "lr_scheduler")
-# Groups added since: a saved config without them gets the option that behaves as before.
-ADDED = {"lr_scheduler": "vae_cli.training.lr_schedules.LRSchedule"}
+COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule", "lr_scheduler",
+              "logger")
+# Groups a resumed run may change: they do not shape the weights.
+SWAPPABLE = ("logger",)
+# Keys that became a group option: the command line names the replacement.
+RETIRED = {"trainer.tensorboard": "logger=tensorboard"}
 # Modules whose components moved: their old paths stay valid in saved checkpoints.
 MOVED = {f"vae_cli.{m}": f"vae_cli.objective.{m}"
          for m in ("divergences", "priors", "likelihoods", "schedules")}
@@ -28,14 +31,38 @@ MOVED = {f"vae_cli.{m}": f"vae_cli.objective.{m}"
 
 def upgrade(config: dict) -> dict:
     """A checkpoint's config in today's form: checkpoints written before optim._target_
-    named the optimizer by ``optim.name`` (adam | adamw), and before the groups in ADDED."""
+    named the optimizer by ``optim.name`` (adam | adamw); before the logger group they had
+    ``trainer.tensorboard`` (true: logger=tensorboard) and no logger; before lr_scheduler,
+    none (the optimizer's lr throughout)."""
     optim = config.get("optim")
     if isinstance(optim, dict) and "_target_" not in optim and "name" in optim:
         names = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
         rest = {k: v for k, v in optim.items() if k != "name"}
         config = {**config, "optim": {"_target_": names.get(optim["name"]), **rest}}
-    missing = {g: {"_target_": t} for g, t in ADDED.items() if g not in config}
-    return {**config, **missing}
+    trainer = config.get("trainer")
+    board = False
+    if isinstance(trainer, dict) and "tensorboard" in trainer:
+        board = trainer["tensorboard"] is True
+        config = {**config, "trainer": {k: v for k, v in trainer.items() if k != "tensorboard"}}
+    if "logger" not in config:
+        config = {**config, "logger": option("logger", "tensorboard" if board else "csv")}
+    if "lr_scheduler" not in config:
+        config = {**config, "lr_scheduler": option("lr_scheduler", "none")}
+    return config
+
+
+def option(group: str, name: str) -> dict:
+    """configs/<group>/<name>.yaml as a plain dict."""
+    return OmegaConf.to_container(OmegaConf.load(config_dir() / group / f"{name}.yaml"))
+
+
+def check_retired(args: list[str]) -> None:
+    """A command-line key that became a group option: one line naming the option."""
+    for arg in args:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in RETIRED:
+            raise UserError(f"{key} is gone; use {RETIRED[key]} (the logger group: "
+                            "csv, tensorboard, mlflow, wandb)")
 
 
 def config_dir() -> Path:

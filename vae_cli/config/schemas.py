@@ -34,7 +34,6 @@ class TrainerConfig:
     image_every: int = 1  # epochs between reconstruction/sample grids
     num_images: int = 64
     iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
-    tensorboard: bool = False  # scalars and image grids under <run>/tensorboard
     detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
     compile: bool = False  # torch.compile the training step (model forward and optimizer)
     grad_clip: float | None = None  # max total gradient norm (after fp16 unscaling)

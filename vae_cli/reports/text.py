@@ -73,13 +73,11 @@ def write_text_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
 
 
 @torch.no_grad()
-def epoch_text(model: VAE, vocab: Vocab, x: torch.Tensor, z: torch.Tensor, path: Path,
-               board=None, step: int = 0) -> None:
+def epoch_text(model: VAE, vocab: Vocab, x: torch.Tensor, z: torch.Tensor, path: Path) -> Path:
     """Per-epoch view of a text model: greedy decodes of prior draws and reconstructions."""
     drawn = samples(model, vocab, z, 0.0)
     text = "\n".join(["# samples (greedy)", *drawn, "", "# reconstructions",
                       *reconstruction_lines(model, vocab, x)]) + "\n"
     write_text(path, text)
     log.info("samples: %s", " | ".join(drawn[:3]))
-    if board:
-        board.add_text("samples", "  \n".join(drawn), step)
+    return path

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from vae_cli.errors import UserError
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.model import Shard
+from vae_cli.reports.trackers import Tracker
 from vae_cli.reports.training import TrainingReports
 from vae_cli.runtime import checkpoint, distributed
 from vae_cli.runtime.device import resolve_device
@@ -29,7 +30,7 @@ from vae_cli.training.ema import WeightAverage
 from vae_cli.training.loop import StopRequested, train_epoch
 from vae_cli.training.lr_schedules import LRSchedule
 from vae_cli.training.metrics import read_metrics, write_metrics
-from vae_cli.training.signals import Interrupted, StopFlag
+from vae_cli.training.signals import Interrupted, Signalled, StopFlag
 from vae_cli.training.state import TrainState
 from vae_cli.training.step import Stepper
 
@@ -49,6 +50,7 @@ class Run:
     lr_schedule: LRSchedule
     ema: WeightAverage | None = None
     resumed_from: Path | None = None  # the checkpoint file this run continues
+    tracker: Tracker = field(default_factory=Tracker)  # logger=; rank 0's, csv elsewhere
 
     @property
     def ckpt_dir(self) -> Path:
@@ -67,6 +69,8 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     device, shard = placement(t)
     if shard.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    # first, so that a tracker's missing package stops the run before any work
+    tracker = instantiate("logger", cfg.logger) if shard.rank == 0 else Tracker()
     seed_all(cfg.seed)
     # A text run continues with its own vocabulary, never one rebuilt from an edited file.
     vocab = Vocab.from_state(ckpt.get("vocab")) if ckpt else None
@@ -98,7 +102,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
              f" x {shard.world} processes" if shard.world > 1 else "",
              sum(p.numel() for p in objective.parameters()), tuple(data.shape), len(data.train))
     return Run(cfg, Path(run_dir), data, objective, stepper, state, order, shard.rank == 0,
-               schedule, ema, ckpt_path)
+               schedule, ema, ckpt_path, tracker)
 
 
 def placement(t) -> tuple[torch.device, Shard]:
@@ -210,43 +214,71 @@ def save_checkpoint(run: Run, name: str) -> Path:
 
 def fit(run: Run) -> dict:
     """Epochs until trainer.epochs, early stopping or a signal, then the final pictures;
-    writes everything into the run folder. A signal at any point, the final validation
-    and pictures included, leaves a resumable last.pt and raises Interrupted."""
-    t, state = run.cfg.trainer, run.state
-    if run.writer:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        reconcile(run)
-    reports = TrainingReports(run.objective.model, run.data, run.run_dir, t.num_images,
-                              run.cfg.seed, t.tensorboard) if run.writer else None
-    with StopFlag() as stop, torch.autograd.set_detect_anomaly(t.detect_anomaly):
+    writes everything into the run folder and sends it to the tracker. A signal at any
+    point, the final validation and pictures included, leaves a resumable last.pt and
+    raises Interrupted."""
+    state, reports = run.state, open_reports(run)
+    status = "failed"
+    with StopFlag() as stop, torch.autograd.set_detect_anomaly(run.cfg.trainer.detect_anomaly):
         try:
-            while state.epoch < t.epochs:
-                row, improved = run_epoch(run, stop)
-                save_checkpoint(run, "last.pt")
-                if run.writer:
-                    check_run_dir(run)
-                    write_metrics(run.run_dir / "metrics.csv", state.rows)
-                    if improved:  # the same bytes: copy them rather than serialise twice
-                        checkpoint.copy(run.ckpt_dir / "last.pt", run.ckpt_dir / "best.pt")
-                    with run.weights_shown():
-                        reports.epoch(state.epoch, state.step, row, state.epoch
-                                      % t.image_every == 0 or state.epoch == t.epochs)
-                if agreed_signal(run, stop) and state.epoch < t.epochs:
-                    raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
-                if t.patience and state.bad_epochs >= t.patience:
-                    log.info("early stop: no val improvement in %d epochs", t.patience)
-                    break
+            train_epochs(run, stop, reports)
             if reports:
                 check_run_dir(run)
                 with run.weights_shown():
-                    reports.final()
+                    reports.final(state.step)
+            if agreed_signal(run, stop):  # during the final validation or pictures
+                raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
+            if reports:
+                best = run.ckpt_dir / "best.pt"
+                reports.finish(best if best.is_file() else run.ckpt_dir / "last.pt")
+            status = "finished"
+        except (Interrupted, Signalled):
+            status = "interrupted"
+            raise
         finally:
             if reports:
-                reports.close()
-        if agreed_signal(run, stop):  # during the final validation or pictures
-            raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
+                run.stepper.hooks.on_log.remove(reports.step)
+                reports.close(status)
     return {"best_val": state.best_val, "epoch": state.epoch, "step": state.step,
             "run_dir": str(run.run_dir)}
+
+
+def open_reports(run: Run) -> TrainingReports | None:
+    """Rank 0's reports, its tracker started (continuing the tracker's run on a resume)
+    and fed the loop's running loss; None on other ranks."""
+    if not run.writer:
+        return None
+    t = run.cfg.trainer
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    reconcile(run)
+    reports = TrainingReports(run.objective.model, run.data, run.run_dir, t.num_images,
+                              run.cfg.seed, run.tracker)
+    reports.start(OmegaConf.to_container(run.cfg, resolve=True),
+                  run.state.step if run.resumed_from else None, run.state.rows)
+    run.stepper.hooks.on_log.append(reports.step)
+    return reports
+
+
+def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> None:
+    """Each epoch: train, validate, checkpoint, metrics.csv, report; stops at
+    trainer.epochs, on early stopping, or with Interrupted on a signal."""
+    t, state = run.cfg.trainer, run.state
+    while state.epoch < t.epochs:
+        row, improved = run_epoch(run, stop)
+        save_checkpoint(run, "last.pt")
+        if run.writer:
+            check_run_dir(run)
+            write_metrics(run.run_dir / "metrics.csv", state.rows)
+            if improved:  # the same bytes: copy them rather than serialise twice
+                checkpoint.copy(run.ckpt_dir / "last.pt", run.ckpt_dir / "best.pt")
+            with run.weights_shown():
+                reports.epoch(state.epoch, state.step, row,
+                              state.epoch % t.image_every == 0 or state.epoch == t.epochs)
+        if agreed_signal(run, stop) and state.epoch < t.epochs:
+            raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
+        if t.patience and state.bad_epochs >= t.patience:
+            log.info("early stop: no val improvement in %d epochs", t.patience)
+            break
 
 
 def check_run_dir(run: Run) -> None:

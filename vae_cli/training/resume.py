@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.config.registry import COMPONENTS
+from vae_cli.config.registry import COMPONENTS, SWAPPABLE
 from vae_cli.errors import UserError
 from vae_cli.runtime.checkpoint import run_dir_of
 
@@ -57,7 +57,8 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
 def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> DictConfig:
     """The checkpoint's config, with this command's trainer/optim/seed overrides on top.
 
-    Component choices (dataset, model, ...) define the weights, so changing one is refused.
+    Component choices (dataset, model, ...) define the weights, so changing one is refused;
+    the logger may change (a resumed run can start tracking).
     """
     cfg = OmegaConf.create(saved)
     for ov in overrides:
@@ -65,7 +66,7 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
         head = key.split(".")[0].split("@")[0]
         if head in ("ckpt", "hydra") or key == "trainer.resume":
             continue
-        if head in COMPONENTS:
+        if head in COMPONENTS and head not in SWAPPABLE:
             if key == head:  # a group choice: compare the resulting nodes
                 here, there = ov.split("=", 1)[1], "another option"
                 same = OmegaConf.to_container(current[head], resolve=True) == saved[head]
@@ -76,8 +77,8 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
                 raise UserError(f"{key}={here} differs from the checkpoint ({there}); a resumed "
                                 f"run keeps its {head} (as its other components)")
             continue
-        if head == "optim" and key == head:  # another optimizer: its whole node
-            OmegaConf.update(cfg, "optim", current.optim, force_add=True, merge=False)
+        if head in ("optim", *SWAPPABLE) and key == head:  # another option: its whole node
+            OmegaConf.update(cfg, head, current[head], force_add=True, merge=False)
             continue
         OmegaConf.update(cfg, key, OmegaConf.select(current, key), force_add=True)
     return cfg
