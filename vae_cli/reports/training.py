@@ -1,6 +1,6 @@
 """What a training run shows while it runs and when it ends: per-epoch reconstructions
 and samples (lines of text for a sequence model), the final picture set, and all of it
-sent to the run's experiment tracker (logger=, see trackers.py)."""
+sent to the run's experiment tracker (logger=, see trackers/)."""
 
 from __future__ import annotations
 
