@@ -11,7 +11,12 @@ from vae_cli.data.base import Splits
 from vae_cli.data.batching import as_input
 from vae_cli.errors import UserError
 from vae_cli.objective.model import VAE
-from vae_cli.reports.images import reconstruction_rows, save_reconstructions, save_samples
+from vae_cli.reports.images import (
+    reconstruction_rows,
+    sample_draws,
+    save_reconstructions,
+    save_samples,
+)
 from vae_cli.reports.pictures import write_curves, write_data_pictures
 from vae_cli.reports.text import epoch_text
 
@@ -24,6 +29,8 @@ class TrainingReports:
                  tensorboard: bool):
         self.model, self.data, self.run_dir, self.seed = model, data, run_dir, seed
         self.show, self.num_images = as_input(data.val[:num_images]), num_images
+        # the shown examples' own labels, for a conditional model
+        self.labels = data.labels_for("val")[:num_images] if model.conditional else None
         self.board = open_tensorboard(run_dir) if tensorboard else None
 
     def epoch(self, epoch: int, step: int, row: dict, pictures: bool) -> None:
@@ -36,7 +43,8 @@ class TrainingReports:
             self.board.flush()
 
     def pictures(self, epoch: int, step: int) -> None:
-        """Reconstructions of fixed val examples and decodes of prior draws."""
+        """Reconstructions of fixed val examples and decodes of prior draws (for a
+        conditional model one row per class, each column one draw)."""
         model, x, folder = self.model, self.show, self.run_dir / "images"
         model.eval()
         # The same noise every epoch, pushed through the current (possibly learned) prior;
@@ -44,19 +52,21 @@ class TrainingReports:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             with torch.no_grad():
-                z = model.prior.sample(self.num_images)
+                z = model.prior.sample(sample_draws(model, self.num_images))
         if self.data.vocab is not None:
             epoch_text(model, self.data.vocab, x, z, folder / f"text_{epoch:03d}.txt",
                        self.board, step)
             return
-        save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png")
-        samples = save_samples(model, z, folder / f"samples_{epoch:03d}.png")
+        save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png",
+                             labels=self.labels)
+        samples, _ = save_samples(model, z, folder / f"samples_{epoch:03d}.png")
         if self.board:
             from torchvision.utils import make_grid
 
-            rows = reconstruction_rows(model, x).cpu()
+            rows = reconstruction_rows(model, x, labels=self.labels).cpu()
             self.board.add_image("reconstructions", make_grid(rows), step)
-            self.board.add_image("samples", make_grid(samples.float().cpu()), step)
+            per_row = len(z) if model.conditional else 8  # a conditional grid: class rows
+            self.board.add_image("samples", make_grid(samples.float().cpu(), per_row), step)
 
     def final(self) -> None:
         """The picture set of the finished run, and the training curves."""

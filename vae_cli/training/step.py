@@ -45,10 +45,12 @@ class Stepper:
     reduce_grads: Callable[[list[nn.Parameter]], None] = lambda params: None
     hooks: Hooks = field(default_factory=Hooks)
 
-    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """One step on batch x, the ``step``-th; returns the batch's terms (on device)."""
+    def __call__(self, x: torch.Tensor, step: int,
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One step on batch x (with its labels y, for a conditional model), the
+        ``step``-th; returns the batch's terms (on device)."""
         with autocast(self.device, self.precision):
-            terms, z = self.net(x, step, self.shard)
+            terms, z = self.net(x, step, self.shard, y)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         for hook in self.hooks.after_backward:
