@@ -1,5 +1,6 @@
 """`vae eval ckpt=...`: rebuild the model from its checkpoint and score a split; writes
-eval.json (eval_<split>.json for other splits) into the run folder and prints a table."""
+eval.json (eval_<split>.json for other splits) into the run folder and prints a table. A
+conditional model is scored given each example's label: its bounds are on log p(x|y)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from vae_cli.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 MAX_LOGITS = 2**26  # floats of decoder output held at once by `vae eval` (256 MB)
+# what nelbo and nll_iwae bound for a conditional model, said in eval.json and the table
+CONDITIONAL = "log p(x|y): conditional on each example's label"
 
 
 def run(cfg: DictConfig) -> dict:
@@ -30,9 +33,11 @@ def run(cfg: DictConfig) -> dict:
     model = objective.model
     data = load_data(ckpt, cfg.dataset, next(objective.parameters()).device)
     x, factors = data.split(e.split), data.factors.get(e.split)
+    labels = data.labels_for(e.split) if model.conditional else None
     if e.max_examples:
         x = x[: e.max_examples]
         factors = None if factors is None else factors[: e.max_examples]
+        labels = None if labels is None else labels[: e.max_examples]
     batch, iw_batch = e.batch_size, e.iw_batch
     if model.out_numel:  # L x V logits per sequence: bound what is decoded at once
         batch, iw_batch = (max(1, min(b, MAX_LOGITS // model.out_numel))
@@ -40,10 +45,11 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     result = {"checkpoint": str(cfg.ckpt), "split": e.split, "examples": len(x),
               "epoch": ckpt.get("state", {}).get("epoch"),
-              **evaluate(objective, x, batch)}
+              **({"likelihood": CONDITIONAL} if model.conditional else {}),
+              **evaluate(objective, x, batch, labels=labels)}
     if e.iw_samples:
-        result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch))
-    encoded = encode_all(model, x, batch)
+        result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch, labels))
+    encoded = encode_all(model, x, batch, labels)
     result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:
         result.update(mig(encoded[0], factors, e.mig_bins, data.factor_names))

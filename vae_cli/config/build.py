@@ -18,14 +18,26 @@ from vae_cli.objective.bounds import Objective
 from vae_cli.objective.model import VAE
 from vae_cli.runtime import checkpoint
 
+LABELLED = ("mnist, fashion_mnist, binarized_mnist, cifar10, shapes, dsprites, or folder "
+            "with one sub-folder per class")
+
 
 def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
-                    vocab_size: int | None = None) -> Objective:
+                    vocab_size: int | None = None, num_classes: int | None = None
+                    ) -> Objective:
     """Instantiate the components and check, before any work, that they fit together.
-    ``shape`` is (C, H, W) for images and (L,) for token sequences of a ``vocab_size``."""
+    ``shape`` is (C, H, W) for images and (L,) for token sequences of a ``vocab_size``;
+    ``num_classes`` the classes of the data's labels (None: unlabelled), which a
+    conditional model reads."""
     shape = tuple(shape)
+    conditional = bool(cfg.model.get("conditional", False))
+    if conditional and not num_classes and len(shape) == 3:
+        name = str(cfg.dataset.get("_target_", "")).rpartition(".")[2] or "this dataset"
+        raise UserError(f"model.conditional=true needs class labels, and dataset={name} has "
+                        f"none; use a labelled dataset ({LABELLED})")
     runtime = {"shape": shape, "latent_dim": int(cfg.model.latent_dim),
-               "dataset_size": int(dataset_size), "vocab_size": vocab_size}
+               "dataset_size": int(dataset_size), "vocab_size": vocab_size,
+               "num_classes": num_classes if conditional else None}
     likelihood = instantiate("loss", cfg.loss, **runtime)
     nets = instantiate("model", cfg.model, out_mult=likelihood.out_mult, **runtime)
     if len(shape) == 1 and not likelihood.tokens:
@@ -65,8 +77,10 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
     check_saved(saved)
     cfg = validate_train(OmegaConf.create(saved))
     vocab = Vocab.from_state(ckpt.get("vocab"))
+    if cfg.model.get("conditional") and not ckpt.get("num_classes"):
+        raise UserError(f"{path} is a conditional model without its number of classes")
     objective = build_objective(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
-                                len(vocab) if vocab else None)
+                                len(vocab) if vocab else None, ckpt.get("num_classes"))
     try:
         objective.model.load_state_dict(ckpt.get("ema") or ckpt["model"])
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})

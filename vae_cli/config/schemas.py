@@ -76,6 +76,7 @@ class SampleCommand:
     out_dir: str | None = None
     pictures: bool = True
     split: str = "test"
+    label: int | None = None  # a conditional model: draw this class only (None: every class)
     dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
 
 

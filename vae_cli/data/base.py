@@ -48,6 +48,22 @@ class Splits:
             raise UserError(f"unknown split {name!r}: expected one of {', '.join(SPLITS)}")
         return getattr(self, name)
 
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes the labels name (ids 0..C-1, counted over every split), or None
+        unless every split is labelled: what a conditional model is built for."""
+        if any(self.labels.get(s) is None for s in SPLITS):
+            return None
+        return max(int(self.labels[s].max()) + 1 for s in SPLITS if len(self.labels[s]))
+
+    def labels_for(self, name: str) -> torch.Tensor:
+        """A split's class ids, for a conditional model: one line where there are none."""
+        labels = self.labels.get(name)
+        if labels is None:
+            raise UserError(f"{self.name} has no class labels for its {name} split; a "
+                            "conditional model reads them")
+        return labels
+
     def to(self, device: torch.device | str):
         def move(d: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
             return {k: None if v is None else v.to(device) for k, v in d.items()}

@@ -22,28 +22,40 @@ def as_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
-             binarize: bool = False, start: int = 0, shard: tuple[int, int] = (0, 1)
-             ) -> Iterator[torch.Tensor]:
-    """Full batches in a fresh random order (drop_last: batch statistics stay comparable).
+             binarize: bool = False, start: int = 0, shard: tuple[int, int] = (0, 1),
+             labels: torch.Tensor | None = None
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Full batches (x, y) in a fresh random order (drop_last: batch statistics stay
+    comparable); y holds the examples' labels when ``labels`` is given, else None.
 
     The permutation is drawn on the CPU from ``generator`` so the order is reproducible and
     resumable independently of the device; binarization draws from the device's RNG.
     ``start`` skips that many batches of this permutation (resuming mid-epoch). With
     ``shard=(rank, world)`` each global batch is cut into ``world`` slices and this rank's
-    is yielded; binarization is drawn for the global batch, as one process would.
+    is yielded; binarization is drawn for the global batch, as one process would. Labels
+    are indexed by the same permutation and slice: they draw nothing, so batch order and
+    random streams are those of an unlabelled run.
     """
     rank, world = shard
     local = batch_size // world
     perm = torch.randperm(len(x), generator=generator).to(x.device)
     lo, hi = rank * local, (rank + 1) * local
     for i in range(start * batch_size, len(x) - batch_size + 1, batch_size):
+        y = None if labels is None else labels[perm[i + lo:i + hi]]
         if binarize:
-            yield torch.bernoulli(as_input(x[perm[i:i + batch_size]]))[lo:hi]
+            yield torch.bernoulli(as_input(x[perm[i:i + batch_size]]))[lo:hi], y
         else:
-            yield as_input(x[perm[i + lo:i + hi]])
+            yield as_input(x[perm[i + lo:i + hi]]), y
 
 
 def ordered(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """Every example once, in order (evaluation)."""
     for i in range(0, len(x), batch_size):
         yield as_input(x[i:i + batch_size])
+
+
+def labelled(x: torch.Tensor, labels: torch.Tensor | None, batch_size: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``ordered`` batches with their labels (None when ``labels`` is None)."""
+    for i, xb in enumerate(ordered(x, batch_size)):
+        yield xb, None if labels is None else labels[i * batch_size:(i + 1) * batch_size]

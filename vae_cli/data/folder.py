@@ -1,5 +1,9 @@
 """A user's own directory of images (searched recursively), as one uint8 tensor.
 
+When every image lies in a sub-folder, the sub-folders are the classes (torchvision's
+ImageFolder layout: label i is the i-th top-level sub-folder in sorted order); a folder with
+images at its top level has no labels.
+
 Every image is resized so its shorter side is image_size, then centre-cropped to a square:
 aspect ratios are kept and nothing is padded. The decoded tensor is cached under <root>/folder,
 keyed by the file list, sizes and modification times, so editing the folder rebuilds it.
@@ -89,6 +93,16 @@ def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
     return out
 
 
+def class_labels(base: Path, files: list[Path]) -> torch.Tensor | None:
+    """Each file's top-level sub-folder as a class id, or None when any file has none."""
+    tops = [f.relative_to(base).parts for f in files]
+    if any(len(parts) < 2 for parts in tops):
+        return None
+    names = sorted({parts[0] for parts in tops})
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[parts[0]] for parts in tops], dtype=torch.long)
+
+
 def folder(
     path: str | None = None,
     root: str = "data",
@@ -138,5 +152,8 @@ def folder(
             save_cache(cache_path, data)
     images = data["images"]
     train_idx, val_idx, test_idx = seeded_split(n, [-1, n_val, n_test], split_seed)
+    y = class_labels(base, files)
+    labels = {} if y is None else {"train": y[train_idx], "val": y[val_idx],
+                                   "test": y[test_idx]}
     return ImageData(name="folder", train=images[train_idx], val=images[val_idx],
-                     test=images[test_idx])
+                     test=images[test_idx], labels=labels)

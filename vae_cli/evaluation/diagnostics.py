@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vae_cli.data.batching import ordered
+from vae_cli.data.batching import labelled
 from vae_cli.objective import bounds
 from vae_cli.objective.model import VAE
 
@@ -16,11 +16,13 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: Cov_x(E[z_u|x]) > 0.01
 
 
 @torch.no_grad()
-def encode_all(model: VAE, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
-    """Posterior means and standard deviations of every example: [N, D] each."""
+def encode_all(model: VAE, x: torch.Tensor, batch_size: int,
+               labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Posterior means and standard deviations of every example (given its label, for a
+    conditional model): [N, D] each."""
     mus, stds = [], []
-    for xb in ordered(x, batch_size):
-        q = model.posterior(xb)
+    for xb, yb in labelled(x, labels, batch_size):
+        q = model.posterior(xb, yb)
         mus.append(q.base_dist.loc)
         stds.append(q.base_dist.scale)
     return torch.cat(mus), torch.cat(stds)
@@ -28,13 +30,14 @@ def encode_all(model: VAE, x: torch.Tensor, batch_size: int) -> tuple[torch.Tens
 
 @torch.no_grad()
 def posterior_stats(model: VAE, x: torch.Tensor, batch_size: int, mc_samples: int = 16,
-                    encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                    encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    labels: torch.Tensor | None = None) -> dict:
     """KL per latent dimension, active units, and the aggregate posterior against the prior.
 
     Per-dimension KL is KL(q(z_d|x) || p(z_d)) averaged over x (see bounds.kl_per_dim).
     ``encoded`` passes (mu, std) from encode_all when the caller needs them too.
     """
-    mu, std = encoded if encoded is not None else encode_all(model, x, batch_size)
+    mu, std = encoded if encoded is not None else encode_all(model, x, batch_size, labels)
     p = model.prior.dist()
     kl_sum = torch.zeros(mu.shape[1], dtype=torch.float64, device=mu.device)
     for i in range(0, len(mu), batch_size):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vae_cli.data.batching import ordered
+from vae_cli.data.batching import labelled
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.bounds import Objective, negative_elbo
 from vae_cli.runtime.device import autocast
@@ -20,15 +20,16 @@ def means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(objective: Objective, x: torch.Tensor, batch_size: int,
-             precision: str = "fp32") -> dict[str, float]:
+             precision: str = "fp32", labels: torch.Tensor | None = None) -> dict[str, float]:
     """Means of every term the objective reports, at the schedule's end value, with one
-    host sync; plus the negative ELBO where the divergence bounds the likelihood."""
+    host sync; plus the negative ELBO where the divergence bounds the likelihood (of x
+    given its ``labels`` for a conditional model)."""
     was_training = objective.training
     objective.eval()
     sums: dict[str, torch.Tensor] = {}
-    for xb in ordered(x, batch_size):
+    for xb, yb in labelled(x, labels, batch_size):
         with autocast(xb.device, precision):
-            terms, _ = objective(xb)
+            terms, _ = objective(xb, y=yb)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v.detach().float() * len(xb)
     objective.train(was_training)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from vae_cli.data.batching import ordered
+from vae_cli.data.batching import labelled
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.bounds import log_weights
 from vae_cli.objective.model import VAE
@@ -14,8 +14,10 @@ from vae_cli.objective.model import VAE
 
 @torch.no_grad()
 def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
-               max_decoded: int = 20000) -> dict[str, float]:
-    """log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x).
+               max_decoded: int = 20000, labels: torch.Tensor | None = None
+               ) -> dict[str, float]:
+    """log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x); for a conditional
+    model, given the ``labels``, log p(x|y) >= log (1/k) sum_i p(x|z_i, y) p(z_i) / q(z_i|x, y).
 
     Samples are drawn in chunks so that at most ``max_decoded`` examples go through the
     decoder at once; a running logsumexp merges the chunks. The ELBO is averaged over the
@@ -25,14 +27,14 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     model.eval()
     iw_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     elbo_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    for xb in ordered(x, batch_size):
+    for xb, yb in labelled(x, labels, batch_size):
         chunk = max(1, min(k, max_decoded // len(xb)))
         acc = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=x.device)
         mean_log_w = torch.zeros(len(xb), dtype=torch.float64, device=x.device)
         done = 0
         while done < k:
             c = min(chunk, k - done)
-            log_w = log_weights(model, xb, c).total().double()
+            log_w = log_weights(model, xb, c, y=yb).total().double()
             acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
             mean_log_w += log_w.sum(0)
             done += c

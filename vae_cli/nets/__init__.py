@@ -6,12 +6,17 @@ Every builder returns ``Networks``: the encoder maps x [B, C, H, W] to [B, 2 * l
 (rnn) differ in their decoder: it is ``autoregressive``, ``decoder(z, x)`` returns logits
 [B, L, V] for every position of the sequence x, and ``decoder.generate(z, temperature)``
 decodes token ids.
+
+A conditional network (Sohn et al. 2015, ``model.conditional=true``) also reads a class as
+a one-hot row y [B, classes]: ``encoder(x, y)`` and ``decoder(z, y)``. An unconditional one
+is built exactly as before, a plain ``nn.Sequential`` reading x or z alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from vae_cli.errors import UserError
@@ -29,6 +34,40 @@ class Networks:
     # Decoder outputs per example where large enough (L x V logits) that evaluation must
     # bound how many examples it decodes at once.
     out_numel: int | None = None
+    # Width of the one-hot class both networks read besides x or z; 0: unconditional.
+    classes: int = 0
+
+
+class Conditioned(nn.Module):
+    """``back(cat(front(x), y))``: the one-hot class y appended to the flat features that
+    ``front`` makes of the input (flattened pixels, conv features, or z itself)."""
+
+    def __init__(self, front: nn.Module, back: nn.Module):
+        super().__init__()
+        self.front, self.back = front, back
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.front(x)
+        return self.back(torch.cat([h, y.to(h.dtype)], dim=-1))
+
+
+def joined(front: list[nn.Module], back: list[nn.Module], classes: int) -> nn.Module:
+    """``front`` then ``back`` as one network. Without classes it is the plain Sequential of
+    both (the parameter names unconditional checkpoints were saved with); with them, the
+    class enters between the two (``back``'s first layer must read ``classes`` more)."""
+    if not classes:
+        return nn.Sequential(*front, *back)
+    return Conditioned(nn.Sequential(*front), nn.Sequential(*back))
+
+
+def label_classes(conditional: bool, num_classes: int | None) -> int:
+    """The one-hot width a builder adds to its inputs: the data's classes when conditional,
+    0 otherwise."""
+    if not conditional:
+        return 0
+    if not num_classes or num_classes < 1:
+        raise UserError("model.conditional=true needs a dataset with class labels")
+    return int(num_classes)
 
 
 def image_shape(shape: tuple[int, ...], model: str) -> tuple[int, int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import Networks, image_shape
+from vae_cli.nets import Networks, image_shape, joined, label_classes
 from vae_cli.nets.mlp import Unflatten
 
 
@@ -22,9 +22,13 @@ def _plan(size: int) -> list[int]:
 
 
 def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
-          fc_hidden: int = 256, *, shape: tuple[int, int, int],
-          out_mult: int = 1) -> Networks:
-    """Conv(4, stride 2) blocks doubling channels, a hidden linear layer, then 2z outputs."""
+          fc_hidden: int = 256, conditional: bool = False, *, shape: tuple[int, int, int],
+          out_mult: int = 1, num_classes: int | None = None) -> Networks:
+    """Conv(4, stride 2) blocks doubling channels, a hidden linear layer, then 2z outputs.
+
+    Conditional: the one-hot class joins the flattened conv features, before the hidden
+    layer (rather than as C constant channels at full resolution: the label is global, so it
+    enters where the features are, at no cost per pixel), and z at the decoder's input."""
     c, h, w = image_shape(shape, "conv")
     if h != w:
         raise UserError(f"model=conv needs square images, got {h}x{w}; use model=mlp")
@@ -40,10 +44,10 @@ def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
     for n_out in widths:
         enc += [nn.Conv2d(n_in, n_out, 4, 2, 1), nn.ReLU()]
         n_in = n_out
-    flat = widths[-1] * sizes[-1] ** 2
-    encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(flat, fc_hidden), nn.ReLU(),
-                            nn.Linear(fc_hidden, 2 * latent_dim))
-    dec: list[nn.Module] = [nn.Linear(latent_dim, fc_hidden), nn.ReLU(),
+    flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
+    encoder = joined([*enc, nn.Flatten()], [nn.Linear(flat + k, fc_hidden), nn.ReLU(),
+                                            nn.Linear(fc_hidden, 2 * latent_dim)], k)
+    dec: list[nn.Module] = [nn.Linear(latent_dim + k, fc_hidden), nn.ReLU(),
                             nn.Linear(fc_hidden, flat), nn.ReLU(),
                             Unflatten((widths[-1], sizes[-1], sizes[-1]))]
     rev = widths[::-1]
@@ -53,4 +57,4 @@ def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
         dec.append(nn.ConvTranspose2d(n_in, n_out, 4, 2, 1))
         if not last:
             dec.append(nn.ReLU())
-    return Networks(encoder, nn.Sequential(*dec))
+    return Networks(encoder, joined([], dec, k), classes=k)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import Networks, image_shape
+from vae_cli.nets import Networks, image_shape, joined, label_classes
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU,
                "softplus": nn.Softplus, "gelu": nn.GELU}
@@ -43,9 +43,11 @@ class Unflatten(nn.Module):
         return x.view(x.shape[0], *self.shape)
 
 
-def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str = "relu", *,
-          shape: tuple[int, int, int], out_mult: int = 1) -> Networks:
-    """MLP encoder [D -> hidden... -> 2z] and mirrored decoder [z -> ...hidden -> D*out_mult]."""
+def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str = "relu",
+          conditional: bool = False, *, shape: tuple[int, int, int], out_mult: int = 1,
+          num_classes: int | None = None) -> Networks:
+    """MLP encoder [D -> hidden... -> 2z] and mirrored decoder [z -> ...hidden -> D*out_mult].
+    Conditional: the one-hot class is appended to the flattened image and to z."""
     if activation not in ACTIVATIONS and activation != "gated":
         raise UserError(f"model.activation={activation!r} is not one of "
                         f"{sorted([*ACTIVATIONS, 'gated'])}")
@@ -53,9 +55,10 @@ def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str 
     if not hidden or min(hidden) <= 0:
         raise UserError(f"model.hidden={hidden} must be a non-empty list of positive sizes")
     c, h, w = image_shape(shape, "mlp")
-    d = c * h * w
-    encoder = nn.Sequential(nn.Flatten(), _stack([d, *hidden], activation),
-                            nn.Linear(hidden[-1], 2 * latent_dim))
-    decoder = nn.Sequential(_stack([latent_dim, *hidden[::-1]], activation),
-                            nn.Linear(hidden[0], d * out_mult), Unflatten((c * out_mult, h, w)))
-    return Networks(encoder, decoder)
+    d, k = c * h * w, label_classes(conditional, num_classes)
+    encoder = joined([nn.Flatten()], [_stack([d + k, *hidden], activation),
+                                      nn.Linear(hidden[-1], 2 * latent_dim)], k)
+    decoder = joined([], [_stack([latent_dim + k, *hidden[::-1]], activation),
+                          nn.Linear(hidden[0], d * out_mult), Unflatten((c * out_mult, h, w))],
+                     k)
+    return Networks(encoder, decoder, classes=k)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import Networks, image_shape
+from vae_cli.nets import Networks, image_shape, joined, label_classes
 from vae_cli.nets.conv import _plan
 from vae_cli.nets.mlp import Unflatten
 
@@ -37,7 +37,10 @@ class ResBlock(nn.Module):
 
 
 def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blocks: int = 1,
-          *, shape: tuple[int, int, int], out_mult: int = 1) -> Networks:
+          conditional: bool = False, *, shape: tuple[int, int, int], out_mult: int = 1,
+          num_classes: int | None = None) -> Networks:
+    """Conditional: the one-hot class joins the flattened features before the encoder's
+    output layer (as in model=conv) and z at the decoder's input."""
     c, h, w = image_shape(shape, "resnet")
     sizes = _plan(h)
     if h != w or len(sizes) < 3:
@@ -50,12 +53,12 @@ def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blo
     for i in range(len(sizes) - 1):
         enc += [ResBlock(widths[i]) for _ in range(blocks)]
         enc.append(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1))
-    flat = widths[-1] * sizes[-1] ** 2
-    encoder = nn.Sequential(*enc, nn.SiLU(), nn.Flatten(), nn.Linear(flat, 2 * latent_dim))
-    dec: list[nn.Module] = [nn.Linear(latent_dim, flat),
+    flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
+    encoder = joined([*enc, nn.SiLU(), nn.Flatten()], [nn.Linear(flat + k, 2 * latent_dim)], k)
+    dec: list[nn.Module] = [nn.Linear(latent_dim + k, flat),
                             Unflatten((widths[-1], sizes[-1], sizes[-1]))]
     for i in range(len(sizes) - 1, 0, -1):
         dec += [ResBlock(widths[i]) for _ in range(blocks)]
         dec.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))
     dec += [nn.SiLU(), nn.Conv2d(widths[0], c * out_mult, 3, padding=1)]
-    return Networks(encoder, nn.Sequential(*dec))
+    return Networks(encoder, joined([], dec, k), classes=k)

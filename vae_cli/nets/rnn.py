@@ -110,8 +110,12 @@ class Decoder(nn.Module):
 
 def build(latent_dim: int = 16, embed_dim: int = 300, hidden: int = 256, cell: str = "gru",
           layers: int = 1, bidirectional: bool = False, condition: str = "init",
-          word_dropout: float = 0.0, embed_dropout: float = 0.0, *, shape: tuple[int, ...],
-          vocab_size: int | None = None) -> Networks:
+          word_dropout: float = 0.0, embed_dropout: float = 0.0, conditional: bool = False,
+          *, shape: tuple[int, ...], vocab_size: int | None = None) -> Networks:
+    if conditional:  # text datasets carry no class labels to condition on
+        raise UserError("model=rnn has no conditional form: text datasets carry no class "
+                        "labels; model.conditional=true is for image models (mlp, conv, "
+                        "resnet)")
     if len(shape) != 1 or vocab_size is None:
         raise UserError(f"model=rnn reads token sequences, but this dataset gives images "
                         f"{tuple(shape)}: use dataset=text, sentences or ptb, or model=mlp, "

@@ -13,6 +13,9 @@ schedule how much it weighs at a training step. From these:
 - the negative ELBO reported by evaluation, recon + KL whatever weight trained the model;
 - the importance-weighted log-likelihood estimate (``log_weights``, k samples);
 - the KL of each latent dimension (``kl_per_dim``).
+
+A conditional model passes the batch's labels ``y`` wherever x goes: the same terms then
+bound log p(x|y), the prior and the divergences seeing z alone.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ class LogWeights(NamedTuple):
         return self.px + w * (self.pz - self.qz)
 
 
-def log_weights(model: VAE, x: torch.Tensor, k: int, shard: Shard = WHOLE) -> LogWeights:
-    q = model.posterior(x)
+def log_weights(model: VAE, x: torch.Tensor, k: int, shard: Shard = WHOLE,
+                y: torch.Tensor | None = None) -> LogWeights:
+    q = model.posterior(x, y)
     z = model.rsample(q, k, shard)
-    return LogWeights(model.log_px(z, x), model.prior.log_prob(z), q.log_prob(z))
+    return LogWeights(model.log_px(z, x, y), model.prior.log_prob(z), q.log_prob(z))
 
 
 def check_iw(divergence: Divergence, schedule: Schedule, iw_samples: int) -> None:
@@ -65,6 +69,7 @@ class Objective(nn.Module):
     ``forward`` returns the batch-mean terms (the "loss" entry is minimised, the others are
     logged) and the latent sample, detached, for auxiliary steps such as a critic's (None
     under the importance-weighted bound, which no divergence with such a step allows).
+    ``y``: the batch's class labels, for a conditional model only.
     """
 
     def __init__(self, model: VAE, divergence: Divergence, schedule: Schedule | None = None,
@@ -76,24 +81,25 @@ class Objective(nn.Module):
         self.model, self.divergence = model, divergence
         self.schedule, self.iw_samples = schedule, iw_samples
 
-    def forward(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE
+    def forward(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE,
+                y: torch.Tensor | None = None
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         if self.iw_samples > 1:
-            return self.iwae(x, self.iw_samples, step, shard)
-        return self.elbo(x, step, shard)
+            return self.iwae(x, self.iw_samples, step, shard, y)
+        return self.elbo(x, step, shard, y)
 
-    def elbo(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE
-             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        q = self.model.posterior(x)
+    def elbo(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE,
+             y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        q = self.model.posterior(x, y)
         z = self.model.rsample(q, shard=shard)
-        recon = -self.model.log_px(z, x).mean()
+        recon = -self.model.log_px(z, x, y).mean()
         terms = self.divergence(q, z, self.model.prior)
         div = self.schedule.term(terms["div"], self.divergence.weight(), step)
         return {"loss": recon + div, "recon": recon, **terms}, z.detach()
 
-    def iwae(self, x: torch.Tensor, k: int, step: int | None = None, shard: Shard = WHOLE
-             ) -> tuple[dict[str, torch.Tensor], None]:
-        lw = log_weights(self.model, x, k, shard)
+    def iwae(self, x: torch.Tensor, k: int, step: int | None = None, shard: Shard = WHOLE,
+             y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], None]:
+        lw = log_weights(self.model, x, k, shard, y)
         w = self.schedule.factor(step) * self.divergence.iw_weight()
         bound = torch.logsumexp(lw.total(w), dim=0) - math.log(k)
         terms = {"loss": -bound.mean(), "recon": -lw.px.mean(), "div": (lw.qz - lw.pz).mean()}

@@ -34,8 +34,9 @@ class Prior(nn.Module):
     def dist(self) -> Distribution:
         raise NotImplementedError
 
-    def bind(self, posterior: Callable[[torch.Tensor], Distribution]) -> None:
-        """Called once by the VAE with its encoder; only the VampPrior needs it."""
+    def bind(self, posterior: Callable[..., Distribution]) -> None:
+        """Called once by the VAE with its posterior q(z|x) (q(z|x, y) for a conditional
+        model); only the VampPrior needs it."""
 
     def sample(self, n: int) -> torch.Tensor:
         """Reparameterised where possible, so sample-based divergences train the prior too:
@@ -107,10 +108,19 @@ class VampPrior(Prior):
     pseudo-inputs u_k in data space, passed through a hardtanh to stay in [0, 1]. For a
     sequence encoder they are embedded sequences [L, E] (``bounded=False``): token ids are
     discrete, and a soft distribution over the vocabulary per position would cost L x V
-    parameters per component."""
+    parameters per component.
+
+    With a conditional encoder q(z|x, y) (``num_classes`` > 0) each pseudo-input also
+    carries a learned soft label c_k = softmax(logits_k): p(z) = (1/K) sum_k q(z | u_k, c_k)
+    stays one unconditional prior, so every class decodes from the same p(z). Pseudo-input
+    k starts mostly of class k mod C (the encoder was trained on one-hot labels, not on
+    uniform mixtures), and gradients move its label like its pixels."""
+
+    LABEL_LOGIT = 3.0  # initial logit of a pseudo-input's own class, 0 for the others
 
     def __init__(self, components: int = 500, init_mean: float = 0.05, init_std: float = 0.01,
-                 *, latent_dim: int, shape: tuple[int, ...], bounded: bool = True):
+                 *, latent_dim: int, shape: tuple[int, ...], bounded: bool = True,
+                 num_classes: int | None = None):
         super().__init__(latent_dim)
         self.bounded = bounded
         if components < 1:
@@ -118,19 +128,30 @@ class VampPrior(Prior):
         g = torch.Generator().manual_seed(0)
         self.pseudo = nn.Parameter(init_mean + init_std * torch.randn(components, *shape,
                                                                       generator=g))
-        self._posterior: Callable[[torch.Tensor], Distribution] | None = None
+        logits = None
+        if num_classes:
+            own = torch.arange(components) % num_classes
+            logits = nn.Parameter(self.LABEL_LOGIT * F.one_hot(own, num_classes).float())
+        self.register_parameter("label_logits", logits)  # None: nothing saved or trained
+        self._posterior: Callable[..., Distribution] | None = None
 
-    def bind(self, posterior: Callable[[torch.Tensor], Distribution]) -> None:
+    def bind(self, posterior: Callable[..., Distribution]) -> None:
         # Kept outside the module tree: the encoder already belongs to the VAE.
         self.__dict__["_posterior"] = posterior
 
     def pseudo_inputs(self) -> torch.Tensor:
         return F.hardtanh(self.pseudo, 0.0, 1.0) if self.bounded else self.pseudo
 
+    def soft_labels(self) -> torch.Tensor | None:
+        """The pseudo-inputs' class probabilities [K, C] (None for an unconditional encoder)."""
+        return None if self.label_logits is None else torch.softmax(self.label_logits, -1)
+
     def dist(self) -> Distribution:
         if self._posterior is None:
             raise RuntimeError("VampPrior used before bind(encoder)")
-        q = self._posterior(self.pseudo_inputs())  # Independent(Normal), batch [K]
+        labels = self.soft_labels()
+        q = (self._posterior(self.pseudo_inputs()) if labels is None
+             else self._posterior(self.pseudo_inputs(), labels))  # Independent(Normal), [K]
         k = self.pseudo.shape[0]
         logits = torch.full((k,), -math.log(k), device=self.pseudo.device)
         return _mixture(logits, q.base_dist.loc, q.base_dist.scale)

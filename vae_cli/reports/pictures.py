@@ -29,15 +29,20 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     out_dir = Path(out_dir)
     x_all = data.split(split)
     x = to_unit(x_all[:count])
-    written = [save_reconstructions(model, x, out_dir / "reconstructions.png")]
+    # a conditional model reads each example's own label wherever the example goes
+    y_all = data.labels_for(split) if model.conditional else None
+    y, y_stats = (None, None) if y_all is None else (y_all[:count], y_all[:max_points])
+    written = [save_reconstructions(model, x, out_dir / "reconstructions.png", labels=y)]
     if len(x) >= 2:  # interpolations need a pair of examples
-        written.append(save_interpolations(model, x, out_dir / "interpolations.png"))
+        written.append(save_interpolations(model, x, out_dir / "interpolations.png",
+                                           labels=y))
     x_stats = x_all[:max_points]
-    encoded = encode_all(model, x_stats, batch_size)
+    encoded = encode_all(model, x_stats, batch_size, y_stats)
     stats = posterior_stats(model, x_stats, batch_size, encoded=encoded)
     order = sorted(range(model.latent_dim), key=lambda d: -stats["kl_per_dim"][d])
     scale = torch.tensor(stats["aggregate_var"], device=x.device).sqrt().float()
-    written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png"))
+    written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png",
+                                   labels=y))
     mu = encoded[0]
     labels, factors = data.labels.get(split), data.factors.get(split)
     colour, name = None, ""

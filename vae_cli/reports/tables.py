@@ -7,8 +7,8 @@ from pathlib import Path
 
 from vae_cli.runtime.files import write_text
 
-SHOWN = ("split", "examples", "epoch", "loss", "recon", "div", "nelbo", "bpd", "nll_token",
-         "ppl", "nll_iwae", "bpd_iwae", "nll_token_iwae", "ppl_iwae", "iw_samples",
+SHOWN = ("split", "examples", "epoch", "likelihood", "loss", "recon", "div", "nelbo", "bpd",
+         "nll_token", "ppl", "nll_iwae", "bpd_iwae", "nll_token_iwae", "ppl_iwae", "iw_samples",
          "active_units", "kl_per_dim", "mig", "mig_per_factor")
 
 

@@ -13,7 +13,7 @@ import torch
 from vae_cli.data.base import Splits
 from vae_cli.data.batching import as_input
 from vae_cli.objective.model import VAE
-from vae_cli.reports.images import save_reconstructions, save_samples
+from vae_cli.reports.images import sample_draws, save_reconstructions, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
 from vae_cli.reports.text import epoch_text
 from vae_cli.reports.trackers import Status, Tracker
@@ -36,6 +36,8 @@ class TrainingReports:
                  tracker: Tracker | None = None):
         self.model, self.data, self.run_dir, self.seed = model, data, run_dir, seed
         self.show, self.num_images = as_input(data.val[:num_images]), num_images
+        # the shown examples' own labels, for a conditional model
+        self.labels = data.labels_for("val")[:num_images] if model.conditional else None
         self.tracker = tracker or Tracker()
 
     def start(self, config: dict, resumed_at: int | None, rows: list[dict]) -> None:
@@ -69,7 +71,8 @@ class TrainingReports:
             self.pictures(epoch, step)
 
     def pictures(self, epoch: int, step: int) -> None:
-        """Reconstructions of fixed val examples and decodes of prior draws."""
+        """Reconstructions of fixed val examples and decodes of prior draws (for a
+        conditional model one row per class, each column one draw)."""
         model, x, folder = self.model, self.show, self.run_dir / "images"
         model.eval()
         # The same noise every epoch, pushed through the current (possibly learned) prior;
@@ -77,12 +80,13 @@ class TrainingReports:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             with torch.no_grad():
-                z = model.prior.sample(self.num_images)
+                z = model.prior.sample(sample_draws(model, self.num_images))
         if self.data.vocab is not None:
             path = epoch_text(model, self.data.vocab, x, z, folder / f"text_{epoch:03d}.txt")
             self.track("log_text", "samples", path, step)
             return
-        path = save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png")
+        path = save_reconstructions(model, x, folder / f"reconstructions_{epoch:03d}.png",
+                                    labels=self.labels)
         self.track("log_image", "reconstructions", path, step)
         path = folder / f"samples_{epoch:03d}.png"
         save_samples(model, z, path)

@@ -77,6 +77,10 @@ def _malformed(ckpt: dict) -> str | None:
     size = ckpt.get("dataset_size", 1)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         return f"dataset size {size!r}"
+    classes = ckpt.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int)
+                                or classes < 1):
+        return f"number of classes {classes!r}"
     vocab = ckpt.get("vocab")
     if vocab is not None and not (isinstance(vocab, dict) and isinstance(vocab.get("itos"), list)
                                   and all(isinstance(t, str) for t in vocab["itos"])

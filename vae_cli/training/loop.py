@@ -39,9 +39,11 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
                disable=None if distributed.rank() == 0 else True, dynamic_ncols=True)
     stepper.objective.train()
     shard = stepper.shard
-    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard)
-    for i, xb in enumerate(batches, start=first):
-        out = stepper(xb, state.step)
+    # a conditional model reads each example's class; an unconditional one gets None
+    labels = data.labels_for("train") if stepper.objective.model.conditional else None
+    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard, labels)
+    for i, (xb, yb) in enumerate(batches, start=first):
+        out = stepper(xb, state.step, yb)
         state.step += 1
         values = torch.stack([v.detach().float() for v in out.values()])
         if sums is None:

@@ -80,7 +80,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
                         f"({len(data.train)} examples)")
     data = data.to(device)
     objective = build_objective(cfg, data.shape, len(data.train),
-                                data.vocab and len(data.vocab)).to(device)
+                                data.vocab and len(data.vocab), data.num_classes).to(device)
     opt = build_optimizer(cfg.optim, objective.main_parameters())
     div = objective.divergence
     aux_opt = div.auxiliary_optimizer() if div.auxiliary_steps else None
@@ -200,6 +200,7 @@ def save_checkpoint(run: Run, name: str) -> Path:
     checkpoint.save(path, {
         "config": config,
         "shape": list(run.data.shape), "dataset_size": len(run.data.train),
+        "num_classes": run.objective.model.num_classes or None,  # what a conditional reads
         "vocab": vocab.state() if vocab else None,
         "model": run.objective.model.state_dict(),
         "divergence": run.objective.divergence.state_dict(),
@@ -321,9 +322,10 @@ def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
         raise Interrupted(stop.signum, state.step, save_checkpoint(run, "last.pt")) from None
     distributed.check_replicas(run.objective)
     lr = run.lr_schedule.lr  # the epoch's (a per-step schedule's: its last step's)
+    labels = run.data.labels_for("val") if run.objective.model.conditional else None
     with run.weights_shown():  # every rank scores the whole split; rank 0's numbers decide
         va = distributed.broadcast(evaluate(run.objective, run.data.val, t.batch_size,
-                                            t.precision))
+                                            t.precision, labels))
     if not math.isfinite(va["loss"]):
         raise UserError(f"validation loss is non-finite after epoch {epoch}; "
                         "the last good checkpoint is kept (lower optim.lr?)")

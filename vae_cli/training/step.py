@@ -48,11 +48,13 @@ class Stepper:
     scaler: torch.amp.GradScaler | None = None  # fp16: loss scaling keeps small grads
     grad_clip: float | None = None  # max total gradient norm
 
-    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """One step on batch x, the ``step``-th; returns the batch's terms (on device),
-        with ``grad_norm`` (the norm before clipping) when clipping is on."""
+    def __call__(self, x: torch.Tensor, step: int,
+                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One step on batch x (with its labels y, for a conditional model), the
+        ``step``-th; returns the batch's terms (on device), with ``grad_norm`` (the norm
+        before clipping) when clipping is on."""
         with autocast(self.device, self.precision):
-            terms, z = self.net(x, step, self.shard)
+            terms, z = self.net(x, step, self.shard, y)
         self.opt.zero_grad(set_to_none=True)
         loss = terms["loss"]
         (self.scaler.scale(loss) if self.scaler else loss).backward()
