@@ -68,14 +68,14 @@ def export(compose, ckpt: Path, *args: str) -> Path:
 
 
 def variant(compose, run: Path, dst: Path, overrides: list[str], vocab=None,
-            shape=None) -> Path:
+            shape=None, num_classes=None) -> Path:
     """The trained checkpoint with another model config and random weights (jittered, so
     that zero-initialised layers take part in the comparison too)."""
     ckpt = torch.load(run / "checkpoints/best.pt", weights_only=True)
     cfg = validate_train(compose(overrides))
     shape = shape or ckpt["shape"]
     objective = build_objective(cfg, tuple(shape), 256,
-                                len(vocab["itos"]) if vocab else None)
+                                len(vocab["itos"]) if vocab else None, num_classes)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in objective.parameters():
@@ -84,7 +84,8 @@ def variant(compose, run: Path, dst: Path, overrides: list[str], vocab=None,
     config["ckpt"] = None
     dst.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(dst, {"config": config, "shape": list(shape), "dataset_size": 256,
-                          "vocab": vocab, "model": objective.model.state_dict(),
+                          "vocab": vocab, "num_classes": num_classes,
+                          "model": objective.model.state_dict(),
                           "divergence": objective.divergence.state_dict(),
                           "state": ckpt["state"]})
     return dst
@@ -155,6 +156,21 @@ def test_text_model_ties_its_embedding_and_refuses_onnx(run, compose_cfg_module,
     assert str(e.value) == ("format=onnx does not support sequence models yet; use "
                             "format=safetensors")
     assert not (tmp_path / "text-onnx").exists()
+
+
+def test_conditional_model_loads_with_its_classes_and_refuses_onnx(run, compose_cfg_module,
+                                                                    tmp_path, monkeypatch):
+    ckpt = variant(compose_cfg_module, run, tmp_path / "cond/checkpoints/last.pt",
+                   ["model.conditional=true", "model.hidden=[16]", "model.latent_dim=3"],
+                   num_classes=4)
+    out = export(compose_cfg_module, ckpt, f"out_dir={tmp_path / 'cond-st'}")
+    loaded = load_with_the_card(out, monkeypatch)  # the card's snippet decodes under y too
+    original = load_trained(str(ckpt), torch.device("cpu"))[0].model
+    z, y = torch.randn(8, 3), torch.arange(8) % 4
+    assert loaded.num_classes == 4 and torch.equal(loaded.generate(z, y=y),
+                                                   original.generate(z, y=y))
+    with pytest.raises(UserError, match="does not support conditional models"):
+        export(compose_cfg_module, ckpt, "format=onnx", f"out_dir={tmp_path / 'cond-onnx'}")
 
 
 def _run_onnx(folder: Path, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -48,7 +48,8 @@ def describe(src: Exported) -> dict[str, Any]:
     """What config.json (and io.json) says about the model: enough to rebuild it."""
     return {"format": FORMAT, "components": src.components, "shape": list(src.shape),
             "dataset_size": src.dataset_size, "latent_dim": src.model.latent_dim,
-            "parameters": src.parameters, "vocab": src.vocab, "config": src.config}
+            "parameters": src.parameters, "vocab": src.vocab,
+            "num_classes": src.model.num_classes or None, "config": src.config}
 
 
 def write_json(path: Path, content: dict[str, Any]) -> Path:

@@ -106,6 +106,7 @@ def summary(src: Exported) -> list[str]:
 SAFETENSORS_SNIPPET = '''import json
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model
 
@@ -116,10 +117,13 @@ folder = Path(".")  # this folder, e.g. huggingface_hub.snapshot_download("<user
 info = json.loads((folder / "config.json").read_text())
 cfg = validate_train(OmegaConf.create(info["config"]))
 vocab_size = len(info["vocab"]["itos"]) if info["vocab"] else None
-model = build_objective(cfg, tuple(info["shape"]), info["dataset_size"], vocab_size).model
+model = build_objective(cfg, tuple(info["shape"]), info["dataset_size"], vocab_size,
+                        info.get("num_classes")).model
 load_model(model, folder / "model.safetensors")  # also ties shared tensors back
 model.eval()
-x = model.generate(model.prior.sample(16))  # 16 samples: __WHAT__'''
+# a conditional model (num_classes set) decodes each draw under the class y asked for
+y = torch.arange(16) % model.num_classes if model.conditional else None
+x = model.generate(model.prior.sample(16), y=y)  # 16 samples: __WHAT__'''
 
 ONNX_SNIPPET = '''from pathlib import Path
 

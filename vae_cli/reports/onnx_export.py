@@ -216,6 +216,9 @@ def write_onnx(src: Exported, out_dir: Path) -> tuple[dict[str, str], dict[str, 
     if src.sequence:
         raise UserError("format=onnx does not support sequence models yet; use "
                         "format=safetensors")
+    if src.model.conditional:  # the graphs would need the one-hot class as a second input
+        raise UserError("format=onnx does not support conditional models yet; use "
+                        "format=safetensors")
     # Traced and checked on the CPU whatever device loaded it: the check runs onnxruntime's
     # CPU provider, and CUDA's TF32 convolutions alone would differ by more than TOLERANCE.
     model = src.model.cpu()
