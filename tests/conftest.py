@@ -1,8 +1,17 @@
+import os
+
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from vae_cli.commands.main import register_resolvers
 from vae_cli.config.registry import config_dir
+
+# Several test processes share the cores (pytest-xdist): one thread each, here and in the
+# commands the tests start, rather than each spawning a thread per core.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def _composer():
