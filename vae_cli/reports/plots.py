@@ -17,8 +17,8 @@ def _pyplot():
     return plt
 
 
-# panels beside the losses, when the run logged them: the learning rate (log scale when it
-# changes) and the gradient norm before clipping
+# panels beside the losses, when the run logged them: the learning rate when a schedule moved
+# it (log scale when positive) and the gradient norm before clipping
 EXTRA = (("lr", "lr"), ("grad norm", "train_grad_norm"))
 
 
@@ -32,7 +32,9 @@ def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
     plt = _pyplot()
     epochs = [int(r["epoch"]) for r in rows]
     panels = [k for k in ("loss", "recon", "div") if f"train_{k}" in rows[0]]
-    extra = [(title, col) for title, col in EXTRA if rows[0].get(col)]
+    # a constant lr (no schedule) says nothing a panel should show
+    extra = [(title, col) for title, col in EXTRA if rows[0].get(col)
+             and (col != "lr" or len({r.get(col) for r in rows}) > 1)]
     n = len(panels) + len(extra)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
     for ax, key in zip(axes[0], panels, strict=False):
