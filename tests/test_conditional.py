@@ -23,6 +23,7 @@ from vae_cli.objective.bounds import Objective, log_weights
 from vae_cli.objective.divergences import KL
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import DiagonalGaussian
 from vae_cli.objective.priors import NormalPrior, VampPrior
 from vae_cli.runtime import checkpoint
 from vae_cli.training.recipe import fit, setup
@@ -35,7 +36,7 @@ SMALL = [*DATA, "model.hidden=[32]", "model.latent_dim=3", "model.conditional=tr
 
 def _model(builder, shape=(1, 16, 16), prior=None, **kw) -> VAE:
     nets = builder.build(latent_dim=4, conditional=True, shape=shape, num_classes=CLASSES, **kw)
-    return VAE(nets, prior or NormalPrior(latent_dim=4), Bernoulli(), 4)
+    return VAE(nets, DiagonalGaussian(), prior or NormalPrior(latent_dim=4), Bernoulli(), 4)
 
 
 NETS = [(mlp, {"hidden": [16]}), (conv, {"channels": 4, "fc_hidden": 8}),
@@ -65,7 +66,7 @@ def test_labels_go_only_to_a_model_built_for_them():
     with pytest.raises(ValueError, match="needs the class labels"):
         model.posterior(torch.rand(2, 1, 16, 16))
     plain = VAE(mlp.build(latent_dim=4, hidden=[8], shape=(1, 16, 16)),
-                NormalPrior(latent_dim=4), Bernoulli(), 4)
+                DiagonalGaussian(), NormalPrior(latent_dim=4), Bernoulli(), 4)
     assert not plain.conditional and isinstance(plain.encoder, torch.nn.Sequential)
     with pytest.raises(ValueError, match="unconditional"):
         plain.posterior(torch.rand(2, 1, 16, 16), torch.tensor([0, 1]))

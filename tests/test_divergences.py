@@ -23,6 +23,7 @@ from vae_cli.objective.divergences import (
 )
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import DiagonalGaussian
 from vae_cli.objective.priors import LearnedPrior, MixturePrior, NormalPrior, Prior, VampPrior
 from vae_cli.training.step import Stepper, auxiliary_step
 
@@ -387,7 +388,8 @@ def test_clipped_and_spectral_critics_hold_their_constraint():
 def _adv_objective(latent=3):
     nets = mlp.build(latent_dim=latent, shape=(1, 4, 4), hidden=[8])
     adv = Adversarial(hidden=16, critic_steps=2, lr=1e-3, latent_dim=latent)
-    return Objective(VAE(nets, NormalPrior(latent_dim=latent), Bernoulli(), latent), adv), adv
+    model = VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=latent), Bernoulli(), latent)
+    return Objective(model, adv), adv
 
 
 def test_critic_is_not_trained_by_the_main_optimizer():

@@ -18,6 +18,7 @@ from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.nets import Networks, mlp
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import DiagonalGaussian
 from vae_cli.objective.priors import MixturePrior, NormalPrior
 from vae_cli.reports.pictures import write_curves, write_data_pictures
 from vae_cli.training.recipe import fit, setup
@@ -85,7 +86,8 @@ class Half(nn.Module):
 def _collapsed_vae(prior=None):
     enc = Half(16, 5, live=2)
     dec = mlp.build(latent_dim=5, hidden=[8], shape=(1, 4, 4)).decoder
-    return VAE(Networks(enc, dec), prior or NormalPrior(latent_dim=5), Bernoulli(), 5)
+    return VAE(Networks(enc, dec), DiagonalGaussian(), prior or NormalPrior(latent_dim=5),
+               Bernoulli(), 5)
 
 
 def test_active_units_count_a_collapsed_dimension_as_inactive():

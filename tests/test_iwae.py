@@ -13,6 +13,7 @@ from vae_cli.objective.bounds import Objective, log_weights
 from vae_cli.objective.divergences import KL, TotalCorrelation
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import DiagonalGaussian
 from vae_cli.objective.priors import NormalPrior
 from vae_cli.objective.schedules import Capacity, Linear
 
@@ -27,7 +28,7 @@ def _model(seed=0, sharpen=4.0, **kw):
     with torch.no_grad():
         for p in nets.decoder.parameters():
             p.mul_(sharpen)
-    model = VAE(nets, NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT)
+    model = VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT)
     return Objective(model, KL(**kw))
 
 
@@ -116,7 +117,8 @@ def test_iwae_loss_uses_the_scheduled_weight_inside_each_importance_weight():
 def test_training_with_iw_samples_gives_a_finite_loss_with_gradients():
     torch.manual_seed(9)
     nets = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[16])
-    model = Objective(VAE(nets, NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT), KL(),
+    model = Objective(VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=LATENT), Bernoulli(),
+                          LATENT), KL(),
                       iw_samples=5)
     x = _data()
     torch.manual_seed(10)
@@ -135,7 +137,7 @@ def test_training_with_iw_samples_gives_a_finite_loss_with_gradients():
 
 def _with(divergence, schedule=None, iw_samples=4):
     nets = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[8])
-    model = VAE(nets, NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT)
+    model = VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT)
     return Objective(model, divergence, schedule, iw_samples)
 
 

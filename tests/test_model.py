@@ -9,13 +9,15 @@ from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import KL
 from vae_cli.objective.likelihoods import Bernoulli, Gaussian
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import DiagonalGaussian
 from vae_cli.objective.priors import NormalPrior
 
 
 def _objective(builder, shape, latent=6, lik=None, beta=1.0, **kw):
     lik = lik or Bernoulli()
     nets = builder.build(latent_dim=latent, shape=shape, out_mult=lik.out_mult, **kw)
-    return Objective(VAE(nets, NormalPrior(latent_dim=latent), lik, latent), KL(beta=beta))
+    model = VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=latent), lik, latent)
+    return Objective(model, KL(beta=beta))
 
 
 def _vae(builder, shape, **kw):

@@ -47,7 +47,8 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
     # [0, 1], or, for a sequence encoder, unbounded embedded sequences.
     soft = {"shape": nets.soft_shape, "bounded": False} if nets.soft_shape else {}
     prior = instantiate("prior", cfg.prior, **{**runtime, **soft})
-    model = VAE(nets, prior, likelihood, runtime["latent_dim"])
+    model = VAE(nets, instantiate("posterior", cfg.posterior, **runtime), prior, likelihood,
+                runtime["latent_dim"])
     return Objective(model, instantiate("divergence", cfg.divergence, **runtime),
                      instantiate("schedule", cfg.schedule, **runtime),
                      int(cfg.trainer.iw_samples))

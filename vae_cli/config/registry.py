@@ -18,8 +18,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_cli.errors import UserError
 
-COMPONENTS = ("dataset", "model", "prior", "divergence", "loss", "schedule", "lr_scheduler",
-              "logger")
+COMPONENTS = ("dataset", "model", "posterior", "prior", "divergence", "loss", "schedule",
+              "lr_scheduler", "logger")
 # Groups a resumed run may change: they do not shape the weights.
 SWAPPABLE = ("logger",)
 # Keys that became a group option: the command line names the replacement.
@@ -33,7 +33,8 @@ def upgrade(config: dict) -> dict:
     """A checkpoint's config in today's form: checkpoints written before optim._target_
     named the optimizer by ``optim.name`` (adam | adamw); before the logger group they had
     ``trainer.tensorboard`` (true: logger=tensorboard) and no logger; before lr_scheduler,
-    none (the optimizer's lr throughout)."""
+    none (the optimizer's lr throughout); before the posterior group, the Gaussian with
+    the bounds it always had."""
     optim = config.get("optim")
     if isinstance(optim, dict) and "_target_" not in optim and "name" in optim:
         names = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
@@ -48,6 +49,8 @@ def upgrade(config: dict) -> dict:
         config = {**config, "logger": option("logger", "tensorboard" if board else "csv")}
     if "lr_scheduler" not in config:
         config = {**config, "lr_scheduler": option("lr_scheduler", "none")}
+    if "posterior" not in config:
+        config = {**config, "posterior": option("posterior", "gaussian")}
     return config
 
 
@@ -89,6 +92,9 @@ def registry() -> dict[str, dict[str, str]]:
                 if old:
                     table[group][f"{old}.{name}"] = target
     table["optim"] = {f"torch.optim.{n}": f"torch.optim.{n}" for n in _optimizers()}
+    for path in sorted((config_dir() / "optim").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        table["optim"][target] = target
     return table
 
 

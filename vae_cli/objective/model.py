@@ -20,9 +20,8 @@ from torch.distributions import Distribution
 
 from vae_cli.nets import Networks
 from vae_cli.objective.likelihoods import Likelihood
-from vae_cli.objective.priors import Prior, diagonal_normal
-
-LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32 and std > 0
+from vae_cli.objective.posteriors import Posterior
+from vae_cli.objective.priors import Prior
 
 
 class Shard(NamedTuple):
@@ -36,9 +35,10 @@ WHOLE = Shard()
 
 
 class VAE(nn.Module):
-    def __init__(self, nets: Networks, prior: Prior, likelihood: Likelihood, latent_dim: int):
+    def __init__(self, nets: Networks, family: Posterior, prior: Prior, likelihood: Likelihood,
+                 latent_dim: int):
         super().__init__()
-        self.encoder, self.decoder = nets.encoder, nets.decoder
+        self.encoder, self.decoder, self.family = nets.encoder, nets.decoder, family
         self.prior, self.likelihood, self.latent_dim = prior, likelihood, latent_dim
         # A sequence decoder reads the sequence it scores (teacher forcing): decode(z, x).
         self.autoregressive = nets.autoregressive
@@ -67,9 +67,7 @@ class VAE(nn.Module):
         """q(z|x), or q(z|x, y) for a conditional model."""
         c = self.one_hot(y)
         h = self.encoder(x) if c is None else self.encoder(x, c)
-        mu, logvar = h.float().chunk(2, dim=-1)
-        std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-        return diagonal_normal(mu, std)
+        return self.family(h)
 
     def rsample(self, q: Distribution, k: int | None = None,
                 shard: Shard = WHOLE) -> torch.Tensor:

@@ -17,6 +17,12 @@ from vae_cli.errors import UserError
 class Schedule:
     multiplicative = True
 
+    @property
+    def settles_at(self) -> int:
+        """The step from which the term no longer changes (early stopping waits for it:
+        a validation loss measured while the objective still moves says little)."""
+        return 0
+
     def factor(self, step: int | None) -> float:
         return 1.0
 
@@ -37,6 +43,10 @@ class Linear(Schedule):
             raise UserError("schedule.warmup_steps must be >= 1 and schedule.start in [0, 1]")
         self.warmup_steps, self.start = warmup_steps, start
 
+    @property
+    def settles_at(self) -> int:
+        return self.warmup_steps
+
     def factor(self, step: int | None) -> float:
         if step is None:
             return 1.0
@@ -52,6 +62,10 @@ class Cyclical(Schedule):
         if cycle_steps < 1 or cycles < 1 or not 0 < ramp <= 1:
             raise UserError("schedule.cycle_steps, cycles >= 1 and schedule.ramp in (0, 1]")
         self.cycle_steps, self.cycles, self.ramp = cycle_steps, cycles, ramp
+
+    @property
+    def settles_at(self) -> int:
+        return self.cycle_steps * self.cycles
 
     def factor(self, step: int | None) -> float:
         if step is None or step >= self.cycle_steps * self.cycles:
@@ -70,6 +84,10 @@ class Capacity(Schedule):
         if c_max < 0 or steps < 1 or gamma <= 0:
             raise UserError("schedule.c_max >= 0, schedule.steps >= 1, schedule.gamma > 0")
         self.c_max, self.steps, self.gamma = c_max, steps, gamma
+
+    @property
+    def settles_at(self) -> int:
+        return self.steps
 
     def capacity(self, step: int | None) -> float:
         return self.c_max if step is None else self.c_max * min(1.0, step / self.steps)

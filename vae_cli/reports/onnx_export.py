@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.objective.model import LOGVAR_RANGE, VAE
+from vae_cli.objective.model import VAE
 from vae_cli.reports.export import Exported, describe, write_json
 from vae_cli.runtime.files import atomic_write
 
@@ -60,11 +60,11 @@ class EncoderGraph(nn.Module):
 
     def __init__(self, model: VAE):
         super().__init__()
-        self.encoder = model.encoder
+        self.encoder, self.bounds = model.encoder, model.family.bounds
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).float().chunk(2, dim=-1)
-        return mu, logvar.clamp(*LOGVAR_RANGE)
+        return mu, logvar.clamp(*self.bounds)
 
 
 class DecoderGraph(nn.Module):
@@ -196,7 +196,8 @@ def io_spec(src: Exported, params: torch.Tensor, mean: torch.Tensor) -> dict[str
         "encoder": {"file": "encoder.onnx", "inputs": [_tensor(
             "x", tuple(src.shape), "examples with values in [0, 1]")], "outputs": [
             _tensor("mu", (d,), "mean of q(z|x)"),
-            _tensor("logvar", (d,), f"log-variance of q(z|x), clamped to {list(LOGVAR_RANGE)}"
+            _tensor("logvar", (d,), "log-variance of q(z|x), clamped to "
+                    f"{list(src.model.family.bounds)}"
                     "; std = exp(logvar / 2), z = mu + std * eps")]},
         "decoder": {"file": "decoder.onnx", "inputs": [_tensor(
             "z", (d,), "latent codes: encoder means, or samples of the prior")], "outputs": [

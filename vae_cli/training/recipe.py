@@ -335,7 +335,9 @@ def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
     improved = va["loss"] < state.best_val
     state.best_val = min(state.best_val, va["loss"])
     state.best_epoch = epoch if improved else state.best_epoch
-    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    # Epochs before the divergence's schedule settles do not count towards patience.
+    settled = state.step >= run.objective.schedule.settles_at
+    state.bad_epochs = 0 if improved or not settled else state.bad_epochs + 1
     log.info("epoch %d/%d  train %.3f  val %.3f (recon %.3f, div %.3f)%s  %.1fs", epoch,
              t.epochs, tr["loss"], va["loss"], va["recon"], va["div"],
              "  *" if improved else "", time.perf_counter() - start)
