@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
+from vae_cli.tokens import trim
+
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float32 in [0, 1]."""
@@ -17,8 +19,9 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def as_input(x: torch.Tensor) -> torch.Tensor:
-    """What the model reads: images as float in [0, 1]; token ids unchanged."""
-    return to_unit(x) if x.dtype == torch.uint8 else x
+    """What the model reads: images as float in [0, 1]; token ids trimmed to the batch's
+    longest sequence."""
+    return to_unit(x) if x.dtype == torch.uint8 else trim(x)
 
 
 def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,

@@ -61,12 +61,14 @@ class VAE(nn.Module):
     def log_px(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x|z) for z [B, D] -> [B], or z [k, B, D] -> [k, B]. For images x broadcasts
         against the k decodes (no k copies of the batch in memory); a sequence decoder reads
-        x once per sample."""
+        x once per sample, and its k copies are scored as one batch."""
         if z.dim() == 2:
             return -self.likelihood.nll(self.decode(z, x), x)
-        k = len(z)
-        xs = x.expand(k, *x.shape).reshape(-1, *x.shape[1:]) if self.autoregressive else None
-        out = self.decode(z.reshape(-1, z.shape[-1]), xs)
+        k, flat = len(z), z.reshape(-1, z.shape[-1])
+        if self.autoregressive:
+            xs = x.expand(k, *x.shape).reshape(-1, *x.shape[1:])
+            return -self.likelihood.nll(self.decode(flat, xs), xs).view(k, len(x))
+        out = self.decode(flat)
         return -self.likelihood.nll(out.view(k, len(x), *out.shape[1:]), x)
 
     @torch.no_grad()
