@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import vae
+from omegaconf import OmegaConf
+from test_cli import DATA, vae
 
 from vae_cli.config.build import build_objective
 from vae_cli.config.components import instantiate
@@ -23,7 +24,8 @@ from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.likelihoods import Categorical, sequence_nll
 from vae_cli.reports.text import homotopy, lines
-from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK, trim
+from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK, lengths, trim
+from vae_cli.training.recipe import check_position, setup
 
 CORPUS = ["the cat sat", "the dog sat", "a cat ran", "the bird sang", "a dog ran fast"] * 8
 TINY_RNN = ["model=rnn", "loss=categorical", "model.embed_dim=8", "model.hidden=16",
@@ -247,6 +249,44 @@ def test_batches_are_trimmed_rows_of_the_same_order():
     assert [b.shape[1] for b in ordered(x, 4)] == [7, 4]
 
 
+def _numbered_lines(lengths_):
+    """Token rows whose first id names the row, of the given lengths (before <eos>)."""
+    x = torch.full((len(lengths_), max(lengths_) + 2), PAD)
+    for i, n in enumerate(lengths_):
+        x[i, :n], x[i, n] = 7, EOS
+        x[i, 0] = 10 + i
+    return x
+
+
+def test_bucketed_batches_regroup_the_same_lines_by_length_reproducibly():
+    x = _numbered_lines(torch.randint(1, 30, (203,), generator=torch.Generator().manual_seed(0))
+                        .tolist())
+
+    def epoch(bucket, start=0):
+        return list(shuffled(x, 4, torch.Generator().manual_seed(1), start=start, bucket=bucket))
+    plain, bucketed = epoch(False), epoch(True)
+    assert len(plain) == len(bucketed) == 50  # drop_last leaves out the same 3 lines
+    assert sorted(torch.cat([b[:, 0] for b in plain]).tolist()) == sorted(
+        torch.cat([b[:, 0] for b in bucketed]).tolist())
+    spread = [int(lengths(b).max() - lengths(b).min()) for b in bucketed]
+    assert max(spread) <= 2 < max(int(lengths(b).max() - lengths(b).min()) for b in plain)
+    assert sum(b.numel() for b in bucketed) < 0.7 * sum(b.numel() for b in plain)
+    again, resumed = epoch(True), epoch(True, start=7)  # same seed, and mid-epoch
+    assert all(torch.equal(a, b) for a, b in zip(again, bucketed, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, bucketed[7:], strict=True))
+
+
+def test_bucketing_is_refused_for_images_and_fixed_within_an_epoch(compose_cfg, tmp_path):
+    cfg = validate(compose_cfg([*DATA, f"dataset.root={tmp_path}", "dataset.cache=false",
+                                "trainer.bucket=true"]))
+    with pytest.raises(UserError, match="trainer.bucket=true groups token sequences"):
+        setup(cfg, tmp_path / "run")
+    ckpt = {"config": {"trainer": {"batch_size": 32}}, "state": {"progress": {"batch": 3}}}
+    check_position(ckpt, OmegaConf.create({"trainer": {"batch_size": 32, "bucket": False}}))
+    with pytest.raises(UserError, match=r"trainer.bucket=true differs .* \(false\)"):
+        check_position(ckpt, OmegaConf.create({"trainer": {"batch_size": 32, "bucket": True}}))
+
+
 def test_generated_tokens_come_from_the_vocabulary(compose_cfg_module, corpus_file):
     torch.manual_seed(0)
     model, data = _model(compose_cfg_module, corpus_file)
@@ -308,7 +348,8 @@ def text_run(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus.txt")
     vae("train", "dataset=text", f"dataset.path={corpus}", *TINY_RNN, "trainer.epochs=2",
         "trainer.batch_size=8", "trainer.num_images=4", "schedule=linear",
-        "schedule.warmup_steps=4", f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+        "schedule.warmup_steps=4", "trainer.bucket=true", f"hydra.run.dir={tmp / 'run'}",
+        cwd=tmp)
     return tmp / "run", corpus
 
 

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 
 import torch
 
-from vae_cli.tokens import trim
+from vae_cli.tokens import lengths, trim
+
+BUCKET_POOL = 50  # batches sorted by length together: similar lengths, still a mixed corpus
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -25,8 +27,8 @@ def as_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
-             binarize: bool = False, start: int = 0, shard: tuple[int, int] = (0, 1)
-             ) -> Iterator[torch.Tensor]:
+             binarize: bool = False, start: int = 0, shard: tuple[int, int] = (0, 1),
+             bucket: bool = False) -> Iterator[torch.Tensor]:
     """Full batches in a fresh random order (drop_last: batch statistics stay comparable).
 
     The permutation is drawn on the CPU from ``generator`` so the order is reproducible and
@@ -34,16 +36,34 @@ def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
     ``start`` skips that many batches of this permutation (resuming mid-epoch). With
     ``shard=(rank, world)`` each global batch is cut into ``world`` slices and this rank's
     is yielded; binarization is drawn for the global batch, as one process would.
+    ``bucket`` (token ids) regroups the permutation by length (see ``by_length``).
     """
     rank, world = shard
     local = batch_size // world
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    perm = torch.randperm(len(x), generator=generator)
+    if bucket:
+        perm = by_length(perm, lengths(x).cpu(), batch_size, generator)
+    perm = perm.to(x.device)
     lo, hi = rank * local, (rank + 1) * local
     for i in range(start * batch_size, len(x) - batch_size + 1, batch_size):
         if binarize:
             yield torch.bernoulli(as_input(x[perm[i:i + batch_size]]))[lo:hi]
         else:
             yield as_input(x[perm[i + lo:i + hi]])
+
+
+def by_length(perm: torch.Tensor, n: torch.Tensor, batch_size: int,
+              generator: torch.Generator) -> torch.Tensor:
+    """``perm`` regrouped so that each batch holds lines of similar length ``n``: pools of
+    BUCKET_POOL batches in the drawn order, each sorted by length and cut into batches,
+    the batches then shuffled. Trimmed batches then carry little padding, and the
+    recurrent networks take fewer steps. Drawn from ``generator`` after the permutation,
+    so the order stays reproducible and resumable; the lines drop_last leaves out stay last."""
+    used = len(perm) // batch_size * batch_size
+    pools = perm[:used].split(BUCKET_POOL * batch_size)
+    batches = torch.cat([p[n[p].sort(stable=True).indices] for p in pools]).view(-1, batch_size)
+    order = torch.randperm(len(batches), generator=generator)
+    return torch.cat([batches[order].flatten(), perm[used:]])
 
 
 def ordered(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

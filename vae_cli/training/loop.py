@@ -39,7 +39,8 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
                disable=None if distributed.rank() == 0 else True, dynamic_ncols=True)
     stepper.objective.train()
     shard = stepper.shard
-    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard)
+    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard,
+                       t.bucket)
     for i, xb in enumerate(batches, start=first):
         out = stepper(xb, state.step)
         state.step += 1
