@@ -5,8 +5,16 @@ real MNIST with --mnist-root), same batch, same Adam, same threads. The bare loo
 pytorch/examples VAE written directly (no components, no metrics). Prints a table of
 median epoch times and their ratio, and exits non-zero when a ratio misses its target.
 
-    python bench/speed.py                 # mlp 784-400-20 and conv 32x32, 3 epochs each
+The text case is a GRU sentence VAE (vae's model=rnn defaults, batch 32) on a generated
+Zipfian corpus written as the files dataset=text reads; its bare loop trims each batch to
+its longest line, packs the encoder's input and projects real positions only. ``--vae-root``
+times another checkout's vae against the same bare loop (e.g. an older commit's, exported
+with ``git archive``), which is how the speed-up over an earlier version is measured.
+
+    python bench/speed.py                 # mlp 784-400-20, conv 32x32, iwae, text
     python bench/speed.py --epochs 5 --only mlp --precision bf16
+    python bench/speed.py --only text --bucket              # vae with trainer.bucket=true
+    python bench/speed.py --only text --vae-root /tmp/old   # an older vae, same bare loop
     python bench/speed.py --memory        # peak RSS of an MNIST-sized mlp epoch
 """
 
@@ -16,6 +24,7 @@ import argparse
 import math
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -23,8 +32,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+def _vae_root() -> str:
+    """The checkout whose vae_cli is timed: this one, or --vae-root's (read before the
+    imports below, which it decides)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--vae-root", default=str(Path(__file__).resolve().parents[1]))
+    return p.parse_known_args()[0].vae_root
+
+
+sys.path.insert(0, _vae_root())
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
@@ -32,14 +51,15 @@ from vae_cli.commands.main import register_resolvers  # noqa: E402
 from vae_cli.config.build import build_objective, build_optimizer  # noqa: E402
 from vae_cli.config.registry import config_dir  # noqa: E402
 from vae_cli.config.schemas import validate_train  # noqa: E402
-from vae_cli.data.base import ImageData  # noqa: E402
+from vae_cli.data.base import ImageData, Splits  # noqa: E402
+from vae_cli.tokens import BOS, PAD  # noqa: E402
 from vae_cli.training.loop import train_epoch  # noqa: E402
 from vae_cli.training.recipe import training_net  # noqa: E402
 from vae_cli.training.state import TrainState  # noqa: E402
 from vae_cli.training.step import Stepper  # noqa: E402
 
 # time ratios vae / bare; iwae's throughput target >= 0.9 x bare is a time ratio <= 1/0.9
-TARGETS = {"mlp": 1.10, "conv": 1.15, "iwae": 1 / 0.9}
+TARGETS = {"mlp": 1.10, "conv": 1.15, "iwae": 1 / 0.9, "text": 1.10}
 
 
 class BareMLP(nn.Module):
@@ -92,13 +112,19 @@ def bare_epoch(model, opt, x_u8: torch.Tensor, batch: int, gen: torch.Generator)
 
 def vae_setup(overrides: list[str], x_u8: torch.Tensor):
     """vae's own training epoch; also returns a function scoring the loss on held-out data."""
+    data = ImageData(name="bench", train=x_u8[:-2000], val=x_u8[-2000:], test=x_u8[-2000:])
+    return vae_epoch(overrides, data)
+
+
+def vae_epoch(overrides: list[str], data: Splits):
+    """vae's training epoch on ``data`` as `vae train` runs it, and its validation loss."""
     from vae_cli.evaluation.evaluate import evaluate
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = validate_train(compose(config_name="train", overrides=overrides))
-    data = ImageData(name="bench", train=x_u8[:-2000], val=x_u8[-2000:], test=x_u8[-2000:])
-    objective = build_objective(cfg, data.shape, len(data.train))
+    vocab = len(data.vocab) if data.vocab else None
+    objective = build_objective(cfg, data.shape, len(data.train), vocab)
     opt = build_optimizer(cfg.optim, objective.main_parameters())
     state = TrainState()
     gen = torch.Generator().manual_seed(0)
@@ -107,6 +133,100 @@ def vae_setup(overrides: list[str], x_u8: torch.Tensor):
     stepper = Stepper(net, objective, opt, device, cfg.trainer.precision)
     return (lambda: train_epoch(stepper, data, cfg.trainer, gen, state, desc="bench"),
             lambda: evaluate(objective, data.val, 500)["loss"])
+
+
+def zipf_corpus(folder: Path, lines: int, types: int, max_length: int, seed: int = 0
+                ) -> dict[str, str]:
+    """train/val/test files of a generated corpus with natural text's long tails: type r
+    (of ``types``, all in the training file) is the r-th most frequent, its count ~ 1/r
+    (Zipf) over a floor of one; line lengths are log-normal (median 10 tokens, three in
+    four under 15) with 1% of lines near ``max_length``. Returns dataset=text's paths."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.exp(2.3 + 0.6 * torch.randn(lines, generator=g)).round().clamp(1, max_length)
+    tail = torch.rand(lines, generator=g) < 0.01
+    n[tail] = torch.randint(max_length * 3 // 4, max_length + 1, (int(tail.sum()),),
+                            generator=g).float()
+    n = n.long()
+    total = int(n.sum())
+    if total < types:
+        raise SystemExit(f"--text-lines {lines} hold {total} tokens, too few for "
+                         f"--text-types {types}")
+    zipf = 1 / torch.arange(1, types + 1, dtype=torch.float64)
+    counts = 1 + ((total - types) * zipf / zipf.sum()).long()
+    counts[0] += total - int(counts.sum())  # the rounding's remainder to the top word
+    tokens = torch.repeat_interleave(torch.arange(types), counts)
+    tokens = tokens[torch.randperm(total, generator=g)].tolist()
+    ends = n.cumsum(0).tolist()
+    text = {"train": [tokens[e - k:e] for e, k in zip(ends, n.tolist(), strict=True)]}
+    for split in ("val", "test"):  # held-out lines of the same distribution
+        ids = torch.multinomial(zipf, lines // 20 * 12, replacement=True, generator=g)
+        text[split] = ids.view(-1, 12).tolist()
+    paths = {}
+    for split, rows in text.items():
+        path = folder / f"{split}.txt"
+        path.write_text("\n".join(" ".join(f"w{t}" for t in r) for r in rows) + "\n")
+        paths["path" if split == "train" else f"{split}_path"] = str(path)
+    return paths
+
+
+class BareSentenceVAE(nn.Module):
+    """A GRU sentence VAE written directly, layer for layer vae's model=rnn (one embedding
+    table, decoder state tanh(Linear(z))): each batch trimmed to its longest line and the
+    encoder's input packed, as reference implementations do, and the vocabulary projection
+    on real positions only."""
+
+    def __init__(self, vocab: int, e: int = 300, h: int = 256, z: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, e, padding_idx=PAD)
+        self.enc, self.dec = nn.GRU(e, h, batch_first=True), nn.GRU(e, h, batch_first=True)
+        self.head, self.init, self.out = nn.Linear(h, 2 * z), nn.Linear(z, h), nn.Linear(h, vocab)
+
+    def forward(self, x):
+        n = (x != PAD).sum(1)
+        x = x[:, :int(n.max())]
+        packed = pack_padded_sequence(self.embed(x), n, batch_first=True, enforce_sorted=False)
+        mu, logvar = self.head(self.enc(packed)[1][-1]).chunk(2, dim=1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        prev = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], dim=1)
+        h, _ = self.dec(self.embed(prev), torch.tanh(self.init(z))[None])
+        real = x != PAD
+        recon = F.cross_entropy(self.out(h[real]), x[real], reduction="sum")
+        return recon, mu, logvar
+
+
+def bare_text_epoch(model, opt, x: torch.Tensor, batch: int, gen: torch.Generator) -> None:
+    perm = torch.randperm(len(x), generator=gen)
+    for i in range(0, len(x) - batch + 1, batch):
+        recon, mu, logvar = model(x[perm[i:i + batch]])
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = (recon + kl) / batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def text_case(args) -> tuple[tuple, float]:
+    """(row, vae's val loss) of the sentence VAE on a generated Zipfian corpus."""
+    from vae_cli.data.text import text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = zipf_corpus(Path(tmp), args.text_lines, args.text_types, 64)
+        data = text(**paths, max_length=64)
+        ov = ["dataset=text", "dataset.max_length=64", "model=rnn", "loss=categorical",
+              *(f"dataset.{k}={v}" for k, v in paths.items()), "trainer.device=cpu",
+              f"trainer.batch_size={args.text_batch}", f"trainer.precision={args.precision}",
+              f"trainer.compile={args.compile}", *(["trainer.bucket=true"] * args.bucket)]
+        epoch, score = vae_epoch(ov, data)
+    print(f"text: {len(data.train)} training lines, {int((data.train != PAD).sum())} "
+          f"tokens with <eos>, {len(data.vocab)} types")
+    bare = BareSentenceVAE(len(data.vocab))
+    opt = torch.optim.Adam(bare.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    t_bare, t_vae = median_times(
+        [partial(bare_text_epoch, bare, opt, data.train, args.text_batch, gen), epoch],
+        args.epochs)
+    label = "text-bucket" if args.bucket else "text"
+    return (label, t_bare, t_vae, t_vae / t_bare, TARGETS["text"]), score()
 
 
 @torch.no_grad()
@@ -141,15 +261,17 @@ def vae_iwae(x_u8: torch.Tensor, k: int, batch: int):
 
 
 def median_times(fns, epochs: int) -> list[float]:
-    """Median seconds per call of each function, calls interleaved (a, b, a, b, ...) so
-    that drift in the machine's speed hits both sides alike."""
+    """Median seconds per call of each function, calls interleaved (a, b, b, a, a, b, ...)
+    so that drift in the machine's speed hits both sides alike and neither always runs
+    first."""
     for fn in fns:
         fn()  # warm-up: allocator, kernels, lazy init, compilation
     if epochs == 0:
         return [math.nan] * len(fns)
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(epochs):
-        for fn, ts in zip(fns, times, strict=True):
+    for i in range(epochs):
+        order = list(zip(fns, times, strict=True))
+        for fn, ts in order[::-1] if i % 2 else order:
             start = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - start)
@@ -180,6 +302,12 @@ def main() -> int:
     p.add_argument("--compile", action="store_true",
                    help="vae side with trainer.compile=true (the bare loop stays eager)")
     p.add_argument("--memory", action="store_true", help="compare peak RSS instead")
+    p.add_argument("--text-lines", type=int, default=4000, help="training lines (text)")
+    p.add_argument("--text-types", type=int, default=32000, help="vocabulary (text)")
+    p.add_argument("--text-batch", type=int, default=32)
+    p.add_argument("--bucket", action="store_true",
+                   help="text: vae side with trainer.bucket=true (the bare loop does not)")
+    p.add_argument("--vae-root", help="time this checkout's vae_cli (default: this one)")
     p.add_argument("--side", choices=["bare", "vae"], help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -187,6 +315,12 @@ def main() -> int:
         return memory(args)
     rows, ok, losses = [], True, {}
     for kind in [args.only] if args.only else list(TARGETS):
+        if kind == "text":
+            row, loss = text_case(args)
+            rows.append(row)
+            losses[row[0]] = loss
+            ok &= row[3] <= TARGETS[kind]
+            continue
         x = data("mlp" if kind == "iwae" else kind, args.n, args.mnist_root)
         if kind == "iwae":
             xs, k = x[:2000], args.iw_samples
@@ -224,6 +358,7 @@ def main() -> int:
         losses[label] = score()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, "
           f"batch {args.batch}, median of {args.epochs} epochs")
+    print(f"vae_cli from {Path(sys.modules['vae_cli'].__file__).parents[1]}")
     print(f"{'case':<9} {'bare s':>9} {'vae s':>12} {'ratio':>7} {'target':>7}"
           "   (s per training epoch; iwae: s per pass over 2000 images)")
     for kind, tb, tv, r, t in rows:

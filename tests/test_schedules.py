@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vae_cli.errors import UserError
-from vae_cli.objective.schedules import Capacity, Constant, Cyclical, Linear
+from vae_cli.objective.schedules import Capacity, Constant, Cyclical, Linear, Logistic
 
 
 def test_constant_is_one_everywhere():
@@ -39,6 +39,26 @@ def test_cyclical(step, expected):
 def test_cyclical_full_ramp_rises_over_the_whole_cycle():
     s = Cyclical(cycle_steps=10, cycles=2, ramp=1.0)
     assert [s.factor(t) for t in (0, 5, 9, 10, 15)] == pytest.approx([0, 0.5, 0.9, 0, 0.5])
+
+
+@pytest.mark.parametrize(("step", "expected"), [
+    # 1 / (1 + exp(-k (step - x0))) with k 0.01, x0 300: e^-3, e^0, e^3 at steps 0, 300, 600
+    (0, 1 / (1 + 2.718281828**3)), (300, 0.5), (600, 1 / (1 + 2.718281828**-3)), (None, 1.0)])
+def test_logistic_is_half_at_its_midpoint(step, expected):
+    assert Logistic(k=0.01, midpoint=300).factor(step) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("schedule", "first"), [
+    (Constant(), 0), (Linear(warmup_steps=40), 40), (Cyclical(10, 3), 25),
+    (Capacity(steps=70), 70), (Logistic(k=0.01, midpoint=300), 991)])
+def test_settles_at_the_first_step_of_the_final_weight(schedule, first):
+    final = schedule.term(torch.tensor(5.0), 1.0, None).item()
+    near = 1e-3 * 5.0 if isinstance(schedule, Logistic) else 1e-9
+    assert schedule.settles_at == first
+    assert all(abs(schedule.term(torch.tensor(5.0), 1.0, t).item() - final) <= near
+               for t in (first, first + 1, first + 1000))
+    if first:  # and not a step earlier
+        assert abs(schedule.term(torch.tensor(5.0), 1.0, first - 1).item() - final) > near
 
 
 @pytest.mark.parametrize(("schedule", "step", "factor"), [
@@ -88,6 +108,8 @@ def test_capacity_gradient_pushes_div_towards_the_target():
     (Capacity, {"c_max": -1.0}),
     (Capacity, {"steps": 0}),
     (Capacity, {"gamma": 0.0}),
+    (Logistic, {"k": 0.0}),
+    (Logistic, {"midpoint": -1}),
 ])
 def test_invalid_arguments_raise(cls, kw):
     with pytest.raises(UserError):

@@ -8,11 +8,14 @@ import math
 
 import pytest
 import torch
-from test_cli import vae
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from test_cli import DATA, vae
 
 from vae_cli.config.build import build_objective
 from vae_cli.config.components import instantiate
 from vae_cli.config.schemas import validate_train as validate
+from vae_cli.data.batching import ordered, shuffled
 from vae_cli.data.text import TextData, ptb, text
 from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
@@ -21,7 +24,8 @@ from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.likelihoods import Categorical, sequence_nll
 from vae_cli.reports.text import homotopy, lines
-from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK
+from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK, lengths, trim
+from vae_cli.training.recipe import check_position, setup
 
 CORPUS = ["the cat sat", "the dog sat", "a cat ran", "the bird sang", "a dog ran fast"] * 8
 TINY_RNN = ["model=rnn", "loss=categorical", "model.embed_dim=8", "model.hidden=16",
@@ -62,25 +66,22 @@ def test_char_vocab_and_cut_lines():
 def test_padding_never_contributes_to_the_loss():
     torch.manual_seed(0)
     x = torch.tensor([[5, 6, EOS, PAD, PAD], [7, EOS, PAD, PAD, PAD]])
-    logits = torch.randn(2, 5, 9, requires_grad=True)
+    dense = torch.randn(2, 5, 9)
+    logits = dense[x != PAD].requires_grad_()  # the decoder scores real positions only
     nll = sequence_nll(logits, x)
-    by_hand = [-sum(logits[b, t].log_softmax(-1)[x[b, t]] for t in range(5) if x[b, t] != PAD)
+    by_hand = [-sum(dense[b, t].log_softmax(-1)[x[b, t]] for t in range(5) if x[b, t] != PAD)
                for b in range(2)]
     assert torch.allclose(nll, torch.stack(by_hand))
     nll.sum().backward()
-    pad = x == PAD
-    assert logits.grad[pad].abs().max() == 0 and logits.grad[~pad].abs().max() > 0
-    changed = logits.detach().clone()
-    changed[pad] = 1e4 * torch.randn_like(changed[pad])
-    assert torch.equal(sequence_nll(changed, x), nll.detach())
-    # leading importance samples broadcast against one batch of sequences
-    k_logits = torch.randn(3, 2, 5, 9)
-    assert torch.allclose(Categorical().nll(k_logits, x)[1], sequence_nll(k_logits[1], x))
+    assert logits.grad.abs().amax(-1).min() > 0  # every scored position has a gradient
+    # trailing <pad> columns change nothing: the same logits score the trimmed batch
+    assert trim(x).shape == (2, 3) and torch.allclose(sequence_nll(logits, trim(x)), nll)
+    assert torch.equal(Categorical().nll(logits, x), nll)
 
 
 def test_perplexity_is_exp_of_nll_per_token_on_a_hand_case():
     x = torch.tensor([[4, 5, EOS, PAD], [EOS, PAD, PAD, PAD]])  # 3 + 1 scored tokens
-    uniform = torch.zeros(2, 4, 6)
+    uniform = torch.zeros(4, 6)
     nll = sequence_nll(uniform, x)
     assert torch.allclose(nll, torch.tensor([3 * math.log(6), math.log(6)]))
     units = per_unit(nll.mean().item(), x)
@@ -193,6 +194,100 @@ def test_iwae_bound_is_at_least_the_elbo_for_sequences(compose_cfg_module, corpu
                                                    / (x != PAD).sum().item()))
 
 
+def padded_log_px(model, z, x):
+    """log p(x|z) as computed before batches were trimmed: the decoder over every position
+    of x padded to the dataset's length, the vocabulary projection on each, <pad> masked."""
+    dec = model.decoder
+    prev = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)
+    out, _ = dec.rnn(dec.inputs(prev, z), dec.initial_state(z))
+    nll = F.cross_entropy(dec.out(out).flatten(0, 1), x.flatten(), ignore_index=PAD,
+                          reduction="none")
+    return -nll.view(x.shape).sum(-1)
+
+
+@pytest.mark.parametrize("cell, condition, bidirectional", [("gru", "init", False),
+                                                            ("lstm", "both", True)])
+def test_trimmed_batches_score_what_the_padded_computation_did(compose_cfg_module,
+                                                               corpus_file, cell, condition,
+                                                               bidirectional):
+    """Trimming a batch to its longest line and projecting real positions only is exact:
+    the same posterior, log p(x|z) per sequence (one sample or k) and gradients as the
+    decoder run over the padding of a dataset's full length."""
+    torch.manual_seed(0)
+    objective, data = _model(compose_cfg_module, corpus_file, f"model.cell={cell}",
+                             f"model.condition={condition}",
+                             f"model.bidirectional={bidirectional}")
+    model = objective.model.eval()
+    x = data.vocab.encode(CORPUS[:5], 64)[0]  # padded to max_length + 1 = 65 columns
+    xb = trim(x)
+    assert xb.shape[1] == 5 and torch.equal(x[:, :5], xb) and (x[:, 5:] == PAD).all()
+    # The encoder reads each line's state at its own end (packed), padded or alone.
+    alone = torch.cat([model.posterior(row[row != PAD][None]).mean for row in x])
+    assert torch.allclose(model.posterior(x).mean, model.posterior(xb).mean)
+    assert torch.allclose(model.posterior(xb).mean, alone, atol=1e-6)
+    z = torch.randn(4, len(x), 3)
+    want = torch.stack([padded_log_px(model, zi, x) for zi in z])
+    assert torch.allclose(model.log_px(z[0], xb), want[0], rtol=1e-5)
+    assert torch.allclose(model.log_px(z, xb), want, rtol=1e-5)  # k samples, as IWAE
+    grads = []
+    for loss in (lambda: -model.log_px(z[0], xb).sum(), lambda: -want[0].sum()):
+        model.zero_grad()
+        loss().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.decoder.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def test_batches_are_trimmed_rows_of_the_same_order():
+    x = torch.full((6, 9), PAD)
+    for i, n in enumerate([1, 2, 6, 1, 3, 2]):
+        x[i, :n], x[i, n] = 7, EOS
+    got = [b for b, _ in shuffled(x, 2, torch.Generator().manual_seed(3))]
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
+    for i, b in enumerate(got):
+        rows = x[perm[2 * i:2 * i + 2]]
+        assert torch.equal(b, rows[:, :b.shape[1]]) and (rows[:, b.shape[1] - 1] == EOS).any()
+    assert [b.shape[1] for b in ordered(x, 4)] == [7, 4]
+
+
+def _numbered_lines(lengths_):
+    """Token rows whose first id names the row, of the given lengths (before <eos>)."""
+    x = torch.full((len(lengths_), max(lengths_) + 2), PAD)
+    for i, n in enumerate(lengths_):
+        x[i, :n], x[i, n] = 7, EOS
+        x[i, 0] = 10 + i
+    return x
+
+
+def test_bucketed_batches_regroup_the_same_lines_by_length_reproducibly():
+    x = _numbered_lines(torch.randint(1, 30, (203,), generator=torch.Generator().manual_seed(0))
+                        .tolist())
+
+    def epoch(bucket, start=0):
+        return [b for b, _ in shuffled(x, 4, torch.Generator().manual_seed(1), start=start,
+                                       bucket=bucket)]
+    plain, bucketed = epoch(False), epoch(True)
+    assert len(plain) == len(bucketed) == 50  # drop_last leaves out the same 3 lines
+    assert sorted(torch.cat([b[:, 0] for b in plain]).tolist()) == sorted(
+        torch.cat([b[:, 0] for b in bucketed]).tolist())
+    spread = [int(lengths(b).max() - lengths(b).min()) for b in bucketed]
+    assert max(spread) <= 2 < max(int(lengths(b).max() - lengths(b).min()) for b in plain)
+    assert sum(b.numel() for b in bucketed) < 0.7 * sum(b.numel() for b in plain)
+    again, resumed = epoch(True), epoch(True, start=7)  # same seed, and mid-epoch
+    assert all(torch.equal(a, b) for a, b in zip(again, bucketed, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, bucketed[7:], strict=True))
+
+
+def test_bucketing_is_refused_for_images_and_fixed_within_an_epoch(compose_cfg, tmp_path):
+    cfg = validate(compose_cfg([*DATA, f"dataset.root={tmp_path}", "dataset.cache=false",
+                                "trainer.bucket=true"]))
+    with pytest.raises(UserError, match="trainer.bucket=true groups token sequences"):
+        setup(cfg, tmp_path / "run")
+    ckpt = {"config": {"trainer": {"batch_size": 32}}, "state": {"progress": {"batch": 3}}}
+    check_position(ckpt, OmegaConf.create({"trainer": {"batch_size": 32, "bucket": False}}))
+    with pytest.raises(UserError, match=r"trainer.bucket=true differs .* \(false\)"):
+        check_position(ckpt, OmegaConf.create({"trainer": {"batch_size": 32, "bucket": True}}))
+
+
 def test_generated_tokens_come_from_the_vocabulary(compose_cfg_module, corpus_file):
     torch.manual_seed(0)
     model, data = _model(compose_cfg_module, corpus_file)
@@ -231,7 +326,8 @@ def test_homotopy_endpoints_decode_to_the_memorised_lines(compose_cfg_module, tm
     (["model=rnn", "loss=categorical"], "model=rnn reads token sequences"),
     (["dataset=text", "dataset.path=CORPUS", "loss=categorical"], "model=mlp reads images"),
     (["dataset=text", "dataset.path=CORPUS", "model=conv"], "model=conv reads images"),
-    (["dataset=text", "dataset.path=CORPUS", "model=rnn"], "need loss=categorical"),
+    (["dataset=text", "dataset.path=CORPUS", "model=rnn", "loss=bernoulli"],
+     "need loss=categorical"),
 ])
 def test_sequence_model_and_image_data_do_not_mix(compose_cfg_module, corpus_file, overrides,
                                                   fragment):
@@ -246,6 +342,16 @@ def test_sequence_model_and_image_data_do_not_mix(compose_cfg_module, corpus_fil
                     len(data.vocab) if isinstance(data, TextData) else None)
 
 
+def test_model_rnn_alone_chooses_the_sentence_vae_recipe(compose_cfg_module):
+    cfg = compose_cfg_module(["dataset=sentences", "model=rnn"])
+    assert cfg.loss._target_.endswith("Categorical")
+    assert cfg.schedule._target_.endswith("Logistic") and cfg.model.word_dropout == 0.5
+    mine = compose_cfg_module(["dataset=sentences", "model=rnn", "schedule=constant",
+                               "model.word_dropout=0"])  # each one override away
+    assert mine.schedule._target_.endswith("Constant") and mine.model.word_dropout == 0
+    assert compose_cfg_module([]).schedule._target_.endswith("Constant")  # images: as before
+
+
 # --- the command line ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -254,7 +360,8 @@ def text_run(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus.txt")
     vae("train", "dataset=text", f"dataset.path={corpus}", *TINY_RNN, "trainer.epochs=2",
         "trainer.batch_size=8", "trainer.num_images=4", "schedule=linear",
-        "schedule.warmup_steps=4", f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+        "schedule.warmup_steps=4", "trainer.bucket=true", f"hydra.run.dir={tmp / 'run'}",
+        cwd=tmp)
     return tmp / "run", corpus
 
 

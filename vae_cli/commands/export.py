@@ -7,10 +7,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vae_cli.config.build import load_trained
-from vae_cli.config.registry import COMPONENTS, config_dir, registry, upgrade
+from vae_cli.config.registry import COMPONENTS, config_dir, option_target, registry, upgrade
 from vae_cli.config.schemas import check_out_dir, validate_export
 from vae_cli.reports.export import Exported, require_safetensors, write_safetensors
 from vae_cli.reports.model_card import write_card
@@ -66,5 +66,5 @@ def option_names(config: dict) -> dict[str, str]:
 
 @functools.cache
 def _options(group: str) -> dict[str, str]:
-    return {OmegaConf.load(p).get("_target_"): p.stem
+    return {option_target(group, p): p.stem
             for p in sorted((config_dir() / group).glob("*.yaml"))}

@@ -55,8 +55,9 @@ def upgrade(config: dict) -> dict:
 
 
 def option(group: str, name: str) -> dict:
-    """configs/<group>/<name>.yaml as a plain dict."""
-    return OmegaConf.to_container(OmegaConf.load(config_dir() / group / f"{name}.yaml"))
+    """configs/<group>/<name>.yaml as a plain dict (the group's part of a global option)."""
+    node = OmegaConf.to_container(OmegaConf.load(config_dir() / group / f"{name}.yaml"))
+    return node if "_target_" in node else node[group]
 
 
 def check_retired(args: list[str]) -> None:
@@ -84,7 +85,7 @@ def registry() -> dict[str, dict[str, str]]:
     for group in COMPONENTS:
         table[group] = {}
         for path in sorted((config_dir() / group).glob("*.yaml")):
-            target = OmegaConf.load(path).get("_target_")
+            target = option_target(group, path)
             if isinstance(target, str):
                 table[group][target] = target
                 module, _, name = target.rpartition(".")
@@ -93,9 +94,16 @@ def registry() -> dict[str, dict[str, str]]:
                     table[group][f"{old}.{name}"] = target
     table["optim"] = {f"torch.optim.{n}": f"torch.optim.{n}" for n in _optimizers()}
     for path in sorted((config_dir() / "optim").glob("*.yaml")):
-        target = OmegaConf.load(path).get("_target_")
+        target = option_target("optim", path)
         table["optim"][target] = target
     return table
+
+
+def option_target(group: str, path: Path) -> Any:
+    """The ``_target_`` a group's option file names: at its top, or under the group's key
+    for an option that also chooses other groups (``# @package _global_``, model=rnn)."""
+    node = OmegaConf.load(path)
+    return node.get("_target_") or (node.get(group) or {}).get("_target_")
 
 
 def _optimizers() -> list[str]:

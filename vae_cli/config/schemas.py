@@ -38,6 +38,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the training step (model forward and optimizer)
     grad_clip: float | None = None  # max total gradient norm (after fp16 unscaling)
     ema: float | None = None  # decay of an exponential moving average of the weights
+    bucket: bool = False  # token data: batches of lines of similar length (less padding)
 
 
 @dataclasses.dataclass

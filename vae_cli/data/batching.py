@@ -10,6 +10,10 @@ from collections.abc import Iterator
 
 import torch
 
+from vae_cli.tokens import lengths, trim
+
+BUCKET_POOL = 50  # batches sorted by length together: similar lengths, still a mixed corpus
+
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float32 in [0, 1]."""
@@ -17,13 +21,14 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def as_input(x: torch.Tensor) -> torch.Tensor:
-    """What the model reads: images as float in [0, 1]; token ids unchanged."""
-    return to_unit(x) if x.dtype == torch.uint8 else x
+    """What the model reads: images as float in [0, 1]; token ids trimmed to the batch's
+    longest sequence."""
+    return to_unit(x) if x.dtype == torch.uint8 else trim(x)
 
 
 def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
              binarize: bool = False, start: int = 0, shard: tuple[int, int] = (0, 1),
-             labels: torch.Tensor | None = None
+             labels: torch.Tensor | None = None, bucket: bool = False
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Full batches (x, y) in a fresh random order (drop_last: batch statistics stay
     comparable); y holds the examples' labels when ``labels`` is given, else None.
@@ -35,10 +40,14 @@ def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
     is yielded; binarization is drawn for the global batch, as one process would. Labels
     are indexed by the same permutation and slice: they draw nothing, so batch order and
     random streams are those of an unlabelled run.
+    ``bucket`` (token ids) regroups the permutation by length (see ``by_length``).
     """
     rank, world = shard
     local = batch_size // world
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    perm = torch.randperm(len(x), generator=generator)
+    if bucket:
+        perm = by_length(perm, lengths(x).cpu(), batch_size, generator)
+    perm = perm.to(x.device)
     lo, hi = rank * local, (rank + 1) * local
     for i in range(start * batch_size, len(x) - batch_size + 1, batch_size):
         y = None if labels is None else labels[perm[i + lo:i + hi]]
@@ -46,6 +55,20 @@ def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
             yield torch.bernoulli(as_input(x[perm[i:i + batch_size]]))[lo:hi], y
         else:
             yield as_input(x[perm[i + lo:i + hi]]), y
+
+
+def by_length(perm: torch.Tensor, n: torch.Tensor, batch_size: int,
+              generator: torch.Generator) -> torch.Tensor:
+    """``perm`` regrouped so that each batch holds lines of similar length ``n``: pools of
+    BUCKET_POOL batches in the drawn order, each sorted by length and cut into batches,
+    the batches then shuffled. Trimmed batches then carry little padding, and the
+    recurrent networks take fewer steps. Drawn from ``generator`` after the permutation,
+    so the order stays reproducible and resumable; the lines drop_last leaves out stay last."""
+    used = len(perm) // batch_size * batch_size
+    pools = perm[:used].split(BUCKET_POOL * batch_size)
+    batches = torch.cat([p[n[p].sort(stable=True).indices] for p in pools]).view(-1, batch_size)
+    order = torch.randperm(len(batches), generator=generator)
+    return torch.cat([batches[order].flatten(), perm[used:]])
 
 
 def ordered(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -4,8 +4,8 @@ Every builder returns ``Networks``: the encoder maps x [B, C, H, W] to [B, 2 * l
 (posterior mean and log-variance), the decoder maps z [B, latent_dim] to
 [B, C * out_mult, H, W] likelihood parameters (out_mult is set by the loss). Sequence models
 (rnn) differ in their decoder: it is ``autoregressive``, ``decoder(z, x)`` returns logits
-[B, L, V] for every position of the sequence x, and ``decoder.generate(z, temperature)``
-decodes token ids.
+[N, V] for the N scored (non-<pad>) positions of the sequences x [B, L], in the order of
+``x[tokens.scored(x)]``, and ``decoder.generate(z, temperature)`` decodes token ids.
 
 A conditional network (Sohn et al. 2015, ``model.conditional=true``) also reads a class as
 a one-hot row y [B, classes]: ``encoder(x, y)`` and ``decoder(z, y)``. An unconditional one

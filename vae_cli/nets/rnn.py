@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from vae_cli.errors import UserError
 from vae_cli.nets import Networks
-from vae_cli.tokens import BOS, EOS, PAD, UNK, lengths
+from vae_cli.tokens import BOS, EOS, PAD, UNK, lengths, scored
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 CONDITIONS = ("init", "input", "both")
@@ -75,13 +75,15 @@ class Decoder(nn.Module):
         return e
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, V] of every position of x given z and the tokens before it."""
+        """Logits [N, V] of x's scored positions (x[scored(x)], row-major), each given z
+        and the tokens before it. The vocabulary projection, most of the work on a large
+        vocabulary, runs on those positions only, never on <pad>."""
         prev = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], dim=1)
         if self.training and self.word_dropout > 0:
             drop = torch.rand(prev.shape, device=prev.device) < self.word_dropout
             prev = torch.where(drop & (prev != PAD) & (prev != BOS), UNK, prev)
         out, _ = self.rnn(self.inputs(prev, z), self.initial_state(z))
-        return self.out(out)
+        return self.out(out[scored(x)])
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, temperature: float = 0.0) -> torch.Tensor:

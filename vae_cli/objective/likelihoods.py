@@ -4,7 +4,7 @@ Protocol: ``out_mult`` decoder outputs per data channel; ``nll(out, x)`` returns
 (or [k, B] when out carries k leading samples and x broadcasts against it, as in IWAE);
 ``mean(out)`` returns the image to show, in [0, 1]. Log-densities are computed in float32
 even when the decoder ran under autocast. ``tokens`` says whether it also scores token
-sequences (int64 [B, L], padding masked; out [..., B, L, V]).
+sequences (int64 [B, L]; out [N, V], the logits of x's N non-<pad> positions).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.tokens import PAD, is_tokens
+from vae_cli.tokens import is_tokens, scored
 
 
 def _per_example(t: torch.Tensor) -> torch.Tensor:
@@ -142,12 +142,13 @@ class Categorical(Likelihood):
 
 
 def sequence_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x) summed over the positions of each sequence: logits [..., B, L, V], token
-    ids x [B, L] (broadcast over leading samples); <pad> targets contribute exactly 0."""
-    target = x.expand(logits.shape[:-1])
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                          ignore_index=PAD, reduction="none")
-    return nll.view(target.shape).sum(-1)
+    """-log p(x) summed over the positions of each sequence, [B]: token ids x [B, L],
+    logits [N, V] of its N scored positions in the order of x[scored(x)]; <pad> positions
+    have no logits and contribute exactly 0."""
+    mask = scored(x)
+    nll = F.cross_entropy(logits.float(), x[mask], reduction="none")
+    return torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(
+        mask, nll).sum(-1)
 
 
 class Logistic(Likelihood):

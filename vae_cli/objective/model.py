@@ -92,13 +92,16 @@ class VAE(nn.Module):
                y: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x|z) (or p(x|z, y)) for z [B, D] -> [B], or z [k, B, D] -> [k, B]. For
         images x broadcasts against the k decodes (no k copies of the batch in memory); a
-        sequence decoder reads x once per sample, a conditional one y."""
+        sequence decoder reads x once per sample, and its k copies are scored as one batch;
+        a conditional decoder reads y."""
         if z.dim() == 2:
             return -self.likelihood.nll(self.decode(z, x, y), x)
-        k = len(z)
-        xs = x.expand(k, *x.shape).reshape(-1, *x.shape[1:]) if self.autoregressive else None
+        k, flat = len(z), z.reshape(-1, z.shape[-1])
+        if self.autoregressive:
+            xs = x.expand(k, *x.shape).reshape(-1, *x.shape[1:])
+            return -self.likelihood.nll(self.decode(flat, xs), xs).view(k, len(x))
         ys = None if y is None else y.expand(k, *y.shape).reshape(-1, *y.shape[1:])
-        out = self.decode(z.reshape(-1, z.shape[-1]), xs, ys)
+        out = self.decode(flat, None, ys)
         return -self.likelihood.nll(out.view(k, len(x), *out.shape[1:]), x)
 
     @torch.no_grad()

@@ -9,6 +9,8 @@ can scale the log-weights inside an importance-weighted bound (see bounds.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vae_cli.errors import UserError
@@ -53,6 +55,26 @@ class Linear(Schedule):
         return self.start + (1 - self.start) * min(1.0, step / self.warmup_steps)
 
 
+class Logistic(Schedule):
+    """Sigmoid KL annealing (Bowman et al. 2016, as in the Sentence-VAE reference code):
+    the weight is beta / (1 + exp(-k (step - midpoint))), half of beta at ``midpoint``. It
+    counts as settled once within 1e-3 of beta."""
+
+    def __init__(self, k: float = 0.0025, midpoint: int = 2500):
+        if k <= 0 or midpoint < 0:
+            raise UserError("schedule.k must be > 0 and schedule.midpoint >= 0")
+        self.k, self.midpoint = k, midpoint
+
+    @property
+    def settles_at(self) -> int:
+        return self.midpoint + math.ceil(math.log(999) / self.k)  # factor >= 0.999
+
+    def factor(self, step: int | None) -> float:
+        if step is None:
+            return 1.0
+        return 1.0 / (1.0 + math.exp(-self.k * (step - self.midpoint)))
+
+
 class Cyclical(Schedule):
     """Cyclical annealing (Fu et al. 2019): ``cycles`` cycles of ``cycle_steps`` steps, each
     rising linearly from 0 to beta over the first ``ramp`` fraction, then holding; after
@@ -64,8 +86,8 @@ class Cyclical(Schedule):
         self.cycle_steps, self.cycles, self.ramp = cycle_steps, cycles, ramp
 
     @property
-    def settles_at(self) -> int:
-        return self.cycle_steps * self.cycles
+    def settles_at(self) -> int:  # the end of the last cycle's ramp
+        return self.cycle_steps * (self.cycles - 1) + math.ceil(self.ramp * self.cycle_steps)
 
     def factor(self, step: int | None) -> float:
         if step is None or step >= self.cycle_steps * self.cycles:

@@ -41,7 +41,8 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
     shard = stepper.shard
     # a conditional model reads each example's class; an unconditional one gets None
     labels = data.labels_for("train") if stepper.objective.model.conditional else None
-    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard, labels)
+    batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard, labels,
+                       t.bucket)
     for i, (xb, yb) in enumerate(batches, start=first):
         out = stepper(xb, state.step, yb)
         state.step += 1

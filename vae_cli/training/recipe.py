@@ -78,6 +78,9 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     if t.batch_size > len(data.train):
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
                         f"({len(data.train)} examples)")
+    if t.bucket and data.vocab is None:
+        raise UserError(f"trainer.bucket=true groups token sequences by length, but "
+                        f"{data.name} gives images; leave trainer.bucket=false")
     data = data.to(device)
     objective = build_objective(cfg, data.shape, len(data.train),
                                 data.vocab and len(data.vocab), data.num_classes).to(device)
@@ -120,12 +123,15 @@ def placement(t) -> tuple[torch.device, Shard]:
 
 def check_position(ckpt: dict, cfg: DictConfig) -> None:
     """A run stopped inside an epoch continues that epoch's batch order at a batch index:
-    only the same batch size gives those indices the same meaning."""
-    saved = (ckpt["config"].get("trainer") or {}).get("batch_size")
-    if ckpt["state"].get("progress") and cfg.trainer.batch_size != saved:
-        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} differs from the "
-                        f"interrupted epoch's ({saved}); resume with trainer.batch_size="
-                        f"{saved}, the epoch's position depends on it")
+    only the same batch size and bucketing give those indices the same meaning."""
+    saved = ckpt["config"].get("trainer") or {}
+    for key, default in (("batch_size", None), ("bucket", False)):
+        now, then = cfg.trainer[key], saved.get(key, default)
+        if ckpt["state"].get("progress") and now != then:
+            now, then = str(now).lower(), str(then).lower()  # as overrides spell them
+            raise UserError(f"trainer.{key}={now} differs from the interrupted epoch's "
+                            f"({then}); resume with trainer.{key}={then}, the epoch's "
+                            "position depends on it")
 
 
 def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSchedule,
