@@ -16,6 +16,7 @@ with ``git archive``), which is how the speed-up over an earlier version is meas
     python bench/speed.py --only text --bucket              # vae with trainer.bucket=true
     python bench/speed.py --only text --vae-root /tmp/old   # an older vae, same bare loop
     python bench/speed.py --memory        # peak RSS of an MNIST-sized mlp epoch
+    python bench/speed.py --device cuda --only conv --size 64 --batch 256   # on a GPU
 """
 
 from __future__ import annotations
@@ -78,18 +79,25 @@ class BareMLP(nn.Module):
 
 
 class BareConv(nn.Module):
-    """The same layers as vae's model=conv at 32x32 (32-64-128 channels, fc 256)."""
+    """The same layers as vae's model=conv: 4x4 stride-2 convs from 32 channels, doubled per
+    block, down to 4x4 (32x32: 32-64-128; 64x64: 32-64-128-256), fc 256."""
 
-    def __init__(self, c: int = 1, z: int = 20):
+    def __init__(self, c: int = 1, z: int = 20, size: int = 32):
         super().__init__()
-        self.enc = nn.Sequential(nn.Conv2d(c, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1),
-                                 nn.ReLU(), nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU(), nn.Flatten(),
-                                 nn.Linear(2048, 256), nn.ReLU(), nn.Linear(256, 2 * z))
-        self.dec = nn.Sequential(nn.Linear(z, 256), nn.ReLU(), nn.Linear(256, 2048), nn.ReLU(),
-                                 nn.Unflatten(1, (128, 4, 4)),
-                                 nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(),
-                                 nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
-                                 nn.ConvTranspose2d(32, c, 4, 2, 1))
+        widths = [c, 32]
+        while size // 2 ** len(widths[1:]) > 4:
+            widths.append(widths[-1] * 2)
+        flat = widths[-1] * 16
+        enc: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            enc += [nn.Conv2d(a, b, 4, 2, 1), nn.ReLU()]
+        self.enc = nn.Sequential(*enc, nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(),
+                                 nn.Linear(256, 2 * z))
+        dec: list[nn.Module] = [nn.Linear(z, 256), nn.ReLU(), nn.Linear(256, flat), nn.ReLU(),
+                                nn.Unflatten(1, (widths[-1], 4, 4))]
+        for a, b in zip(widths[:0:-1], widths[-2::-1], strict=True):
+            dec += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ReLU()]
+        self.dec = nn.Sequential(*dec[:-1])  # no activation on the logits
 
     def forward(self, x):
         mu, logvar = self.enc(x).chunk(2, dim=1)
@@ -98,7 +106,7 @@ class BareConv(nn.Module):
 
 
 def bare_epoch(model, opt, x_u8: torch.Tensor, batch: int, gen: torch.Generator) -> None:
-    perm = torch.randperm(len(x_u8), generator=gen)
+    perm = torch.randperm(len(x_u8), generator=gen).to(x_u8.device)
     for i in range(0, len(x_u8) - batch + 1, batch):
         x = x_u8[perm[i:i + batch]].float().div_(255)
         logits, mu, logvar = model(x)
@@ -117,18 +125,21 @@ def vae_setup(overrides: list[str], x_u8: torch.Tensor):
 
 
 def vae_epoch(overrides: list[str], data: Splits):
-    """vae's training epoch on ``data`` as `vae train` runs it, and its validation loss."""
+    """vae's training epoch on ``data`` as `vae train` runs it (on trainer.device, the data
+    moved there first, as `vae train` does), and its validation loss."""
     from vae_cli.evaluation.evaluate import evaluate
+    from vae_cli.runtime.device import resolve_device
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = validate_train(compose(config_name="train", overrides=overrides))
     vocab = len(data.vocab) if data.vocab else None
-    objective = build_objective(cfg, data.shape, len(data.train), vocab)
+    device = resolve_device(cfg.trainer.device)
+    data = data.to(device)
+    objective = build_objective(cfg, data.shape, len(data.train), vocab).to(device)
     opt = build_optimizer(cfg.optim, objective.main_parameters())
     state = TrainState()
     gen = torch.Generator().manual_seed(0)
-    device = torch.device("cpu")
     net = training_net(objective, opt, cfg.trainer.compile, device)
     stepper = Stepper(net, objective, opt, device, cfg.trainer.precision)
     return (lambda: train_epoch(stepper, data, cfg.trainer, gen, state, desc="bench"),
@@ -213,6 +224,7 @@ def text_case(args) -> tuple[tuple, float]:
         paths = zipf_corpus(Path(tmp), args.text_lines, args.text_types, 64)
         data = text(**paths, max_length=64)
         ov = ["dataset=text", "dataset.max_length=64", "model=rnn", "loss=categorical",
+              "model.word_dropout=0",  # the bare loop has none
               *(f"dataset.{k}={v}" for k, v in paths.items()), "trainer.device=cpu",
               f"trainer.batch_size={args.text_batch}", f"trainer.precision={args.precision}",
               f"trainer.compile={args.compile}", *(["trainer.bucket=true"] * args.bucket)]
@@ -264,6 +276,7 @@ def median_times(fns, epochs: int) -> list[float]:
     """Median seconds per call of each function, calls interleaved (a, b, b, a, a, b, ...)
     so that drift in the machine's speed hits both sides alike and neither always runs
     first."""
+    fns = [synced(fn) for fn in fns]
     for fn in fns:
         fn()  # warm-up: allocator, kernels, lazy init, compilation
     if epochs == 0:
@@ -278,14 +291,23 @@ def median_times(fns, epochs: int) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
-def data(kind: str, n: int, mnist_root: str | None) -> torch.Tensor:
+def synced(fn):
+    """fn, returning only once the GPU has finished its queued work (CUDA runs ahead)."""
+    def call():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return call
+
+
+def data(kind: str, n: int, mnist_root: str | None, size: int = 32) -> torch.Tensor:
     if mnist_root and kind == "mlp":
         from torchvision.datasets import MNIST
         return MNIST(mnist_root, train=True, download=False).data.unsqueeze(1)[:n]
     # Structured stand-in (learnable, unlike noise): shapes sprites at MNIST's 28x28 / 32x32.
     from vae_cli.data.shapes import render, sample_factors
 
-    size = 28 if kind == "mlp" else 32
+    size = 28 if kind == "mlp" else size
     return render(sample_factors(n, torch.Generator().manual_seed(0)), size)
 
 
@@ -302,6 +324,9 @@ def main() -> int:
     p.add_argument("--compile", action="store_true",
                    help="vae side with trainer.compile=true (the bare loop stays eager)")
     p.add_argument("--memory", action="store_true", help="compare peak RSS instead")
+    p.add_argument("--device", default="cpu", help="cpu | cuda: mlp and conv cases, data "
+                   "resident on the device for both sides")
+    p.add_argument("--size", type=int, default=32, choices=[32, 64], help="conv image size")
     p.add_argument("--text-lines", type=int, default=4000, help="training lines (text)")
     p.add_argument("--text-types", type=int, default=32000, help="vocabulary (text)")
     p.add_argument("--text-batch", type=int, default=32)
@@ -321,7 +346,7 @@ def main() -> int:
             losses[row[0]] = loss
             ok &= row[3] <= TARGETS[kind]
             continue
-        x = data("mlp" if kind == "iwae" else kind, args.n, args.mnist_root)
+        x = data("mlp" if kind == "iwae" else kind, args.n, args.mnist_root, args.size)
         if kind == "iwae":
             xs, k = x[:2000], args.iw_samples
             bare = BareMLP().eval()
@@ -334,9 +359,10 @@ def main() -> int:
             bare = BareMLP()
             ov = ["model=mlp", "model.hidden=[400]", "model.latent_dim=20"]
         else:
-            bare = BareConv()
+            bare = BareConv(size=args.size)
             ov = ["model=conv", "model.latent_dim=20"]
-        ov += [f"trainer.batch_size={args.batch}", "trainer.device=cpu",
+        bare, x = bare.to(args.device), x.to(args.device)
+        ov += [f"trainer.batch_size={args.batch}", f"trainer.device={args.device}",
                f"trainer.precision={args.precision}", f"trainer.compile={args.compile}"]
         if args.side == "vae":  # memory mode: one side per process
             epoch, _ = vae_setup(ov, x)
@@ -352,11 +378,14 @@ def main() -> int:
             [partial(bare_epoch, bare, opt, x[:-2000], args.batch, gen), epoch], args.epochs)
         ratio = t_vae / t_bare
         ok &= ratio <= TARGETS[kind]
-        label = kind if args.precision == "fp32" else f"{kind}-{args.precision}"
+        label = kind + (str(args.size) if kind == "conv" and args.size != 32 else "")
+        label += "" if args.precision == "fp32" else f"-{args.precision}"
         label += "-compiled" if args.compile else ""
         rows.append((label, t_bare, t_vae, ratio, TARGETS[kind]))
         losses[label] = score()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n={args.n}, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, n={args.n}, "
           f"batch {args.batch}, median of {args.epochs} epochs")
     print(f"vae_cli from {Path(sys.modules['vae_cli'].__file__).parents[1]}")
     print(f"{'case':<9} {'bare s':>9} {'vae s':>12} {'ratio':>7} {'target':>7}"

@@ -16,6 +16,7 @@ from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.model import VAE
+from vae_cli.objective.priors import VampPrior
 from vae_cli.runtime import checkpoint
 
 LABELLED = ("mnist, fashion_mnist, binarized_mnist, cifar10, shapes, dsprites, or folder "
@@ -39,7 +40,9 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
                "dataset_size": int(dataset_size), "vocab_size": vocab_size,
                "num_classes": num_classes if conditional else None}
     likelihood = instantiate("loss", cfg.loss, **runtime)
-    nets = instantiate("model", cfg.model, out_mult=likelihood.out_mult, **runtime)
+    family = instantiate("posterior", cfg.posterior, **runtime)
+    nets = instantiate("model", cfg.model, out_mult=likelihood.out_mult,
+                       posterior_outputs=family.outputs(runtime["latent_dim"]), **runtime)
     if len(shape) == 1 and not likelihood.tokens:
         raise UserError(f"loss={type(likelihood).__name__.lower()} scores images; token "
                         "sequences need loss=categorical")
@@ -47,8 +50,11 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
     # [0, 1], or, for a sequence encoder, unbounded embedded sequences.
     soft = {"shape": nets.soft_shape, "bounded": False} if nets.soft_shape else {}
     prior = instantiate("prior", cfg.prior, **{**runtime, **soft})
-    model = VAE(nets, instantiate("posterior", cfg.posterior, **runtime), prior, likelihood,
-                runtime["latent_dim"])
+    if isinstance(prior, VampPrior) and not family.closed_form:
+        raise UserError(f"prior=vamp is a mixture of posteriors q(z|u_k), whose density "
+                        f"posterior={type(family).__name__.lower()} knows only at its own "
+                        "samples; use posterior=gaussian with prior=vamp, or another prior")
+    model = VAE(nets, family, prior, likelihood, runtime["latent_dim"])
     return Objective(model, instantiate("divergence", cfg.divergence, **runtime),
                      instantiate("schedule", cfg.schedule, **runtime),
                      int(cfg.trainer.iw_samples))

@@ -11,6 +11,7 @@ import torch
 from vae_cli.data.batching import labelled
 from vae_cli.objective import bounds
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import base_of, mean_of
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: Cov_x(E[z_u|x]) > 0.01
 
@@ -19,12 +20,13 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: Cov_x(E[z_u|x]) > 0.01
 def encode_all(model: VAE, x: torch.Tensor, batch_size: int,
                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Posterior means and standard deviations of every example (given its label, for a
-    conditional model): [N, D] each."""
+    conditional model): [N, D] each. For a flow posterior: its base mean pushed through the
+    flow, and the base Gaussian's standard deviations."""
     mus, stds = [], []
     for xb, yb in labelled(x, labels, batch_size):
         q = model.posterior(xb, yb)
-        mus.append(q.base_dist.loc)
-        stds.append(q.base_dist.scale)
+        mus.append(mean_of(q))
+        stds.append(base_of(q).scale)
     return torch.cat(mus), torch.cat(stds)
 
 
@@ -34,19 +36,22 @@ def posterior_stats(model: VAE, x: torch.Tensor, batch_size: int, mc_samples: in
                     labels: torch.Tensor | None = None) -> dict:
     """KL per latent dimension, active units, and the aggregate posterior against the prior.
 
-    Per-dimension KL is KL(q(z_d|x) || p(z_d)) averaged over x (see bounds.kl_per_dim).
-    ``encoded`` passes (mu, std) from encode_all when the caller needs them too.
+    Per-dimension KL is KL(q(z_d|x) || p(z_d)) averaged over x (see bounds.kl_per_dim);
+    a flow posterior has no per-dimension marginals (None), and its aggregate variance is
+    that of one sample z ~ q(z|x) per example. ``encoded`` passes (mu, std) from encode_all
+    when the caller needs them too.
     """
     mu, std = encoded if encoded is not None else encode_all(model, x, batch_size, labels)
-    p = model.prior.dist()
-    kl_sum = torch.zeros(mu.shape[1], dtype=torch.float64, device=mu.device)
-    for i in range(0, len(mu), batch_size):
-        kl = bounds.kl_per_dim(mu[i:i + batch_size], std[i:i + batch_size], p, mc_samples)
-        kl_sum += kl.double().sum(0)
-    kl_per_dim = (kl_sum / len(mu)).tolist()
     activity = mu.double().var(0, unbiased=len(mu) > 1)  # one example: no spread
     agg_mean = mu.double().mean(0)
-    agg_var = activity + std.double().pow(2).mean(0)  # law of total variance
+    if model.family.closed_form:
+        kl_per_dim = _kl_per_dim(mu, std, model.prior.dist(), batch_size, mc_samples)
+        agg_var = activity + std.double().pow(2).mean(0)  # law of total variance
+    else:
+        kl_per_dim = None
+        z = torch.cat([model.rsample(model.posterior(xb, yb))
+                       for xb, yb in labelled(x, labels, batch_size)]).double()
+        agg_mean, agg_var = z.mean(0), z.var(0, unbiased=len(z) > 1)
     zp = model.prior.sample(max(len(mu), 1000)).double()
     return {
         "kl_per_dim": kl_per_dim,
@@ -55,3 +60,12 @@ def posterior_stats(model: VAE, x: torch.Tensor, batch_size: int, mc_samples: in
         "aggregate_mean": agg_mean.tolist(), "aggregate_var": agg_var.tolist(),
         "prior_mean": zp.mean(0).tolist(), "prior_var": zp.var(0).tolist(),
     }
+
+
+def _kl_per_dim(mu: torch.Tensor, std: torch.Tensor, p: torch.distributions.Distribution,
+                batch_size: int, mc_samples: int) -> list[float]:
+    kl_sum = torch.zeros(mu.shape[1], dtype=torch.float64, device=mu.device)
+    for i in range(0, len(mu), batch_size):
+        kl = bounds.kl_per_dim(mu[i:i + batch_size], std[i:i + batch_size], p, mc_samples)
+        kl_sum += kl.double().sum(0)
+    return (kl_sum / len(mu)).tolist()

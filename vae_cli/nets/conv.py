@@ -23,7 +23,8 @@ def _plan(size: int) -> list[int]:
 
 def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
           fc_hidden: int = 256, conditional: bool = False, *, shape: tuple[int, int, int],
-          out_mult: int = 1, num_classes: int | None = None) -> Networks:
+          out_mult: int = 1, num_classes: int | None = None,
+          posterior_outputs: int | None = None) -> Networks:
     """Conv(4, stride 2) blocks doubling channels, a hidden linear layer, then 2z outputs.
 
     Conditional: the one-hot class joins the flattened conv features, before the hidden
@@ -45,8 +46,8 @@ def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
         enc += [nn.Conv2d(n_in, n_out, 4, 2, 1), nn.ReLU()]
         n_in = n_out
     flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
-    encoder = joined([*enc, nn.Flatten()], [nn.Linear(flat + k, fc_hidden), nn.ReLU(),
-                                            nn.Linear(fc_hidden, 2 * latent_dim)], k)
+    head = nn.Linear(fc_hidden, posterior_outputs or 2 * latent_dim)
+    encoder = joined([*enc, nn.Flatten()], [nn.Linear(flat + k, fc_hidden), nn.ReLU(), head], k)
     dec: list[nn.Module] = [nn.Linear(latent_dim + k, fc_hidden), nn.ReLU(),
                             nn.Linear(fc_hidden, flat), nn.ReLU(),
                             Unflatten((widths[-1], sizes[-1], sizes[-1]))]

@@ -45,7 +45,7 @@ class Unflatten(nn.Module):
 
 def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str = "relu",
           conditional: bool = False, *, shape: tuple[int, int, int], out_mult: int = 1,
-          num_classes: int | None = None) -> Networks:
+          num_classes: int | None = None, posterior_outputs: int | None = None) -> Networks:
     """MLP encoder [D -> hidden... -> 2z] and mirrored decoder [z -> ...hidden -> D*out_mult].
     Conditional: the one-hot class is appended to the flattened image and to z."""
     if activation not in ACTIVATIONS and activation != "gated":
@@ -56,8 +56,8 @@ def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str 
         raise UserError(f"model.hidden={hidden} must be a non-empty list of positive sizes")
     c, h, w = image_shape(shape, "mlp")
     d, k = c * h * w, label_classes(conditional, num_classes)
-    encoder = joined([nn.Flatten()], [_stack([d + k, *hidden], activation),
-                                      nn.Linear(hidden[-1], 2 * latent_dim)], k)
+    head = nn.Linear(hidden[-1], posterior_outputs or 2 * latent_dim)
+    encoder = joined([nn.Flatten()], [_stack([d + k, *hidden], activation), head], k)
     decoder = joined([], [_stack([latent_dim + k, *hidden[::-1]], activation),
                           nn.Linear(hidden[0], d * out_mult), Unflatten((c * out_mult, h, w))],
                      k)

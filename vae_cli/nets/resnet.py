@@ -38,7 +38,7 @@ class ResBlock(nn.Module):
 
 def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blocks: int = 1,
           conditional: bool = False, *, shape: tuple[int, int, int], out_mult: int = 1,
-          num_classes: int | None = None) -> Networks:
+          num_classes: int | None = None, posterior_outputs: int | None = None) -> Networks:
     """Conditional: the one-hot class joins the flattened features before the encoder's
     output layer (as in model=conv) and z at the decoder's input."""
     c, h, w = image_shape(shape, "resnet")
@@ -54,7 +54,8 @@ def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blo
         enc += [ResBlock(widths[i]) for _ in range(blocks)]
         enc.append(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1))
     flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
-    encoder = joined([*enc, nn.SiLU(), nn.Flatten()], [nn.Linear(flat + k, 2 * latent_dim)], k)
+    head = nn.Linear(flat + k, posterior_outputs or 2 * latent_dim)
+    encoder = joined([*enc, nn.SiLU(), nn.Flatten()], [head], k)
     dec: list[nn.Module] = [nn.Linear(latent_dim + k, flat),
                             Unflatten((widths[-1], sizes[-1], sizes[-1]))]
     for i in range(len(sizes) - 1, 0, -1):

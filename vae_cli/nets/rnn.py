@@ -24,13 +24,13 @@ CONDITIONS = ("init", "input", "both")
 
 class Encoder(nn.Module):
     def __init__(self, embed: nn.Embedding, hidden: int, latent_dim: int, cell: str,
-                 layers: int, bidirectional: bool, embed_dropout: float):
+                 layers: int, bidirectional: bool, embed_dropout: float, outputs: int):
         super().__init__()
         self.embed, self.dropout = embed, nn.Dropout(embed_dropout)
         self.rnn = CELLS[cell](embed.embedding_dim, hidden, layers, batch_first=True,
                                bidirectional=bidirectional)
         self.dirs = 2 if bidirectional else 1
-        self.head = nn.Linear(self.dirs * hidden, 2 * latent_dim)
+        self.head = nn.Linear(self.dirs * hidden, outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L], or already embedded full-length sequences [B, L, E]."""
@@ -113,7 +113,8 @@ class Decoder(nn.Module):
 def build(latent_dim: int = 16, embed_dim: int = 300, hidden: int = 256, cell: str = "gru",
           layers: int = 1, bidirectional: bool = False, condition: str = "init",
           word_dropout: float = 0.0, embed_dropout: float = 0.0, conditional: bool = False,
-          *, shape: tuple[int, ...], vocab_size: int | None = None) -> Networks:
+          *, shape: tuple[int, ...], vocab_size: int | None = None,
+          posterior_outputs: int | None = None) -> Networks:
     if conditional:  # text datasets carry no class labels to condition on
         raise UserError("model=rnn has no conditional form: text datasets carry no class "
                         "labels; model.conditional=true is for image models (mlp, conv, "
@@ -134,7 +135,8 @@ def build(latent_dim: int = 16, embed_dim: int = 300, hidden: int = 256, cell: s
             raise UserError(f"model.{key}={value} must be in [0, 1)")
     embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD)
     length = shape[0]
-    encoder = Encoder(embed, hidden, latent_dim, cell, layers, bidirectional, embed_dropout)
+    encoder = Encoder(embed, hidden, latent_dim, cell, layers, bidirectional, embed_dropout,
+                      posterior_outputs or 2 * latent_dim)
     decoder = Decoder(embed, hidden, latent_dim, cell, layers, length, condition, word_dropout,
                       embed_dropout)
     # A VampPrior's pseudo-inputs for this encoder are embedded sequences [L, E].

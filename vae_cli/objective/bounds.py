@@ -78,6 +78,7 @@ class Objective(nn.Module):
         schedule = schedule or Constant()
         check_iw(divergence, schedule, iw_samples)
         divergence.check(model.prior)
+        divergence.check_posterior(model.family)
         self.model, self.divergence = model, divergence
         self.schedule, self.iw_samples = schedule, iw_samples
 

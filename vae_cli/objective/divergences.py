@@ -21,6 +21,7 @@ from torch.distributions import Distribution, Normal, kl_divergence
 
 from vae_cli.errors import UserError
 from vae_cli.objective.critics import Critic
+from vae_cli.objective.posteriors import Posterior
 from vae_cli.objective.priors import Prior, diagonal_normal
 
 ESTIMATORS = ("auto", "analytic", "mc")
@@ -42,6 +43,9 @@ class Divergence(nn.Module):
 
     def check(self, prior: Prior) -> None:
         """Refuse a prior this divergence cannot handle (called once before training)."""
+
+    def check_posterior(self, family: Posterior) -> None:
+        """Refuse a posterior family this divergence cannot handle (after ``check``)."""
 
     def weight(self) -> float:
         """The factor on div in the objective (before any schedule)."""
@@ -115,6 +119,15 @@ class KL(Divergence):
         if self.free_bits and not self._analytic:
             raise UserError("divergence.free_bits needs a per-dimension KL, i.e. a diagonal "
                             "Gaussian prior (prior=normal or learned) and estimator auto")
+
+    def check_posterior(self, family: Posterior) -> None:
+        if family.closed_form:
+            return
+        name = type(family).__name__.lower()
+        if self.estimator == "analytic" or self.free_bits:
+            raise UserError(f"posterior={name} has no closed-form or per-dimension KL; use "
+                            "divergence.estimator=auto (Monte Carlo) and divergence.free_bits=0")
+        self._analytic = False  # log q(z|x) - log p(z) at the training sample
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         if self._analytic is None:
@@ -267,6 +280,12 @@ class TotalCorrelation(Divergence):
             raise UserError(f"divergence.estimator={estimator!r} is not one of ('mss', 'mws')")
         self.alpha, self.gamma, self.estimator = alpha, gamma, estimator
         self.dataset_size = dataset_size
+
+    def check_posterior(self, family: Posterior) -> None:
+        if not family.closed_form:
+            raise UserError(f"divergence=tc needs q(z_i|x_j) for every pair in the batch, which "
+                            f"posterior={type(family).__name__.lower()} does not give (a flow's "
+                            "density is known at its own samples only); use posterior=gaussian")
 
     def log_weights(self, b: int, device: torch.device) -> torch.Tensor:
         """[b, b] log importance weights of q(z_i | x_j) in the estimate of q(z_i)."""

@@ -20,7 +20,7 @@ from torch.distributions import Distribution
 
 from vae_cli.nets import Networks
 from vae_cli.objective.likelihoods import Likelihood
-from vae_cli.objective.posteriors import Posterior
+from vae_cli.objective.posteriors import FlowPosterior, Posterior, base_of, mean_of
 from vae_cli.objective.priors import Prior
 
 
@@ -74,11 +74,13 @@ class VAE(nn.Module):
         """z = mu + sigma * eps, [B, D] (or [k, B, D]). Under data parallelism each rank
         draws the noise of the whole global batch and keeps its own rows, so N ranks use
         exactly the noise one process would, and the random streams stay in step."""
-        mu, std = q.base_dist.loc, q.base_dist.scale
+        base = base_of(q)
+        mu, std = base.loc, base.scale
         lead = () if k is None else (k,)
         eps = torch.randn(*lead, shard.world * len(mu), mu.shape[-1], device=mu.device,
                           dtype=mu.dtype)
-        return mu + std * eps[..., shard.rank * len(mu):(shard.rank + 1) * len(mu), :]
+        z = mu + std * eps[..., shard.rank * len(mu):(shard.rank + 1) * len(mu), :]
+        return q.push(z) if isinstance(q, FlowPosterior) else z
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,14 +113,14 @@ class VAE(nn.Module):
         """Latents on the straight lines from the posterior mean of each a[i] to that of
         b[i], the usual latent homotopy (Bowman et al. 2016): [pairs, steps, D]. Each end
         is encoded with its own label, if the model reads one."""
-        mu_a, mu_b = self.posterior(a, ya).mean, self.posterior(b, yb).mean
+        mu_a, mu_b = mean_of(self.posterior(a, ya)), mean_of(self.posterior(b, yb))
         t = torch.linspace(0, 1, steps, device=mu_a.device).view(1, -1, 1)
         return (1 - t) * mu_a.unsqueeze(1) + t * mu_b.unsqueeze(1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoded posterior mean: an image in [0, 1], or greedily decoded token ids."""
-        return self.generate(self.posterior(x, y).mean, y=y)
+        return self.generate(mean_of(self.posterior(x, y)), y=y)
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, temperature: float = 0.0,

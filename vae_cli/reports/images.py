@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import mean_of
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
@@ -107,7 +108,7 @@ def save_traversals(model: VAE, x: torch.Tensor, order: list[int], scale: torch.
     one example with that dimension swept over +-span of its aggregate standard deviation,
     decoded under that example's label for a conditional model."""
     y = None if labels is None else labels[:1]
-    base = model.posterior(x[:1], y).mean[0]
+    base = mean_of(model.posterior(x[:1], y))[0]
     dims = order[:max_dims]
     offsets = torch.linspace(-span, span, steps, device=x.device)
     z = base.repeat(len(dims), steps, 1)

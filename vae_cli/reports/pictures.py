@@ -39,7 +39,8 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     x_stats = x_all[:max_points]
     encoded = encode_all(model, x_stats, batch_size, y_stats)
     stats = posterior_stats(model, x_stats, batch_size, encoded=encoded)
-    order = sorted(range(model.latent_dim), key=lambda d: -stats["kl_per_dim"][d])
+    rank = stats["kl_per_dim"] or stats["activity"]  # a flow posterior has no per-dim KL
+    order = sorted(range(model.latent_dim), key=lambda d: -rank[d])
     scale = torch.tensor(stats["aggregate_var"], device=x.device).sqrt().float()
     written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png",
                                    labels=y))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,9 +187,23 @@ def training_net(objective: Objective, opt: torch.optim.Optimizer, compile: bool
     eval-mode shapes never trigger recompiles."""
     net = distributed.wrap(objective, device)
     if compile:
+        check_compilable(objective, device)
         net = torch.compile(net)
         opt.step = torch.compile(opt.step)  # Adam's per-tensor updates fused into kernels
     return net
+
+
+def check_compilable(objective: Objective, device: torch.device) -> None:
+    """Compiled convolutions on CUDA are refused: with torch 2.11 on an H100, Inductor's
+    compiled backward failed a layout assertion in convolution_backward, and with layout
+    optimisation off the compiled model did not learn (val loss 792 against 190 eager).
+    CPU compiles them correctly (tested). VAE_COMPILE_CONV_CUDA=1 tries anyway, which is
+    how bench/gpu_check.sh tests whether a torch release has fixed it."""
+    convs = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in objective.modules())
+    if device.type == "cuda" and convs and os.environ.get("VAE_COMPILE_CONV_CUDA") != "1":
+        raise UserError(f"trainer.compile=true with a convolutional model on CUDA is refused "
+                        f"(torch {torch.__version__}: Inductor's compiled convolution backward "
+                        "fails or trains wrongly); use trainer.compile=false")
 
 
 def save_checkpoint(run: Run, name: str) -> Path:
