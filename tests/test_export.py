@@ -26,6 +26,7 @@ from vae_cli.commands.main import one_line
 from vae_cli.config.build import build_objective, load_trained
 from vae_cli.config.schemas import validate_train
 from vae_cli.errors import UserError
+from vae_cli.objective.posteriors import mean_of
 from vae_cli.runtime import checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -171,6 +172,23 @@ def test_conditional_model_loads_with_its_classes_and_refuses_onnx(run, compose_
                                                    original.generate(z, y=y))
     with pytest.raises(UserError, match="does not support conditional models"):
         export(compose_cfg_module, ckpt, "format=onnx", f"out_dir={tmp_path / 'cond-onnx'}")
+
+
+def test_flow_posterior_model_loads_with_its_flow_and_refuses_onnx(run, compose_cfg_module,
+                                                                    tmp_path, monkeypatch):
+    ckpt = variant(compose_cfg_module, run, tmp_path / "iaf/checkpoints/last.pt",
+                   ["posterior=iaf", "model.hidden=[16]", "model.latent_dim=3"])
+    out = export(compose_cfg_module, ckpt, f"out_dir={tmp_path / 'iaf-st'}")
+    loaded = load_with_the_card(out, monkeypatch)
+    original = load_trained(str(ckpt), torch.device("cpu"))[0].model
+    x = torch.rand(4, *original_shape(ckpt))
+    torch.testing.assert_close(mean_of(loaded.posterior(x)), mean_of(original.posterior(x)))
+    with pytest.raises(UserError, match="format=onnx exports Gaussian posteriors only"):
+        export(compose_cfg_module, ckpt, "format=onnx", f"out_dir={tmp_path / 'iaf-onnx'}")
+
+
+def original_shape(ckpt: Path) -> tuple[int, ...]:
+    return tuple(torch.load(ckpt, weights_only=True)["shape"])
 
 
 def _run_onnx(folder: Path, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:

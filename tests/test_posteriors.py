@@ -12,7 +12,16 @@ from vae_cli.config.build import build_objective
 from vae_cli.config.schemas import validate_train
 from vae_cli.errors import UserError
 from vae_cli.objective.posteriors import (
-    IAF, MADE, DiagonalGaussian, FlowPosterior, Planar, Radial, base_of, iaf_step, mean_of)
+    IAF,
+    MADE,
+    DiagonalGaussian,
+    FlowPosterior,
+    Planar,
+    Radial,
+    base_of,
+    iaf_step,
+    mean_of,
+)
 
 D = 3
 

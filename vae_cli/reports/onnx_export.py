@@ -220,6 +220,10 @@ def write_onnx(src: Exported, out_dir: Path) -> tuple[dict[str, str], dict[str, 
     if src.model.conditional:  # the graphs would need the one-hot class as a second input
         raise UserError("format=onnx does not support conditional models yet; use "
                         "format=safetensors")
+    if not src.model.family.closed_form:  # the encoder graph gives a Gaussian's mu, logvar
+        raise UserError(f"format=onnx exports Gaussian posteriors only; posterior="
+                        f"{type(src.model.family).__name__.lower()} would need its flow in the "
+                        "graph: use format=safetensors")
     # Traced and checked on the CPU whatever device loaded it: the check runs onnxruntime's
     # CPU provider, and CUDA's TF32 convolutions alone would differ by more than TOLERANCE.
     model = src.model.cpu()
