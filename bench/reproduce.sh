@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Rerun one row of README's Reproductions table: train a preset to its own stopping rule
+# (early stopping on the validation split), then score the best checkpoint on the full test
+# split with the IWAE bound at k = 5000. Resumable: run it again after an interruption and
+# training continues from the run folder's last checkpoint.
+#   bash bench/reproduce.sh vamp_binarized_mnist [more overrides...]
+#   MNIST_ROOT=/data bash bench/reproduce.sh vae_gated_binarized_mnist
+# Writes outputs/repro/<preset>/ (checkpoints, metrics.csv, eval.json, wall.txt).
+set -euo pipefail
+preset=${1:?usage: bench/reproduce.sh <experiment preset> [overrides...]}
+shift
+run=outputs/repro/$preset
+root=${MNIST_ROOT:-../shared/data}
+mkdir -p "$run"
+start=$(date +%s)
+vae train "experiment=$preset" "dataset.root=$root" dataset.download=false \
+    trainer.resume=auto "hydra.run.dir=$run" "$@"
+vae eval "ckpt=$run/checkpoints/best.pt" eval.iw_samples=5000 eval.split=test \
+    "dataset.root=$root"
+echo "$(( $(date +%s) - start )) s on $(uname -n), $(nproc) cores, this invocation" \
+    >> "$run/wall.txt"
