@@ -55,7 +55,9 @@ def test_presets_set_the_papers_numbers(compose_cfg):
     assert (vamp.model.hidden, vamp.model.activation, vamp.model.latent_dim) == \
            ([300, 300], "gated", 40)
     assert vamp.prior.components == 500 and vamp.optim.lr == 5e-4
-    assert vamp.trainer.batch_size == 100 and vamp.schedule.warmup_steps == 55000
+    assert vamp.trainer.batch_size == 100 and vamp.schedule.warmup_steps == 50000
+    assert vamp.dataset.val_size == 10000 and vamp.optim._target_.endswith("NormalizedAdam")
+    assert (vamp.posterior.logvar_min, vamp.posterior.logvar_max) == (-6.0, 2.0)
     iwae = validate(compose_cfg(["experiment=iwae_binarized_mnist"]))
     assert iwae.trainer.iw_samples == 50 and iwae.model.latent_dim == 50
     wae = validate(compose_cfg(["experiment=wae_mmd_mnist"]))
