@@ -14,6 +14,7 @@ from vae_cli.errors import UserError
 from vae_cli.nets import mlp
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import (
+    DIP,
     KL,
     MMD,
     MMD_SCALES,
@@ -716,3 +717,87 @@ def test_factorvae_refuses_iwae_and_tiny_batches():
     with pytest.raises(UserError, match="batch_size >= 4"):
         _factorvae().auxiliary_loss(torch.randn(3, 3), NormalPrior(latent_dim=3))
 
+
+# -------------------------------------------------------------------------------------- dip
+
+
+def _hand_covariance(mu, var, kind):
+    """Cov by explicit sums over the batch (E[mu mu^T] - E[mu] E[mu]^T), plus E[var] for ii."""
+    b, d = mu.shape
+    c = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(d):
+        for j in range(d):
+            c[i, j] = sum(mu[n, i] * mu[n, j] for n in range(b)) / b \
+                - (sum(mu[:, i]) / b) * (sum(mu[:, j]) / b)
+            if kind == "ii" and i == j:
+                c[i, j] += sum(var[:, i]) / b
+    return c
+
+
+@pytest.mark.parametrize("kind, lambda_od, lambda_d", [("i", 3.0, None), ("ii", 2.0, 5.0)])
+def test_dip_penalty_matches_a_hand_computation(kind, lambda_od, lambda_d):
+    q = _posterior(b=5, d=3, seed=46, spread=2.0)
+    mu, var = q.base_dist.loc.double(), q.base_dist.scale.double() ** 2
+    c = _hand_covariance(mu, var, kind)
+    ld = lambda_d if lambda_d is not None else 10 * lambda_od  # type i's default ratio
+    expected = sum(lambda_od * c[i, j] ** 2 for i in range(3) for j in range(3) if i != j) \
+        + sum(ld * (c[i, i] - 1) ** 2 for i in range(3))
+    div = DIP(type=kind, lambda_od=lambda_od, lambda_d=lambda_d)
+    assert torch.allclose(div.covariance(q).double(), c, atol=1e-5)
+    prior = NormalPrior(latent_dim=3)
+    div.check(prior)
+    out = div(q, q.rsample(), prior)
+    assert out["dip"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(out["div"], out["kl"] + out["dip"])
+    assert out["kl"] == pytest.approx(KL()(q, q.mean, prior)["div"].item())
+
+
+def test_dip_default_diagonal_weights_follow_the_type():
+    assert DIP(type="i", lambda_od=2.0).lambda_d == 20.0
+    assert DIP(type="ii", lambda_od=2.0).lambda_d == 2.0
+    assert DIP(type="ii", lambda_od=2.0, lambda_d=0.5).lambda_d == 0.5
+
+
+def test_dip_ii_adds_the_mean_posterior_variance():
+    q = _posterior(b=8, seed=47)
+    extra = DIP(type="ii").covariance(q) - DIP(type="i").covariance(q)
+    assert torch.allclose(extra, torch.diag(q.base_dist.scale.pow(2).mean(0)), atol=1e-6)
+
+
+def test_dip_is_zero_penalty_for_whitened_means():
+    # encoder means with identity batch covariance and tiny variances: no penalty under i
+    g = torch.Generator().manual_seed(48)
+    mu = torch.randn(64, 3, generator=g)
+    mu = mu - mu.mean(0)
+    mu = mu @ torch.linalg.inv(torch.linalg.cholesky(mu.T @ mu / 64)).T
+    q = Independent(Normal(mu, torch.full_like(mu, 1e-4)), 1)
+    assert DIP(type="i").penalty(DIP(type="i").covariance(q)).item() < 1e-8
+
+
+@pytest.mark.parametrize("prior", [
+    lambda: LearnedPrior(latent_dim=3), lambda: MixturePrior(components=3, latent_dim=3),
+    lambda: _vamp(),
+])
+def test_dip_refuses_priors_other_than_the_standard_normal(prior):
+    with pytest.raises(UserError, match="prior=normal") as e:
+        DIP().check(prior())
+    assert "\n" not in str(e.value)
+
+
+def test_dip_refuses_flow_posteriors():
+    with pytest.raises(UserError, match="posterior=gaussian") as e:
+        DIP().check_posterior(Planar(steps=2))
+    assert "\n" not in str(e.value)
+    DIP().check_posterior(DiagonalGaussian())
+
+
+def test_dip_refuses_bad_options_iwae_and_single_examples():
+    with pytest.raises(UserError, match="divergence.type"):
+        DIP(type="iii")
+    with pytest.raises(UserError, match="lambda"):
+        DIP(lambda_od=-1.0)
+    with pytest.raises(UserError, match="divergence=dip"):
+        DIP().iw_weight()
+    q = _posterior(b=1)
+    with pytest.raises(UserError, match="batch_size >= 2"):
+        DIP()(q, q.mean, NormalPrior(latent_dim=3))
