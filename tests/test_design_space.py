@@ -51,6 +51,15 @@ def test_every_divergence_with_every_prior(tmp_path):
     assert {"train_mi", "train_tc", "train_dwkl"} <= set(_finite_rows(tc_job))
 
 
+def test_disentangling_divergences_train(tmp_path):
+    # factorvae trains its discriminator as an auxiliary step; dip penalises the batch
+    # covariance. Both log their KL apart from their weighted sum, so nelbo is reported.
+    jobs = _sweep(tmp_path, "divergence=factorvae,dip")
+    columns = [set(_finite_rows(job)) for job in jobs]
+    assert {"train_tc", "val_tc", "val_kl", "val_nelbo"} <= columns[0]
+    assert {"train_dip", "val_dip", "val_kl", "val_nelbo"} <= columns[1]
+
+
 def test_every_critic_constraint_with_every_prior(tmp_path):
     jobs = _sweep(tmp_path, "divergence=adversarial", "divergence.lipschitz=clip,spectral",
                   f"prior={','.join(PRIORS)}", "divergence.critic_steps=1")
@@ -88,6 +97,9 @@ def test_every_loss_schedule_and_architecture(tmp_path):
     (["trainer.iw_samples=4", "schedule=capacity"], "schedule=capacity"),
     (["trainer.iw_samples=4", "divergence=tc"], "divergence=tc"),
     (["trainer.iw_samples=4", "divergence.free_bits=0.5"], "free_bits"),
+    (["trainer.iw_samples=4", "divergence=factorvae"], "divergence=factorvae"),
+    # DIP's penalty pulls q(z)'s covariance to the identity: N(0, I)'s, no other prior's
+    (["divergence=dip", "prior=learned"], "prior=normal"),
 ])
 def test_impossible_combinations_are_refused_at_start(tmp_path, args, fragment):
     proc = vae("train", *DATA, f"dataset.root={tmp_path}", *args,

@@ -14,16 +14,19 @@ from vae_cli.errors import UserError
 from vae_cli.nets import mlp
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import (
+    DIP,
     KL,
     MMD,
     MMD_SCALES,
     Adversarial,
+    FactorVAE,
     SlicedWasserstein,
     TotalCorrelation,
+    permute_dims,
 )
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
-from vae_cli.objective.posteriors import DiagonalGaussian
+from vae_cli.objective.posteriors import DiagonalGaussian, Planar
 from vae_cli.objective.priors import LearnedPrior, MixturePrior, NormalPrior, Prior, VampPrior
 from vae_cli.training.step import Stepper, auxiliary_step
 
@@ -566,3 +569,235 @@ def test_tc_rejects_bad_input():
     q = _posterior(b=1)
     with pytest.raises(UserError, match="batch_size"):
         TotalCorrelation(dataset_size=10).terms(q, q.mean, NormalPrior(latent_dim=3))
+
+
+# -------------------------------------------------------------------------------- factorvae
+
+
+def _objective(div, latent=3, iw_samples=1):
+    nets = mlp.build(latent_dim=latent, shape=(1, 4, 4), hidden=[8])
+    model = VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=latent), Bernoulli(), latent)
+    return Objective(model, div, iw_samples=iw_samples)
+
+
+def _factorvae(**kw):
+    return FactorVAE(**{"hidden": 16, "layers": 2, "lr": 1e-3, "latent_dim": 3, **kw})
+
+
+def test_permuted_samples_keep_each_marginal_and_lose_the_dependence():
+    torch.manual_seed(40)
+    u = torch.randn(4096, 1)
+    z = torch.cat([u, u, -u.exp()], dim=1)  # completely dependent columns
+    p = permute_dims(z)
+    for j in range(3):  # each column is a reordering of the same values
+        assert torch.equal(p[:, j].sort().values, z[:, j].sort().values)
+    assert not torch.equal(p[:, 0], z[:, 0])
+    # ... by its own permutation: the columns no longer move together (|r| ~ 1/64 here)
+    r = torch.corrcoef(p.T)
+    assert torch.corrcoef(z.T)[0, 1] > 0.99
+    assert r[0, 1].abs() < 0.1 and r[0, 2].abs() < 0.1 and r[1, 2].abs() < 0.1
+    # nor through a non-linear link: P(same side of 0) is 1/2 for independent columns
+    assert abs((p[:, 0] > 0).eq(p[:, 1] > 0).float().mean() - 0.5) < 0.05
+
+
+def test_discriminator_estimates_the_tc_of_a_correlated_gaussian():
+    # q(z) = N(0, S) fixed: TC = KL(q(z) || prod_j q(z_j)) = (sum_j log S_jj - log det S) / 2.
+    # 300 steps of a 2 x 32 discriminator on batches of 256: seeds 0-7 gave 0.59-0.68 for
+    # 0.655; untrained discriminators give |estimate| < 0.2.
+    torch.manual_seed(41)
+    cov = torch.tensor([[1.0, 0.8, 0.0], [0.8, 1.0, 0.3], [0.0, 0.3, 1.0]])
+    tc = 0.5 * (cov.diagonal().log().sum() - torch.logdet(cov)).item()
+    chol = torch.linalg.cholesky(cov)
+    div = _factorvae(hidden=32, layers=2)
+    with torch.no_grad():
+        untrained = div.discriminator.log_ratio(torch.randn(4096, 3) @ chol.T).mean().item()
+    assert abs(untrained - tc) > 0.3  # the window below does not hold by luck
+    opt = div.auxiliary_optimizer()
+    prior = NormalPrior(latent_dim=3)
+    for _ in range(300):  # a fresh batch of q(z) samples per step, as in training
+        auxiliary_step(div, prior, opt, torch.randn(256, 3) @ chol.T, lambda params: None)
+    with torch.no_grad():
+        estimate = div.discriminator.log_ratio(torch.randn(8192, 3) @ chol.T).mean().item()
+    assert abs(estimate - tc) < 0.15
+
+
+def test_factorvae_div_is_kl_plus_gamma_tc():
+    torch.manual_seed(42)
+    q, prior = _posterior(b=16), NormalPrior(latent_dim=3)
+    z = q.rsample()
+    div = _factorvae(beta=2.0, gamma=7.0)
+    div.check(prior)
+    out = div(q, z, prior)
+    assert torch.allclose(out["kl"], KL()(q, z, prior)["div"])
+    assert torch.allclose(out["tc"], div.discriminator.log_ratio(z).mean())
+    assert torch.allclose(out["div"], 2.0 * out["kl"] + 7.0 * out["tc"])
+    assert div.weight() == 1.0 and div.bounds_likelihood
+
+
+def test_vae_loss_reaches_the_encoder_through_d_but_never_trains_d():
+    torch.manual_seed(43)
+    div = _factorvae(gamma=5.0)
+    objective = _objective(div)
+    x = torch.bernoulli(torch.rand(8, 1, 4, 4))
+    torch.manual_seed(44)
+    out, _ = objective(x)
+    out["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in div.discriminator.parameters())
+    with_tc = [p.grad.clone() for p in objective.model.encoder.parameters()]
+    trainable = {id(p) for p in objective.main_parameters()}
+    assert not trainable & {id(p) for p in div.discriminator.parameters()}
+    # the same step with gamma = 0: the TC term moved the encoder's gradient
+    objective.zero_grad()
+    div.gamma = 0.0
+    torch.manual_seed(44)
+    objective(x)[0]["loss"].backward()
+    assert not all(torch.allclose(a, p.grad) for a, p in
+                   zip(with_tc, objective.model.encoder.parameters(), strict=True))
+
+
+def test_only_the_discriminator_step_trains_d_and_it_leaves_the_vae_alone():
+    torch.manual_seed(45)
+    div = _factorvae()
+    objective = _objective(div)
+    x = torch.bernoulli(torch.rand(8, 1, 4, 4))
+
+    def snapshot(module):
+        return [p.detach().clone() for p in module.parameters()]
+
+    def same(before, module):
+        return all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+    vae, d = snapshot(objective.model), snapshot(div.discriminator)
+    out, z = objective(x)
+    auxiliary_step(div, objective.model.prior, div.auxiliary_optimizer(), z, lambda p: None)
+    assert same(vae, objective.model) and not same(d, div.discriminator)
+    assert isinstance(div.auxiliary_optimizer(), torch.optim.Adam)
+    assert div.auxiliary_optimizer().defaults["betas"] == (0.5, 0.9)
+    # a whole training step moves both, each by its own optimizer
+    opt = torch.optim.Adam(objective.main_parameters(), 1e-3)
+    stepper = Stepper(objective, objective, opt, torch.device("cpu"),
+                      aux_opt=div.auxiliary_optimizer())
+    vae, d = snapshot(objective.model), snapshot(div.discriminator)
+    stepper(x, 0)
+    assert not same(vae, objective.model) and not same(d, div.discriminator)
+    assert not any(p.requires_grad for p in div.discriminator.parameters())
+
+
+def test_factorvae_with_a_mixture_prior_takes_the_monte_carlo_kl():
+    prior = MixturePrior(components=3, latent_dim=3)
+    div = _factorvae()
+    div.check(prior)
+    assert div.kl._analytic is False
+
+
+def test_factorvae_with_a_flow_posterior_takes_the_monte_carlo_kl():
+    torch.manual_seed(49)
+    family, div = Planar(steps=2), _factorvae()
+    nets = mlp.build(latent_dim=3, shape=(1, 4, 4), hidden=[8],
+                     posterior_outputs=family.outputs(3))
+    model = VAE(nets, family, NormalPrior(latent_dim=3), Bernoulli(), 3)
+    out, _ = Objective(model, div)(torch.bernoulli(torch.rand(8, 1, 4, 4)))
+    assert div.kl._analytic is False and torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"gamma": -1.0}, "gamma"), ({"layers": 0}, "layers"), ({"hidden": 0}, "hidden"),
+    ({"discriminator_steps": 0}, "discriminator_steps"), ({"lr": 0.0}, "lr"),
+    ({"betas": (0.5,)}, "betas"), ({"beta": -1.0}, "beta"),
+])
+def test_factorvae_rejects_bad_options(kw, fragment):
+    with pytest.raises(UserError, match=fragment):
+        _factorvae(**kw)
+
+
+def test_factorvae_refuses_iwae_and_tiny_batches():
+    with pytest.raises(UserError, match="divergence=factorvae") as e:
+        _objective(_factorvae(), iw_samples=4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="batch_size >= 4"):
+        _factorvae().auxiliary_loss(torch.randn(3, 3), NormalPrior(latent_dim=3))
+
+
+# -------------------------------------------------------------------------------------- dip
+
+
+def _hand_covariance(mu, var, kind):
+    """Cov by explicit sums over the batch (E[mu mu^T] - E[mu] E[mu]^T), plus E[var] for ii."""
+    b, d = mu.shape
+    c = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(d):
+        for j in range(d):
+            c[i, j] = sum(mu[n, i] * mu[n, j] for n in range(b)) / b \
+                - (sum(mu[:, i]) / b) * (sum(mu[:, j]) / b)
+            if kind == "ii" and i == j:
+                c[i, j] += sum(var[:, i]) / b
+    return c
+
+
+@pytest.mark.parametrize("kind, lambda_od, lambda_d", [("i", 3.0, None), ("ii", 2.0, 5.0)])
+def test_dip_penalty_matches_a_hand_computation(kind, lambda_od, lambda_d):
+    q = _posterior(b=5, d=3, seed=46, spread=2.0)
+    mu, var = q.base_dist.loc.double(), q.base_dist.scale.double() ** 2
+    c = _hand_covariance(mu, var, kind)
+    ld = lambda_d if lambda_d is not None else 10 * lambda_od  # type i's default ratio
+    expected = sum(lambda_od * c[i, j] ** 2 for i in range(3) for j in range(3) if i != j) \
+        + sum(ld * (c[i, i] - 1) ** 2 for i in range(3))
+    div = DIP(type=kind, lambda_od=lambda_od, lambda_d=lambda_d)
+    assert torch.allclose(div.covariance(q).double(), c, atol=1e-5)
+    prior = NormalPrior(latent_dim=3)
+    div.check(prior)
+    out = div(q, q.rsample(), prior)
+    assert out["dip"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(out["div"], out["kl"] + out["dip"])
+    assert out["kl"] == pytest.approx(KL()(q, q.mean, prior)["div"].item())
+
+
+def test_dip_default_diagonal_weights_follow_the_type():
+    assert DIP(type="i", lambda_od=2.0).lambda_d == 20.0
+    assert DIP(type="ii", lambda_od=2.0).lambda_d == 2.0
+    assert DIP(type="ii", lambda_od=2.0, lambda_d=0.5).lambda_d == 0.5
+
+
+def test_dip_ii_adds_the_mean_posterior_variance():
+    q = _posterior(b=8, seed=47)
+    extra = DIP(type="ii").covariance(q) - DIP(type="i").covariance(q)
+    assert torch.allclose(extra, torch.diag(q.base_dist.scale.pow(2).mean(0)), atol=1e-6)
+
+
+def test_dip_is_zero_penalty_for_whitened_means():
+    # encoder means with identity batch covariance and tiny variances: no penalty under i
+    g = torch.Generator().manual_seed(48)
+    mu = torch.randn(64, 3, generator=g)
+    mu = mu - mu.mean(0)
+    mu = mu @ torch.linalg.inv(torch.linalg.cholesky(mu.T @ mu / 64)).T
+    q = Independent(Normal(mu, torch.full_like(mu, 1e-4)), 1)
+    assert DIP(type="i").penalty(DIP(type="i").covariance(q)).item() < 1e-8
+
+
+@pytest.mark.parametrize("prior", [
+    lambda: LearnedPrior(latent_dim=3), lambda: MixturePrior(components=3, latent_dim=3),
+    lambda: _vamp(),
+])
+def test_dip_refuses_priors_other_than_the_standard_normal(prior):
+    with pytest.raises(UserError, match="prior=normal") as e:
+        DIP().check(prior())
+    assert "\n" not in str(e.value)
+
+
+def test_dip_refuses_flow_posteriors():
+    with pytest.raises(UserError, match="posterior=gaussian") as e:
+        DIP().check_posterior(Planar(steps=2))
+    assert "\n" not in str(e.value)
+    DIP().check_posterior(DiagonalGaussian())
+
+
+def test_dip_refuses_bad_options_iwae_and_single_examples():
+    with pytest.raises(UserError, match="divergence.type"):
+        DIP(type="iii")
+    with pytest.raises(UserError, match="lambda"):
+        DIP(lambda_od=-1.0)
+    with pytest.raises(UserError, match="divergence=dip"):
+        DIP().iw_weight()
+    q = _posterior(b=1)
+    with pytest.raises(UserError, match="batch_size >= 2"):
+        DIP()(q, q.mean, NormalPrior(latent_dim=3))

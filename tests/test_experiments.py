@@ -8,13 +8,24 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 from test_cli import vae
 from test_data import make_mnist
 
+from vae_cli.config.build import build_objective, build_optimizer
 from vae_cli.config.registry import config_dir
 from vae_cli.config.schemas import validate_train as validate
+from vae_cli.training.step import Stepper
 
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+# disentanglement_lib's study (Locatello et al. 2019): each model on dSprites and on shapes.
+STUDY_MODELS = ("beta_vae", "beta_tcvae", "factorvae", "dip_vae_i", "dip_vae_ii", "annealed_vae")
+STUDY = sorted(f"{m}_{d}" for m in STUDY_MODELS for d in ("dsprites", "shapes"))
+# The study's presets differ only in the divergence and its schedule, which the design-space
+# tests train from the command line; two of them run an epoch here, the rest take one
+# in-process step each (test_study_presets_build_and_take_a_step).
+RUN = [p for p in PRESETS if p not in STUDY or p in ("beta_vae_shapes", "beta_tcvae_shapes")]
 SHORT = ["trainer.epochs=1", "trainer.device=cpu", "trainer.num_images=8"]
 STAND_IN = {
     "mnist": ["dataset.val_size=20", "trainer.batch_size=20", "dataset.download=false"],
@@ -40,7 +51,7 @@ def make_ptb(root: Path) -> None:
 
 def test_presets_exist():
     assert {"vae_binarized_mnist", "iwae_binarized_mnist", "vamp_binarized_mnist",
-            "wae_mmd_mnist", "beta_vae_shapes", "beta_tcvae_shapes"} <= set(PRESETS)
+            "wae_mmd_mnist", *STUDY} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -66,7 +77,83 @@ def test_presets_set_the_papers_numbers(compose_cfg):
     assert tc.divergence._target_.endswith("TotalCorrelation") and tc.dataset.image_size == 64
 
 
-@pytest.mark.parametrize("name", PRESETS)
+STUDY_DIVERGENCES = {
+    "beta_vae": ("KL", {"beta": 4.0}),
+    "beta_tcvae": ("TotalCorrelation", {"beta": 6.0, "alpha": 1.0, "gamma": 1.0}),
+    "factorvae": ("FactorVAE", {"beta": 1.0, "gamma": 40.0, "hidden": 1000, "layers": 6,
+                                "discriminator_steps": 1, "lr": 1e-4, "betas": [0.5, 0.9]}),
+    "dip_vae_i": ("DIP", {"beta": 1.0, "type": "i", "lambda_od": 10.0, "lambda_d": 100.0}),
+    "dip_vae_ii": ("DIP", {"beta": 1.0, "type": "ii", "lambda_od": 10.0, "lambda_d": 10.0}),
+    "annealed_vae": ("KL", {"beta": 1.0}),
+}
+
+
+def _train_size(cfg) -> int:
+    d = cfg.dataset
+    if d._target_.endswith("dsprites"):
+        return 737_280 - d.val_size - d.test_size
+    return d.n_train
+
+
+@pytest.mark.parametrize("model", STUDY_MODELS)
+def test_study_presets_share_one_setting(compose_cfg, model):
+    on = {d: validate(compose_cfg([f"experiment={model}_{d}"])) for d in ("dsprites", "shapes")}
+    for cfg in on.values():
+        assert cfg.model._target_.endswith("conv.build") and cfg.model.latent_dim == 10
+        assert cfg.loss._target_.endswith("Bernoulli") and cfg.prior._target_.endswith("Normal"
+                                                                                      "Prior")
+        assert cfg.trainer.batch_size == 64 and cfg.optim.lr == 1e-4
+        assert list(cfg.optim.betas) == [0.9, 0.999]
+        steps = cfg.trainer.epochs * (_train_size(cfg) // 64)  # the study trains 300k steps
+        assert abs(steps - 300_000) < 3_000, steps
+        name, keys = STUDY_DIVERGENCES[model]
+        assert cfg.divergence._target_.endswith(f".{name}")
+        assert {k: cfg.divergence[k] for k in keys} == keys
+        capacity = cfg.schedule._target_.endswith("Capacity")
+        assert capacity == (model == "annealed_vae")
+        if capacity:
+            assert (cfg.schedule.c_max, cfg.schedule.steps, cfg.schedule.gamma) == \
+                   (25.0, 100_000, 1000.0)
+    assert on["dsprites"].dataset._target_.endswith("dsprites.dsprites")
+    assert on["shapes"].dataset._target_.endswith("shapes.shapes")
+    assert on["shapes"].dataset.image_size == 64
+    # the two presets of a model differ only in the data and the epochs that make 300k steps
+    plain = {d: OmegaConf.to_container(c) for d, c in on.items()}
+    for c in plain.values():
+        del c["dataset"], c["trainer"]["epochs"]
+    assert plain["dsprites"] == plain["shapes"]
+
+
+@pytest.fixture
+def one_thread():
+    """One small step gains nothing from intra-op threads, and on a busy 2-core machine
+    their spin-waits made it 4x slower. The previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", STUDY)
+def test_study_presets_build_and_take_a_step(compose_cfg, one_thread, name):
+    # what `vae train` builds from the preset, one optimizer step (and one discriminator step
+    # for factorvae) on a random batch of 64x64 binary images
+    torch.manual_seed(0)
+    cfg = validate(compose_cfg([f"experiment={name}"]))
+    objective = build_objective(cfg, (1, 64, 64), dataset_size=_train_size(cfg))
+    opt = build_optimizer(cfg.optim, objective.main_parameters())
+    div = objective.divergence
+    aux = div.auxiliary_optimizer() if div.auxiliary_steps else None
+    own = [p.detach().clone() for p in div.auxiliary_parameters()]
+    step = Stepper(objective, objective, opt, torch.device("cpu"), aux_opt=aux)
+    terms = step(torch.bernoulli(torch.rand(8, 1, 64, 64)), 0)
+    assert all(torch.isfinite(v).all() for v in terms.values())
+    assert (aux is not None) == name.startswith("factorvae")
+    assert all(not torch.equal(a, b) for a, b in zip(own, div.auxiliary_parameters(),
+                                                      strict=True))
+
+
+@pytest.mark.parametrize("name", RUN)
 def test_preset_runs_one_short_epoch_offline(tmp_path: Path, name):
     kind = kind_of(name)
     if kind == "mnist":

@@ -1,5 +1,6 @@
-"""The critic f: z -> R of the adversarial Wasserstein-1 divergence, and the three ways of
-keeping it Lipschitz (``divergence.lipschitz``).
+"""Networks on z that divergences train for themselves: the critic f: z -> R of the
+adversarial Wasserstein-1 divergence with the three ways of keeping it Lipschitz
+(``divergence.lipschitz``), and FactorVAE's discriminator (at the end).
 
 By Kantorovich-Rubinstein duality W1(q, p) = sup over 1-Lipschitz f of E_q f - E_p f:
 
@@ -77,3 +78,26 @@ class Critic(nn.Sequential):
             points = probe.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self(points).sum(), points)
         self.scale.fill_(grad.pow(2).sum(1).mean().sqrt().clamp_min(1e-12))
+
+
+class Discriminator(nn.Sequential):
+    """FactorVAE's classifier D: z -> 2 logits, class 0 for samples of q(z), class 1 for
+    samples of prod_j q(z_j) (Kim & Mnih 2018: ``layers`` = 6 hidden layers of ``hidden`` =
+    1000 units, LeakyReLU 0.2, two logits). At its optimum logit_0 - logit_1 is the log
+    density ratio log q(z) / prod_j q(z_j), whose mean over q(z) is the total correlation."""
+
+    def __init__(self, latent_dim: int, hidden: int, layers: int):
+        if hidden < 1 or layers < 1:
+            raise UserError("divergence.hidden and divergence.layers must be >= 1 (a linear "
+                            "classifier cannot see the correlations the TC is made of)")
+        mods: list[nn.Module] = []
+        width = latent_dim
+        for _ in range(layers):
+            mods += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
+            width = hidden
+        super().__init__(*mods, nn.Linear(width, 2))
+
+    def log_ratio(self, z: torch.Tensor) -> torch.Tensor:
+        """logit_0 - logit_1 = log D(z) / (1 - D(z)) per example, [B], in float32."""
+        logits = self(z).float()
+        return logits[:, 0] - logits[:, 1]

@@ -7,22 +7,25 @@ the reconstruction and the prior module, and returns a dict of batch-level scala
 ``iw_weight()`` says how the divergence enters an importance-weighted bound, or refuses.
 Sample-based divergences (mmd, sliced, adversarial) compare the batch of z, i.e. the
 aggregate posterior, with as many prior samples: they need a batch of at least 2.
-A divergence that trains a network of its own (the adversarial critic) says so through
-``auxiliary_parameters``/``auxiliary_loss``; the training loop steps it (see training/step).
+A divergence that trains a network of its own (the adversarial critic, FactorVAE's
+discriminator) says so through ``auxiliary_parameters``/``auxiliary_loss``; the training
+loop steps it (see training/step).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution, Normal, kl_divergence
 
 from vae_cli.errors import UserError
-from vae_cli.objective.critics import Critic
+from vae_cli.objective.critics import Critic, Discriminator
 from vae_cli.objective.posteriors import Posterior
-from vae_cli.objective.priors import Prior, diagonal_normal
+from vae_cli.objective.priors import NormalPrior, Prior, diagonal_normal
 
 ESTIMATORS = ("auto", "analytic", "mc")
 KERNELS = ("imq", "rbf")
@@ -326,3 +329,156 @@ class TotalCorrelation(Divergence):
         raise UserError("divergence=tc weights MI, TC and dimension-wise KL apart (alpha, beta, "
                         "gamma), which an importance-weighted bound cannot: use divergence=kl "
                         "with divergence.beta, or trainer.iw_samples=1")
+
+
+def permute_dims(z: torch.Tensor) -> torch.Tensor:
+    """Each column of z [B, D] shuffled by its own random permutation of the batch: every
+    dimension keeps exactly its batch marginal, and the dimensions become independent, so
+    the rows are samples of prod_j q(z_j) (Kim & Mnih 2018, Algorithm 1)."""
+    order = torch.rand(z.shape, device=z.device).argsort(dim=0)
+    return z.gather(0, order)
+
+
+class FactorVAE(Divergence):
+    """FactorVAE (Kim & Mnih 2018): beta * KL(q(z|x) || p(z)) + gamma * TC, beta = 1 in the
+    paper. The total correlation TC = KL(q(z) || prod_j q(z_j)) is estimated by the
+    density-ratio trick: a discriminator D tells samples of q(z) from samples of
+    prod_j q(z_j), and TC ~ E_q(z)[log D(z) / (1 - D(z))], the mean of its logit gap over the
+    batch of z. The encoder minimises that estimate through z with D frozen (no gradient
+    reaches D from the main loss).
+
+    D is trained as the auxiliary step, ``discriminator_steps`` steps of its own Adam after
+    each VAE step, on the step's detached z: the first half of the batch are the q(z)
+    samples and the second half, each dimension permuted across that half, the
+    prod_j q(z_j) samples. The paper draws a second batch for the permuted samples; two
+    halves of one batch are that, at half the size, with no extra encoder pass; the real
+    and permuted samples then come from different examples, as with two batches
+    (disentanglement_lib permutes the same batch it classifies). KL is the ``kl``
+    divergence's estimate: closed form between Gaussians, Monte Carlo otherwise, so every
+    prior and posterior family works.
+    """
+
+    bounds_likelihood = True  # the "kl" entry is the KL of the ELBO
+
+    def __init__(self, beta: float = 1.0, gamma: float = 40.0, hidden: int = 256,
+                 layers: int = 4, discriminator_steps: int = 1, lr: float = 1e-4,
+                 betas: tuple[float, float] = (0.5, 0.9), *, latent_dim: int):
+        super().__init__(beta)
+        if gamma < 0:
+            raise UserError(f"divergence.gamma={gamma} must be >= 0")
+        if discriminator_steps < 1 or not lr > 0:
+            raise UserError("divergence.discriminator_steps must be >= 1 and divergence.lr > 0")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise UserError(f"divergence.betas={list(betas)} must be two numbers in [0, 1)")
+        self.gamma, self.lr, self.betas = float(gamma), float(lr), tuple(betas)
+        self.kl = KL()
+        self.discriminator = Discriminator(latent_dim, hidden, layers)
+        self.discriminator.requires_grad_(False)  # trained by the auxiliary step only
+        self.auxiliary_steps = discriminator_steps
+
+    def check(self, prior: Prior) -> None:
+        self.kl.check(prior)
+
+    def check_posterior(self, family: Posterior) -> None:
+        self.kl.check_posterior(family)  # a flow: Monte Carlo KL; D needs only samples of z
+
+    def weight(self) -> float:
+        return 1.0  # beta and gamma are inside div
+
+    def iw_weight(self) -> float:
+        raise UserError("divergence=factorvae adds a discriminator's total-correlation "
+                        "estimate, which no importance-weighted bound has: use divergence=kl, "
+                        "or trainer.iw_samples=1")
+
+    def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
+        kl = self.kl(q, z, prior)["div"]
+        tc = self.discriminator.log_ratio(z.float()).mean()
+        return {"div": self.beta * kl + self.gamma * tc, "kl": kl, "tc": tc}
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        return list(self.discriminator.parameters())
+
+    def auxiliary_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.auxiliary_parameters(), lr=self.lr, betas=self.betas)
+
+    def auxiliary_loss(self, z: torch.Tensor, prior: Prior) -> torch.Tensor:
+        """D's cross-entropy: the first half of the (detached) batch labelled q(z) (0), the
+        second half with its dimensions permuted labelled prod_j q(z_j) (1)."""
+        n = len(z) // 2
+        if n < 2:
+            raise UserError("divergence=factorvae needs trainer.batch_size >= 4: half of the "
+                            "batch is permuted to train the discriminator")
+        joint, marginals = z[:n], permute_dims(z[n:2 * n])
+        labels = torch.cat([torch.zeros(n), torch.ones(n)]).long().to(z.device)
+        logits = self.discriminator(torch.cat([joint, marginals])).float()
+        return F.cross_entropy(logits, labels)
+
+
+class DIP(Divergence):
+    """DIP-VAE (Kumar et al. 2018): beta * KL(q(z|x) || p(z)) + a penalty pulling the
+    covariance C of the aggregate posterior towards the identity, the prior's:
+    lambda_od * sum_{i != j} C_ij^2 + lambda_d * sum_i (C_ii - 1)^2, over the batch.
+    ``type=i``: C = Cov[mu(x)], the covariance of the encoder means; ``type=ii``:
+    C = E[diag sigma^2(x)] + Cov[mu(x)], the covariance of z itself. Covariances divide by
+    the batch size (E[mu mu^T] - E[mu] E[mu]^T), as disentanglement_lib computes them.
+    ``lambda_d`` left null takes the paper's and disentanglement_lib's ratio: 10 lambda_od
+    for DIP-VAE-I, lambda_od for DIP-VAE-II. The identity is N(0, I)'s covariance, so only
+    prior=normal is accepted, and mu and sigma are the diagonal Gaussian posterior's, so flow
+    posteriors are refused.
+    """
+
+    bounds_likelihood = True  # the "kl" entry is the KL of the ELBO
+
+    def __init__(self, beta: float = 1.0, type: Literal["i", "ii"] = "i",
+                 lambda_od: float = 10.0, lambda_d: float | None = None):
+        super().__init__(beta)
+        if type not in ("i", "ii"):
+            raise UserError(f"divergence.type={type!r} is not one of ('i', 'ii')")
+        if lambda_d is None:
+            lambda_d = (10.0 if type == "i" else 1.0) * lambda_od
+        if min(lambda_od, lambda_d) < 0:
+            raise UserError("divergence.lambda_od and divergence.lambda_d must be >= 0")
+        self.type, self.lambda_od, self.lambda_d = type, float(lambda_od), float(lambda_d)
+        self.kl = KL()
+
+    def check(self, prior: Prior) -> None:
+        if type(prior) is not NormalPrior:
+            raise UserError(f"divergence=dip pulls the covariance of q(z) towards the identity, "
+                            f"prior=normal's, not {type(prior).__name__}'s: use prior=normal")
+        self.kl.check(prior)
+
+    def check_posterior(self, family: Posterior) -> None:
+        if not family.closed_form:
+            raise UserError(f"divergence=dip penalises the covariance of the encoder's Gaussian "
+                            f"means and variances, which posterior={type(family).__name__.lower()}"
+                            " pushes through a flow; use posterior=gaussian")
+
+    def weight(self) -> float:
+        return 1.0  # beta and the lambdas are inside div
+
+    def iw_weight(self) -> float:
+        raise UserError("divergence=dip adds a penalty on the batch's covariance, which no "
+                        "importance-weighted bound has: use divergence=kl, or "
+                        "trainer.iw_samples=1")
+
+    def covariance(self, q: Distribution) -> torch.Tensor:
+        """C [D, D] over the batch: Cov[mu] (i), plus the mean posterior variance (ii)."""
+        mu = q.base_dist.loc.float()
+        centred = mu - mu.mean(0)
+        cov = centred.T @ centred / len(mu)
+        if self.type == "ii":
+            cov = cov + torch.diag(q.base_dist.scale.float().pow(2).mean(0))
+        return cov
+
+    def penalty(self, cov: torch.Tensor) -> torch.Tensor:
+        diag = cov.diagonal()
+        off = cov - torch.diag(diag)
+        return self.lambda_od * off.pow(2).sum() + self.lambda_d * (diag - 1).pow(2).sum()
+
+    def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
+        if len(z) < 2 and self.training:
+            raise UserError("divergence=dip needs trainer.batch_size >= 2 (a covariance over "
+                            "the batch)")
+        kl = self.kl(q, z, prior)["div"]
+        dip = self.penalty(self.covariance(q))
+        return {"div": self.beta * kl + dip, "kl": kl, "dip": dip}
