@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from vae_cli.config.build import load_data, load_trained
 from vae_cli.config.schemas import validate_eval
 from vae_cli.evaluation.diagnostics import encode_all, posterior_stats
-from vae_cli.evaluation.disentangle import mig
+from vae_cli.evaluation.disentanglement.mig import mig
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.reports.tables import table, write_report
