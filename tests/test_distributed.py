@@ -50,7 +50,8 @@ def test_two_processes_take_the_step_of_one_with_the_same_global_batch(tmp_path)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert train_loss(ddp) == pytest.approx(train_loss(one), rel=1e-5)
     # the checkpoint is an ordinary one: scored and continued by a single process
-    vae("eval", f"ckpt={ddp / 'checkpoints/last.pt'}", "eval.iw_samples=5", cwd=tmp_path)
+    vae("eval", f"ckpt={ddp / 'checkpoints/last.pt'}", "eval.iw_samples=5",
+        "eval.disentanglement.metrics=[mig]", cwd=tmp_path)
     vae("train", f"ckpt={ddp / 'checkpoints/last.pt'}", "trainer.epochs=2", cwd=tmp_path)
     with (ddp / "metrics.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]

@@ -13,7 +13,7 @@ from torchvision.io import read_image
 from vae_cli.config.schemas import validate_train
 from vae_cli.data.shapes import shapes
 from vae_cli.evaluation.diagnostics import posterior_stats
-from vae_cli.evaluation.disentangle import mig
+from vae_cli.evaluation.disentanglement.mig import mig
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.nets import Networks, mlp
 from vae_cli.objective.likelihoods import Bernoulli

@@ -2,7 +2,7 @@
 
 Columns: the overrides that differ between runs, then results: best and final validation
 loss (metrics.csv), test NLL from the IWAE bound (or the negative ELBO), active units and
-MIG (eval.json). Printed as text, written as CSV and markdown.
+the disentanglement scores (eval.json). Printed as text, written as CSV and markdown.
 """
 
 from __future__ import annotations

@@ -8,14 +8,16 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.config.build import load_data, load_trained
 from vae_cli.config.schemas import validate_eval
-from vae_cli.evaluation.diagnostics import encode_all, posterior_stats
-from vae_cli.evaluation.disentangle import mig
+from vae_cli.data.base import Splits
+from vae_cli.evaluation.diagnostics import encode_all, mean_encoder, posterior_stats
+from vae_cli.evaluation.disentanglement.suite import Intervention, score
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.evaluation.likelihood import iwae_bound
+from vae_cli.objective.model import VAE
 from vae_cli.reports.tables import table, write_report
 from vae_cli.runtime import checkpoint
 from vae_cli.runtime.device import resolve_device
@@ -24,6 +26,21 @@ log = logging.getLogger(__name__)
 MAX_LOGITS = 2**26  # floats of decoder output held at once by `vae eval` (256 MB)
 # what nelbo and nll_iwae bound for a conditional model, said in eval.json and the table
 CONDITIONAL = "log p(x|y): conditional on each example's label"
+
+
+def disentanglement(cfg: DictConfig, model: VAE, data: Splits, z: torch.Tensor,
+                    factors: torch.Tensor) -> dict:
+    """The disentanglement metrics of eval.disentanglement on the split's posterior means;
+    the intervention scores where the dataset has an oracle and the encoder needs no label."""
+    e = cfg.eval
+    intervention, why = None, f"{data.name} has no ground-truth oracle"
+    if model.conditional:
+        why = "a conditional encoder needs labels, which the oracle does not draw"
+    elif data.oracle is not None:
+        intervention = Intervention(data.oracle, mean_encoder(model, e.batch_size))
+    settings = OmegaConf.to_container(e.disentanglement, resolve=True)
+    return score(z, factors, data.factor_names, settings, cfg.seed, e.mig_bins, intervention,
+                 why)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -52,7 +69,7 @@ def run(cfg: DictConfig) -> dict:
     encoded = encode_all(model, x, batch, labels)
     result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:
-        result.update(mig(encoded[0], factors, e.mig_bins, data.factor_names))
+        result.update(disentanglement(cfg, model, data, encoded[0], factors))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
     name = "eval.json" if e.split == "test" else f"eval_{e.split}.json"
     path = write_report(result, out_dir / name)

@@ -41,6 +41,51 @@ class TrainerConfig:
     bucket: bool = False  # token data: batches of lines of similar length (less padding)
 
 
+# the disentanglement metrics `vae eval` can run (evaluation/disentanglement/suite.py)
+DISENTANGLEMENT_METRICS = ("beta_vae", "factor_vae", "mig", "sap", "dci", "modularity")
+
+
+@dataclasses.dataclass
+class BetaVAEScoreConfig:
+    batch_size: int = 64
+    train_points: int = 1000
+    test_points: int = 500
+    c: float = 1.0  # logistic regression: inverse L2 strength, scikit-learn's C
+    max_iter: int = 100
+
+
+@dataclasses.dataclass
+class FactorVAEScoreConfig:
+    batch_size: int = 64
+    train_points: int = 1000
+    test_points: int = 500
+    variance_points: int = 5000
+    prune_var: float = 0.01
+
+
+@dataclasses.dataclass
+class SAPConfig:
+    c: float = 100.0
+    max_iter: int = 100
+
+
+@dataclasses.dataclass
+class DCIConfig:
+    alpha: float = 0.001
+    max_iter: int = 1000
+    tol: float = 1e-8
+
+
+@dataclasses.dataclass
+class DisentanglementConfig:
+    metrics: list[str] = dataclasses.field(default_factory=lambda: list(DISENTANGLEMENT_METRICS))
+    test_fraction: float = 0.333
+    beta_vae: BetaVAEScoreConfig = dataclasses.field(default_factory=BetaVAEScoreConfig)
+    factor_vae: FactorVAEScoreConfig = dataclasses.field(default_factory=FactorVAEScoreConfig)
+    sap: SAPConfig = dataclasses.field(default_factory=SAPConfig)
+    dci: DCIConfig = dataclasses.field(default_factory=DCIConfig)
+
+
 @dataclasses.dataclass
 class EvalConfig:
     split: str = "test"
@@ -49,6 +94,8 @@ class EvalConfig:
     iw_batch: int = 20000
     mig_bins: int = 20
     max_examples: int | None = None
+    disentanglement: DisentanglementConfig = dataclasses.field(
+        default_factory=DisentanglementConfig)
 
 
 def dataset_overrides() -> dict[str, Any]:
@@ -212,7 +259,34 @@ def validate_eval(cfg: DictConfig) -> DictConfig:
         raise UserError(f"eval.iw_samples={e.iw_samples!r} must be >= 0 (0 skips the bound)")
     if e.max_examples is not None:
         positive(eval__max_examples=e.max_examples)
+    check_disentanglement(e.disentanglement)
     return cfg
+
+
+def check_disentanglement(d: DictConfig) -> None:
+    unknown = [m for m in d.metrics if m not in DISENTANGLEMENT_METRICS]
+    if unknown:
+        raise UserError(f"eval.disentanglement.metrics: {', '.join(map(str, unknown))} not "
+                        f"among {', '.join(DISENTANGLEMENT_METRICS)}")
+    if not 0 < d.test_fraction < 1:
+        raise UserError(f"eval.disentanglement.test_fraction={d.test_fraction} must be in "
+                        "(0, 1)")
+    p = "eval__disentanglement__"
+    b, f = d.beta_vae, d.factor_vae
+    positive(**{f"{p}beta_vae__{k}": b[k] for k in ("batch_size", "train_points",
+                                                     "test_points", "max_iter")},
+             **{f"{p}factor_vae__{k}": f[k] for k in ("batch_size", "train_points",
+                                                       "test_points", "variance_points")},
+             **{f"{p}sap__max_iter": d.sap.max_iter, f"{p}dci__max_iter": d.dci.max_iter})
+    if f.batch_size < 2 or f.variance_points < 2:
+        raise UserError("eval.disentanglement.factor_vae: batch_size and variance_points must "
+                        "be >= 2 (a variance needs two points)")
+    for key, value in (("beta_vae.c", b.c), ("sap.c", d.sap.c), ("dci.tol", d.dci.tol)):
+        if not value > 0:
+            raise UserError(f"eval.disentanglement.{key}={value} must be > 0")
+    for key, value in (("dci.alpha", d.dci.alpha), ("factor_vae.prune_var", f.prune_var)):
+        if not value >= 0:
+            raise UserError(f"eval.disentanglement.{key}={value} must be >= 0")
 
 
 def validate_sample(cfg: DictConfig) -> DictConfig:

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -24,6 +25,19 @@ SPLITS = ("train", "val", "test")
 
 def _none_per_split() -> dict[str, torch.Tensor | None]:
     return {s: None for s in SPLITS}
+
+
+class FactorOracle(Protocol):
+    """Ground truth on demand, for datasets whose factors form a grid: the observation for any
+    chosen combination of factor values. The intervention metrics (BetaVAE and FactorVAE
+    scores) need it to hold one factor fixed while the others vary."""
+
+    sizes: tuple[int, ...]  # values per factor, in the order of factor_names
+
+    def observe(self, classes: torch.Tensor) -> torch.Tensor:
+        """long [n, K] grid positions (0..sizes[k]-1) -> uint8 images [n, C, H, W] on the
+        CPU."""
+        ...
 
 
 @dataclass
@@ -42,6 +56,7 @@ class Splits:
     factors: dict[str, torch.Tensor | None] = field(default_factory=_none_per_split)
     factor_names: list[str] = field(default_factory=list)
     vocab: Vocab | None = None  # token sequences: the vocabulary that made the ids
+    oracle: FactorOracle | None = None  # factor grids: observations for chosen factor values
 
     def split(self, name: str) -> torch.Tensor:
         if name not in SPLITS:

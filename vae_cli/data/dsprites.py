@@ -8,6 +8,7 @@ seeded random sample when memory is tight.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,48 @@ def find_file(root: str) -> Path:
     raise UserError(f"dSprites not found: looked for {candidates[0].absolute()} and "
                     f"{candidates[1].absolute()}; download {FILENAME} from the dSprites "
                     f"repository (github.com/google-deepmind/dsprites-dataset) into dataset.root")
+
+
+class DspritesOracle:
+    """Looks observations up in the file by grid position: the file holds every combination
+    of the factors exactly once, so a table from grid position to row is the whole oracle.
+    The images are read again on first use (the dataset keeps only its own subset) and held
+    as packed bits, 1/8 of their uint8 size."""
+
+    def __init__(self, path: Path, rows: torch.Tensor, sizes: tuple[int, ...]):
+        self.path, self.rows, self.sizes = path, rows, sizes
+        self._bits: np.ndarray | None = None
+        self._width = 0
+
+    @classmethod
+    def of_file(cls, path: Path, classes: np.ndarray) -> DspritesOracle | None:
+        """The oracle of a file whose latents_classes cover the grid of shape, scale,
+        orientation, posX, posY once each (colour constant); None for any other file."""
+        grid = torch.from_numpy(classes[:, 1:6].astype(np.int64))
+        sizes = tuple(int(m) + 1 for m in grid.max(0).values)
+        if len(np.unique(classes[:, 0])) != 1 or grid.min() < 0 or \
+                math.prod(sizes) != len(grid):
+            return None
+        rows = torch.full((len(grid),), -1, dtype=torch.long)
+        rows[_flat(grid, sizes)] = torch.arange(len(grid))
+        return None if (rows < 0).any() else cls(path, rows, sizes)
+
+    def observe(self, classes: torch.Tensor) -> torch.Tensor:
+        if self._bits is None:
+            with np.load(self.path, allow_pickle=False) as npz:
+                imgs = npz["imgs"]
+            self._width, self._bits = imgs.shape[-1], np.packbits(imgs, axis=-1)
+        rows = self.rows[_flat(classes.cpu(), self.sizes)].numpy()
+        imgs = np.unpackbits(self._bits[rows], axis=-1, count=self._width)
+        return torch.from_numpy(imgs).mul_(255).unsqueeze(1)
+
+
+def _flat(classes: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Grid positions [n, K] -> row-major flat index into the product of the grids."""
+    index = torch.zeros(len(classes), dtype=torch.long)
+    for k, size in enumerate(sizes):
+        index = index * size + classes[:, k]
+    return index
 
 
 def dsprites(
@@ -73,9 +116,13 @@ def dsprites(
     splits = {"train": train_i.sort().values, "val": val_i, "test": test_i}
     # Stored as 0/1: scale to the 0/255 convention of every other dataset.
     images = {k: x[v].mul_(255).unsqueeze(1) for k, v in splits.items()}
+    oracle = DspritesOracle.of_file(path, classes)
+    if oracle is None:
+        log.info("%s does not hold the full factor grid: no BetaVAE/FactorVAE scores", path)
     return ImageData(
         name="dsprites", train=images["train"], val=images["val"], test=images["test"],
         labels={k: y[v] for k, v in splits.items()},
         factors={k: f[v] for k, v in splits.items()},
         factor_names=list(FACTOR_NAMES),
+        oracle=oracle,
     )

@@ -122,6 +122,20 @@ def render(factors: torch.Tensor, image_size: int) -> torch.Tensor:
     return out.unsqueeze(1)
 
 
+class ShapesOracle:
+    """Renders any combination of grid positions: the ground truth the intervention metrics
+    sample from (the full product of the grids, which the dataset itself only samples)."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+        self.grids = factor_grids()
+        self.sizes = tuple(len(g) for g in self.grids)
+
+    def observe(self, classes: torch.Tensor) -> torch.Tensor:
+        values = torch.stack([g[classes[:, k].cpu()] for k, g in enumerate(self.grids)], 1)
+        return render(values, self.image_size)
+
+
 def _generate(image_size: int, n_total: int, seed: int) -> dict[str, torch.Tensor]:
     factors = sample_factors(n_total, torch.Generator().manual_seed(seed))
     return {"images": render(factors, image_size), "factors": factors.float()}
@@ -160,4 +174,5 @@ def shapes(
         labels={s: factors[v, 0].long() for s, v in sl.items()},
         factors={s: factors[v] for s, v in sl.items()},
         factor_names=list(FACTOR_NAMES),
+        oracle=ShapesOracle(image_size),
     )

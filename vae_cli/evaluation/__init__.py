@@ -1,2 +1,2 @@
 """Scores of a trained model: a split's terms, the importance-weighted likelihood, posterior
-diagnostics, MIG."""
+diagnostics, the disentanglement metrics."""

@@ -6,6 +6,8 @@ plain floats/lists (one host sync at the end where possible).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vae_cli.data.batching import labelled
@@ -28,6 +30,13 @@ def encode_all(model: VAE, x: torch.Tensor, batch_size: int,
         mus.append(mean_of(q))
         stds.append(base_of(q).scale)
     return torch.cat(mus), torch.cat(stds)
+
+
+def mean_encoder(model: VAE, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Observations (on any device) -> posterior means on the model's device, in batches:
+    the representation the disentanglement metrics score."""
+    device = next(model.parameters()).device
+    return lambda x: encode_all(model, x.to(device), batch_size)[0]
 
 
 @torch.no_grad()

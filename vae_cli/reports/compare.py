@@ -2,7 +2,8 @@
 
 Columns: the overrides that differ between runs, then results: best and final validation
 loss (metrics.csv), test NLL from the IWAE bound (or the negative ELBO), active units and
-MIG (eval.json). Printed as text, written as CSV and markdown.
+MIG (eval.json), and the other disentanglement scores where some run has them. Printed as
+text, written as CSV and markdown.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from vae_cli.runtime.files import write_text
 
 RESULTS = ["epochs", "best_val_loss", "final_val_loss", "test_nll", "test_bpd", "test_ppl",
            "active_units", "mig"]
+# eval.json's other disentanglement scores: columns only where some run has them, so tables of
+# datasets without ground-truth factors stay narrow (dci_informativeness: an error, lower wins)
+DISENTANGLEMENT = ["beta_vae", "factor_vae", "sap", "dci_disentanglement", "dci_completeness",
+                   "dci_informativeness", "modularity"]
 IGNORED = ("hydra.", "dataset.root", "ckpt", "trainer.device")
 
 
@@ -81,6 +86,7 @@ def collect(run: Path) -> dict:
         row["test_ppl"] = e.get("ppl_iwae", e.get("ppl", math.nan))  # text models
         row["active_units"] = e.get("active_units")
         row["mig"] = e.get("mig")
+        row.update({k: e[k] for k in DISENTANGLEMENT if k in e})
     return row
 
 
@@ -120,7 +126,8 @@ def build_table(runs: list[Path], sort: str | None = None,
     keys = sorted({k for o in overrides.values() for k in o})
     differing = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
     rows = [{**{k: overrides[r].get(k, "") for k in differing}, **collect(r)} for r in runs]
-    columns = ["run", *differing, *RESULTS]
+    scored = [k for k in DISENTANGLEMENT if any(k in r for r in rows)]
+    columns = ["run", *differing, *RESULTS, *scored]
     if sort:
         if sort not in columns:
             raise UserError(f"--sort {sort!r} is not a column: {', '.join(columns)}")

@@ -9,7 +9,15 @@ from vae_cli.runtime.files import write_text
 
 SHOWN = ("split", "examples", "epoch", "likelihood", "loss", "recon", "div", "nelbo", "bpd",
          "nll_token", "ppl", "nll_iwae", "bpd_iwae", "nll_token_iwae", "ppl_iwae", "iw_samples",
-         "active_units", "kl_per_dim", "mig", "mig_per_factor")
+         "active_units", "kl_per_dim",
+         # disentanglement metrics, each followed by its settings (evaluation/disentanglement)
+         "beta_vae", "beta_vae_train", "beta_vae_settings",
+         "factor_vae", "factor_vae_train", "factor_vae_active_dims", "factor_vae_settings",
+         "mig", "mig_per_factor", "mig_settings",
+         "sap", "sap_per_factor", "sap_settings",
+         "dci_disentanglement", "dci_completeness", "dci_informativeness",
+         "dci_informativeness_per_factor", "dci_settings",
+         "modularity", "modularity_settings", "disentanglement_skipped")
 
 
 def write_report(result: dict, path: Path) -> Path:
@@ -17,8 +25,8 @@ def write_report(result: dict, path: Path) -> Path:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
+    if isinstance(v, float):  # settings such as a tolerance of 1e-8 keep their digits
+        return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.3g}"
     if isinstance(v, list):
         return " ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in v)
     if isinstance(v, dict):

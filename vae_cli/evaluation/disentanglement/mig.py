@@ -14,30 +14,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _codes(v: torch.Tensor) -> tuple[torch.Tensor, int]:
-    values, codes = torch.unique(v, return_inverse=True)
-    return codes, len(values)
-
-
-def discretize(z: torch.Tensor, bins: int) -> torch.Tensor:
-    """Equal-width bins per column over its observed range: long [N, D] in 0..bins-1."""
-    lo, hi = z.min(0).values, z.max(0).values
-    scaled = (z - lo) / (hi - lo).clamp_min(1e-12)
-    return (scaled * bins).long().clamp_(0, bins - 1)
-
-
-def entropy(codes: torch.Tensor, n_values: int) -> float:
-    p = torch.bincount(codes, minlength=n_values).double() / len(codes)
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
-
-
-def mutual_info(a: torch.Tensor, na: int, b: torch.Tensor, nb: int) -> float:
-    joint = torch.bincount(a * nb + b, minlength=na * nb).double().view(na, nb) / len(a)
-    pa, pb = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
-    mask = joint > 0
-    return float((joint[mask] * (joint[mask] / (pa @ pb)[mask]).log()).sum())
+from vae_cli.evaluation.disentanglement.information import (
+    classes_of,
+    discretize,
+    entropy,
+    mutual_info,
+)
 
 
 def mig(z: torch.Tensor, factors: torch.Tensor, bins: int = 20,
@@ -47,7 +29,7 @@ def mig(z: torch.Tensor, factors: torch.Tensor, bins: int = 20,
     zc = discretize(z, bins)
     gaps: dict[str, float] = {}
     for k in range(factors.shape[1]):
-        v, nv = _codes(factors[:, k])
+        v, nv = classes_of(factors[:, k])
         h = entropy(v, nv)
         if h <= 0 or z.shape[1] < 2:
             continue
