@@ -15,7 +15,9 @@ from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
 from vae_cli.objective.bounds import Objective
+from vae_cli.objective.hierarchy import TwoLevel, TwoLevelPrior
 from vae_cli.objective.model import VAE
+from vae_cli.objective.posteriors import DiagonalGaussian, Posterior
 from vae_cli.objective.priors import VampPrior
 from vae_cli.runtime import checkpoint
 
@@ -43,13 +45,19 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
     family = instantiate("posterior", cfg.posterior, **runtime)
     nets = instantiate("model", cfg.model, out_mult=likelihood.out_mult,
                        posterior_outputs=family.outputs(runtime["latent_dim"]), **runtime)
+    if nets.hierarchy is not None:  # model=hvae: z = [z1, z2], p(z2) the configured prior
+        family, runtime = two_level(family, nets.hierarchy, runtime)
     if len(shape) == 1 and not likelihood.tokens:
         raise UserError(f"loss={type(likelihood).__name__.lower()} scores images; token "
                         "sequences need loss=categorical")
     # A VampPrior's pseudo-inputs live where the encoder reads continuous input: pixels in
     # [0, 1], or, for a sequence encoder, unbounded embedded sequences.
     soft = {"shape": nets.soft_shape, "bounded": False} if nets.soft_shape else {}
-    prior = instantiate("prior", cfg.prior, **{**runtime, **soft})
+    if nets.hierarchy is None:
+        prior = instantiate("prior", cfg.prior, **{**runtime, **soft})
+    else:
+        top = {**runtime, "latent_dim": nets.hierarchy.top_dim}
+        prior = TwoLevelPrior(instantiate("prior", cfg.prior, **top), family)
     if isinstance(prior, VampPrior) and not family.closed_form:
         raise UserError(f"prior=vamp is a mixture of posteriors q(z|u_k), whose density "
                         f"posterior={type(family).__name__.lower()} knows only at its own "
@@ -58,6 +66,18 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
     return Objective(model, instantiate("divergence", cfg.divergence, **runtime),
                      instantiate("schedule", cfg.schedule, **runtime),
                      int(cfg.trainer.iw_samples))
+
+
+def two_level(family: Posterior, hierarchy: torch.nn.Module,
+              runtime: dict[str, Any]) -> tuple[TwoLevel, dict[str, Any]]:
+    """model=hvae's posterior q(z1|x, z2) q(z2|x), and the runtime arguments with the latent
+    that divergences see, z = [z1, z2]."""
+    if type(family) is not DiagonalGaussian:
+        raise UserError(f"model=hvae has Gaussian layers; posterior="
+                        f"{type(family).__name__.lower()} is not available for it, use "
+                        "posterior=gaussian (its logvar bounds apply to every layer)")
+    d = hierarchy.latent_dim + hierarchy.top_dim
+    return TwoLevel(hierarchy, family.bounds), {**runtime, "latent_dim": d}
 
 
 def optimizer_settings(cfg: DictConfig) -> dict[str, Any]:

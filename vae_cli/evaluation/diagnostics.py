@@ -13,7 +13,7 @@ import torch
 from vae_cli.data.batching import labelled
 from vae_cli.objective import bounds
 from vae_cli.objective.model import VAE
-from vae_cli.objective.posteriors import base_of, mean_of
+from vae_cli.objective.posteriors import mean_of, scale_of
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016: Cov_x(E[z_u|x]) > 0.01
 
@@ -28,7 +28,7 @@ def encode_all(model: VAE, x: torch.Tensor, batch_size: int,
     for xb, yb in labelled(x, labels, batch_size):
         q = model.posterior(xb, yb)
         mus.append(mean_of(q))
-        stds.append(base_of(q).scale)
+        stds.append(scale_of(q))
     return torch.cat(mus), torch.cat(stds)
 
 

@@ -36,6 +36,8 @@ class Networks:
     out_numel: int | None = None
     # Width of the one-hot class both networks read besides x or z; 0: unconditional.
     classes: int = 0
+    # Two stochastic layers (model=hvae): the layers reading z2, see nets/hvae.py.
+    hierarchy: nn.Module | None = None
 
 
 class Conditioned(nn.Module):

@@ -97,6 +97,11 @@ class FlowPosterior(Distribution):
         return self._last[1]
 
     @property
+    def spread(self) -> torch.Tensor:
+        """Standard deviations that stand for q's spread: the base Gaussian's."""
+        return self.base.base_dist.scale
+
+    @property
     def mode_point(self) -> torch.Tensor:
         """The base mean pushed through the flow: the point vae shows and encodes as
         'the posterior mean' (the true mean of a flow has no closed form)."""
@@ -108,6 +113,11 @@ class FlowPosterior(Distribution):
 def base_of(q: Distribution) -> Normal:
     """The diagonal Gaussian a posterior starts from: loc and scale [B, D]."""
     return (q.base if isinstance(q, FlowPosterior) else q).base_dist
+
+
+def scale_of(q: Distribution) -> torch.Tensor:
+    """Per-dimension standard deviations of q (a flow's: its base Gaussian's)."""
+    return q.spread if isinstance(q, FlowPosterior) else q.base_dist.scale
 
 
 def mean_of(q: Distribution) -> torch.Tensor:

@@ -53,6 +53,15 @@ class Prior(nn.Module):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return self.dist().log_prob(z)
 
+    @property
+    def top_dims(self) -> list[int]:
+        """The dimensions of z a traversal moves (a two-level prior: those of its top)."""
+        return list(range(self.latent_dim))
+
+    def settle(self, z: torch.Tensor) -> torch.Tensor:
+        """z made consistent after some dimensions were moved (identity for one layer)."""
+        return z
+
 
 class NormalPrior(Prior):
     """Standard normal N(0, I)."""

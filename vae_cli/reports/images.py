@@ -115,5 +115,5 @@ def save_traversals(model: VAE, x: torch.Tensor, order: list[int], scale: torch.
     for row, d in enumerate(dims):
         z[row, :, d] = base[d] + offsets * scale[d]
     ys = None if y is None else y.expand(len(dims) * steps)
-    images = model.generate(z.view(-1, z.shape[-1]), y=ys)
+    images = model.generate(model.prior.settle(z.view(-1, z.shape[-1])), y=ys)
     return save_grid(images, path, nrow=steps)

@@ -40,7 +40,7 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     encoded = encode_all(model, x_stats, batch_size, y_stats)
     stats = posterior_stats(model, x_stats, batch_size, encoded=encoded)
     rank = stats["kl_per_dim"] or stats["activity"]  # a flow posterior has no per-dim KL
-    order = sorted(range(model.latent_dim), key=lambda d: -rank[d])
+    order = sorted(model.prior.top_dims, key=lambda d: -rank[d])
     scale = torch.tensor(stats["aggregate_var"], device=x.device).sqrt().float()
     written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png",
                                    labels=y))
