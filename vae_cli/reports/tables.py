@@ -9,7 +9,8 @@ from vae_cli.runtime.files import write_text
 
 SHOWN = ("split", "examples", "epoch", "likelihood", "loss", "recon", "div", "nelbo", "bpd",
          "nll_token", "ppl", "nll_iwae", "bpd_iwae", "nll_token_iwae", "ppl_iwae", "iw_samples",
-         "active_units", "kl_per_dim", "mig", "mig_per_factor")
+         "active_units", "kl_per_dim", "mig", "mig_per_factor", "fd_sampler", "fd_samples",
+         "fd_features")
 
 
 def write_report(result: dict, path: Path) -> Path:
