@@ -66,8 +66,12 @@ def test_eval_writes_json_and_prints_a_table(trained):
     assert result["nll_iwae"] <= result["nelbo_iw"]
     assert 0 <= result["active_units"] <= 4 and len(result["kl_per_dim"]) == 4
     assert set(result["mig_per_factor"]) <= {"shape", "scale", "orientation", "posX", "posY"}
+    # the prior's samples scored on features of vae's own shapes classifier, named as such
+    assert result["fd_shapes_features"] >= 0 and result["fd_sampler"] == "prior"
+    assert "not comparable to Inception FID" in result["fd_features"]
+    assert "fd_shapes_features" in out.stdout and result["fd_samples"] == 1000
     vae("eval", f"ckpt={trained / 'checkpoints/best.pt'}", "eval.iw_samples=5",
-        "eval.max_examples=10", MIG, cwd=trained.parent)
+        "eval.max_examples=10", MIG, "fd.samples=0", cwd=trained.parent)
     assert json.loads((trained / "eval.json").read_text())["split"] == "test"
 
 
@@ -80,6 +84,31 @@ def test_sample_writes_grid_tensor_and_pictures(trained):
     assert 0 <= saved["images"].min() and saved["images"].max() <= 1
     for name in ("reconstructions", "interpolations", "traversals", "latent_scatter", "curves"):
         assert (trained / f"{name}.png").is_file() and name in out.stdout
+
+
+def test_fitted_samplers_sample_end_to_end_and_are_scored(trained, compose_cfg):
+    from vae_cli.commands import sample
+
+    ckpt = f"ckpt={trained / 'checkpoints/best.pt'}"
+    out = vae("sample", ckpt, "sampler=gmm", "sampler.components=3", "num_samples=10",
+              "fd.samples=32", "pictures=false", cwd=trained.parent)
+    assert "fitting" in out.stdout and "fd_shapes_features" in out.stdout
+    # in-process from here: the same command, without another interpreter start
+    sample.run(compose_cfg([ckpt, "sampler=two_stage", "sampler.steps=50",
+                            "sampler.hidden=[16]", "num_samples=10", "fd.samples=32",
+                            "pictures=false"], name="sample"))
+    for name in ("gmm", "two_stage"):
+        saved = torch.load(trained / f"samples_{name}_seed0.pt", weights_only=True)
+        assert saved["images"].shape == (10, 1, 16, 16) and saved["z"].shape == (10, 4)
+        assert (trained / f"samples_{name}_seed0.png").is_file()
+        assert (trained / "samplers" / f"{name}_best.pt").is_file()
+        score = json.loads((trained / f"samples_{name}_seed0.json").read_text())
+        assert score["fd_sampler"] == name and score["fd_shapes_features"] >= 0
+    before = torch.load(trained / "samples_gmm_seed0.pt", weights_only=True)["z"]
+    sample.run(compose_cfg([ckpt, "sampler=gmm", "sampler.components=3", "num_samples=10",
+                            "pictures=false"], name="sample"))
+    assert torch.equal(torch.load(trained / "samples_gmm_seed0.pt", weights_only=True)["z"],
+                       before)  # the saved fit reused, the same seed: the same draws
 
 
 def test_compare_reads_a_multirun(tmp_path):

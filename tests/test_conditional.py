@@ -185,6 +185,18 @@ def test_sample_draws_one_class_or_one_row_per_class(compose_cfg, trained):
         sample_command.run(compose_cfg([ckpt, "label=3"], name="sample"))
 
 
+def test_a_fitted_sampler_draws_for_a_conditional_model(compose_cfg, trained):
+    # the codes are encoded given each example's label; the draws decode like prior ones
+    ckpt = f"ckpt={trained / 'checkpoints/last.pt'}"
+    sample_command.run(compose_cfg([ckpt, "sampler=gmm", "sampler.components=2", "label=1",
+                                    "num_samples=4", "fd.samples=16", "pictures=false"],
+                                   name="sample"))
+    saved = torch.load(trained / "samples_gmm_seed0.pt", weights_only=True)
+    assert saved["images"].shape[0] == 4 and saved["labels"].tolist() == [1] * 4
+    assert (trained / "samplers/gmm_last.pt").is_file()
+    assert (trained / "samples_gmm_seed0.json").is_file()
+
+
 def test_eval_bounds_the_likelihood_given_the_label(compose_cfg, trained):
     result = eval_command.run(compose_cfg([f"ckpt={trained / 'checkpoints/last.pt'}",
                                            "eval.iw_samples=4", "eval.max_examples=20"],

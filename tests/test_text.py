@@ -393,6 +393,19 @@ def test_text_samples_need_no_data_file_and_use_the_training_vocabulary(text_run
     assert "samples only" in out.stderr + out.stdout
 
 
+def test_a_fitted_sampler_draws_text_and_no_frechet_score(text_run, compose_cfg, tmp_path):
+    from vae_cli.commands import sample
+
+    run, _ = text_run
+    args = [f"ckpt={run / 'checkpoints/best.pt'}", "sampler=gmm", "sampler.components=2",
+            "num_samples=3", "pictures=false", f"out_dir={tmp_path}"]
+    sample.run(compose_cfg(args, name="sample"))
+    lines = (tmp_path / "samples_gmm_seed0.txt").read_text().splitlines()
+    assert lines[0] == "# greedy" and (tmp_path / "samplers/gmm_best.pt").is_file()
+    with pytest.raises(UserError, match="scores images"):
+        sample.run(compose_cfg([*args, "fd.samples=8"], name="sample"))
+
+
 def test_text_eval_reports_perplexity_kl_and_active_units(text_run):
     run, _ = text_run
     out = vae("eval", f"ckpt={run / 'checkpoints/best.pt'}", "eval.iw_samples=16",

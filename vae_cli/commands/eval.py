@@ -1,6 +1,8 @@
 """`vae eval ckpt=...`: rebuild the model from its checkpoint and score a split; writes
 eval.json (eval_<split>.json for other splits) into the run folder and prints a table. A
-conditional model is scored given each example's label: its bounds are on log p(x|y)."""
+conditional model is scored given each example's label: its bounds are on log p(x|y). An
+image model's samples (the prior's, or ``sampler=gmm | two_stage``) are scored by the
+Fréchet distance on features of vae's own network (``fd.samples=0`` skips it)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,16 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.config.build import load_data, load_trained
+from vae_cli.config.build import build_sampler, dataset_root, load_data, load_trained
 from vae_cli.config.schemas import validate_eval
 from vae_cli.data.base import Splits
 from vae_cli.evaluation.diagnostics import encode_all, mean_encoder, posterior_stats
 from vae_cli.evaluation.disentanglement.suite import Intervention, score
 from vae_cli.evaluation.evaluate import evaluate
+from vae_cli.evaluation.features import extractor
+from vae_cli.evaluation.frechet import fd_score
 from vae_cli.evaluation.likelihood import iwae_bound
+from vae_cli.evaluation.sampling import fitted_sampler
 from vae_cli.objective.model import VAE
 from vae_cli.reports.tables import table, write_report
 from vae_cli.runtime import checkpoint
@@ -71,8 +76,22 @@ def run(cfg: DictConfig) -> dict:
     if factors is not None:
         result.update(disentanglement(cfg, model, data, encoded[0], factors))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
+    if cfg.fd.samples and data.vocab is None:  # images only
+        result.update(frechet(cfg, model, data, x, ckpt, out_dir))
     name = "eval.json" if e.split == "test" else f"eval_{e.split}.json"
     path = write_report(result, out_dir / name)
     print(table(result))
     log.info("wrote %s", path)
     return result
+
+
+def frechet(cfg: DictConfig, model, data, x: torch.Tensor, ckpt: dict, out_dir: Path) -> dict:
+    """The Fréchet distance of fd.samples draws of the chosen sampler (fitted, or reused
+    from <run>/samplers/) to the evaluated images."""
+    sampler, settings = build_sampler(cfg.sampler, model)
+    fitted_sampler(sampler, settings, model, data, cfg.ckpt, ckpt, out_dir)
+    torch.manual_seed(cfg.seed)
+    labels = data.labels_for("train") if model.conditional else None
+    return fd_score(model, sampler, x[: cfg.fd.samples],
+                    extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset)), cfg.fd.samples,
+                    cfg.eval.batch_size, labels)

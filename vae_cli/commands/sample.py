@@ -1,19 +1,26 @@
-"""`vae sample`: prior samples from a checkpoint (images, or lines of text for a sequence
-model), plus the run's picture set. A conditional model draws one class (``label=k``) or one
-row per class."""
+"""`vae sample`: samples from a checkpoint (images, or lines of text for a sequence model),
+plus the run's picture set. The draws come from the model's prior (``sampler=prior``) or
+from a sampler fitted once to the training split's codes (``sampler=gmm | two_stage``,
+saved in <run>/samplers/); ``fd.samples=N`` scores N of them with the Fréchet distance. A
+conditional model draws one class (``label=k``) or one row per class."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from vae_cli.config.build import load_data, load_trained
+from vae_cli.config.build import build_sampler, dataset_root, load_data, load_trained
 from vae_cli.config.schemas import validate_sample
+from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
+from vae_cli.evaluation.features import extractor
+from vae_cli.evaluation.frechet import fd_score
+from vae_cli.evaluation.sampling import fitted_sampler
 from vae_cli.objective.model import VAE
 from vae_cli.reports.images import sample_draws, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
@@ -30,36 +37,68 @@ def run(cfg: DictConfig) -> Path:
     objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
     model = objective.model
     check_label(cfg.label, model)
+    vocab = Vocab.from_state(ckpt.get("vocab"))
+    if vocab and cfg.fd.samples:
+        raise UserError(f"fd.samples={cfg.fd.samples}: the Fréchet distance scores images, "
+                        "and this is a text model; leave fd.samples=0")
+    sampler, settings = build_sampler(cfg.sampler, model)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
+    data = None
+    if sampler.needs_fit or cfg.fd.samples:  # both need the data; without it, one line
+        data = load_data(ckpt, cfg.dataset, next(model.parameters()).device)
+    fitted_sampler(sampler, settings, model, data, cfg.ckpt, ckpt, out_dir)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        z = model.prior.sample(sample_draws(model, cfg.num_samples, cfg.label))
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
-    vocab = Vocab.from_state(ckpt.get("vocab"))
+        z = sampler.sample(sample_draws(model, cfg.num_samples, cfg.label))
+    stem = "samples" if sampler.name == "prior" else f"samples_{sampler.name}"
+    main = out_dir / f"{stem}_seed{cfg.seed}.{'txt' if vocab else 'png'}"
     if vocab:  # a sequence model: lines of text, printed and written
         text = sample_text(model, vocab, z, float(cfg.temperature))
         print(text, end="")
-        main = write_text(out_dir / f"samples_seed{cfg.seed}.txt", text)
-        written = [main]
+        written = [write_text(main, text)]
     else:
-        main = out_dir / f"samples_seed{cfg.seed}.png"
         images, labels = save_samples(model, z, main, cfg.label)
         saved = {"images": images.cpu(), "z": z.cpu()}
         if labels is not None:  # image i is z[i % len(z)] decoded under labels[i]
             saved["labels"] = labels.cpu()
         torch.save(saved, main.with_suffix(".pt"))
         written = [main, main.with_suffix(".pt")]
+    if cfg.fd.samples:
+        written.append(score(cfg, model, sampler, data, ckpt, main.with_suffix(".json")))
     if cfg.pictures:
-        # The other pictures need the data; without it the samples alone are still useful.
-        try:
-            data = load_data(ckpt, cfg.dataset, next(model.parameters()).device)
-        except UserError as e:
-            log.warning("samples only; data pictures skipped: %s", e)
-        else:
-            written += write_data_pictures(model, data, cfg.split, out_dir)
-        curves = write_curves(checkpoint.run_dir_of(cfg.ckpt))
-        written += [curves] if curves else []
+        written += pictures(cfg, model, ckpt, data, out_dir)
     print("wrote " + ", ".join(str(p) for p in written))
     return main
+
+
+def score(cfg: DictConfig, model: VAE, sampler, data: Splits, ckpt: dict, path: Path) -> Path:
+    """The Fréchet distance of fd.samples draws to the split's images, printed and written
+    beside the samples."""
+    torch.manual_seed(cfg.seed)
+    labels = data.labels_for("train") if model.conditional else None
+    result = fd_score(model, sampler, data.split(cfg.split)[: max(cfg.fd.samples, 1)],
+                      extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset)),
+                      cfg.fd.samples, labels=labels)
+    result = {"checkpoint": str(cfg.ckpt), "split": cfg.split, **result}
+    key = next(k for k in result if k.startswith("fd_") and k.endswith("_features"))
+    print(f"{key} {result[key]:.4f} ({result['fd_sampler']}, {cfg.fd.samples} samples vs "
+          f"{result['fd_real']} {cfg.split} images; {result['fd_features']})")
+    return write_text(path, json.dumps(result, indent=2) + "\n")
+
+
+def pictures(cfg: DictConfig, model: VAE, ckpt: dict, data: Splits | None,
+             out_dir: Path) -> list[Path]:
+    """The picture set; they need the data, and without it the samples alone are still
+    useful."""
+    written = []
+    try:
+        data = data or load_data(ckpt, cfg.dataset, next(model.parameters()).device)
+    except UserError as e:
+        log.warning("samples only; data pictures skipped: %s", e)
+    else:
+        written += write_data_pictures(model, data, cfg.split, out_dir)
+    curves = write_curves(checkpoint.run_dir_of(cfg.ckpt))
+    return written + ([curves] if curves else [])
 
 
 def check_label(label: int | None, model: VAE) -> None:

@@ -19,6 +19,7 @@ from vae_cli.objective.hierarchy import TwoLevel, TwoLevelPrior
 from vae_cli.objective.model import VAE
 from vae_cli.objective.posteriors import DiagonalGaussian, Posterior
 from vae_cli.objective.priors import VampPrior
+from vae_cli.objective.samplers import Sampler
 from vae_cli.runtime import checkpoint
 
 LABELLED = ("mnist, fashion_mnist, binarized_mnist, cifar10, shapes, dsprites, or folder "
@@ -129,3 +130,18 @@ def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device) ->
     check_component("dataset", node)
     vocab = Vocab.from_state(ckpt.get("vocab"))
     return instantiate("dataset", node, vocab=vocab.itos if vocab else None).to(device)
+
+
+def build_sampler(node: DictConfig, model: VAE) -> tuple[Sampler, dict]:
+    """The sampler the command line chose (sampler=prior | gmm | two_stage), on the model's
+    device, and its settings as plain values (what a saved fit is matched against)."""
+    check_component("sampler", node)
+    sampler = instantiate("sampler", node, latent_dim=model.latent_dim, prior=model.prior)
+    settings = OmegaConf.to_container(node, resolve=True)
+    return sampler.to(next(model.parameters()).device), settings
+
+
+def dataset_root(ckpt: dict, overrides: DictConfig | None) -> str | None:
+    """Where the checkpoint's dataset lives (dataset.root, or its command-line override)."""
+    root = (overrides or {}).get("root") or ckpt["config"]["dataset"].get("root")
+    return root if isinstance(root, str) else None

@@ -2,9 +2,10 @@
 
 A config (composed from the command line, or read from a checkpoint someone sent) names its
 components by ``_target_``. Only the targets that the package's own config tree names for a
-group (configs/<group>/<option>.yaml), the paths older checkpoints used for them, and, for
-``optim``, the optimizers of ``torch.optim`` can be built; anything else is refused with
-one line before it is imported or called.
+group (configs/<group>/<option>.yaml, the samplers of `vae sample` and `vae eval` too), the
+paths older checkpoints used for them, and, for ``optim``, the optimizers of
+``torch.optim`` can be built; anything else is refused with one line before it is imported
+or called.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from vae_cli.errors import UserError
 
 COMPONENTS = ("dataset", "model", "posterior", "prior", "divergence", "loss", "schedule",
               "lr_scheduler", "logger")
+# Groups of the commands that read a trained model (`vae sample`, `vae eval`), not of a run.
+READERS = ("sampler",)
 # Groups a resumed run may change: they do not shape the weights.
 SWAPPABLE = ("logger",)
 # Keys that became a group option: the command line names the replacement.
@@ -82,7 +85,7 @@ def config_dir() -> Path:
 def registry() -> dict[str, dict[str, str]]:
     """group -> {target a config may name: the import path it builds}."""
     table: dict[str, dict[str, str]] = {}
-    for group in COMPONENTS:
+    for group in (*COMPONENTS, *READERS):
         table[group] = {}
         for path in sorted((config_dir() / group).glob("*.yaml")):
             target = option_target(group, path)

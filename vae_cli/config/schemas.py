@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from vae_cli.config.components import check_component
+from vae_cli.config.components import check_component, instantiate
 from vae_cli.config.registry import COMPONENTS, check_targets
 from vae_cli.errors import UserError
 
@@ -98,6 +98,20 @@ class EvalConfig:
         default_factory=DisentanglementConfig)
 
 
+@dataclasses.dataclass
+class FrechetConfig:
+    samples: int = 1000  # generated images scored by the Fréchet distance (0 skips it)
+    epochs: int = 3  # vae's own feature network: epochs over the training split (once)
+    seed: int = 0  # its initial weights and batches
+    model: str | None = None  # a torchvision classifier's name, instead of the own network
+    weights: str | None = None  # its state_dict file (loaded with weights_only=True)
+    resize: int = 224  # the torchvision model's input size
+
+
+def prior_sampler() -> dict[str, Any]:
+    return {"_target_": "vae_cli.objective.samplers.PriorSampler"}
+
+
 def dataset_overrides() -> dict[str, Any]:
     """Keys laid over a checkpoint's dataset config when not null (data moved since); any
     other dataset key may be added with +dataset.<key>=..."""
@@ -112,6 +126,8 @@ class EvalCommand:
     out_dir: str | None = None
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
+    sampler: dict[str, Any] = dataclasses.field(default_factory=prior_sampler)
+    fd: FrechetConfig = dataclasses.field(default_factory=FrechetConfig)
 
 
 @dataclasses.dataclass
@@ -126,6 +142,8 @@ class SampleCommand:
     split: str = "test"
     label: int | None = None  # a conditional model: draw this class only (None: every class)
     dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
+    sampler: dict[str, Any] = dataclasses.field(default_factory=prior_sampler)
+    fd: FrechetConfig = dataclasses.field(default_factory=lambda: FrechetConfig(samples=0))
 
 
 @dataclasses.dataclass
@@ -239,13 +257,36 @@ def validate_train(cfg: DictConfig) -> DictConfig:
 
 
 def reader_command(cfg: DictConfig, schema: type) -> DictConfig:
-    """What `vae eval` and `vae sample` share: typed, finite, a seed, a device, a folder."""
+    """What `vae eval` and `vae sample` share: typed, finite, a seed, a device, a folder, a
+    sampler and the Fréchet distance's settings."""
     cfg = typed(cfg, schema, "")
     finite(cfg)
     check_seed(cfg.seed)
     check_out_dir(cfg.out_dir)
     check_device("device", cfg.device)
+    check_sampler(cfg.sampler)
+    check_fd(cfg.fd)
     return cfg
+
+
+def check_sampler(node: DictConfig) -> None:
+    """Keys and types against the sampler's signature, then its own range checks (a build
+    with a placeholder latent size costs nothing next to loading a checkpoint)."""
+    check_component("sampler", node)
+    instantiate("sampler", node, latent_dim=1)
+
+
+def check_fd(fd: DictConfig) -> None:
+    if fd.samples < 0:
+        raise UserError(f"fd.samples={fd.samples} must be >= 0 (0 skips the score)")
+    positive(fd__epochs=fd.epochs, fd__resize=fd.resize)
+    if not 0 <= fd.seed < 2**63:
+        raise UserError(f"fd.seed={fd.seed} must be an integer in [0, 2^63)")
+    if (fd.model is None) != (fd.weights is None):
+        raise UserError("fd.model and fd.weights go together: a torchvision model name and "
+                        "its weights file (or neither: vae's own features)")
+    if fd.weights is not None and not Path(fd.weights).is_file():
+        raise UserError(f"fd.weights={fd.weights} does not exist")
 
 
 def validate_eval(cfg: DictConfig) -> DictConfig:

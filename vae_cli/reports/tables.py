@@ -17,7 +17,8 @@ SHOWN = ("split", "examples", "epoch", "likelihood", "loss", "recon", "div", "ne
          "sap", "sap_per_factor", "sap_settings",
          "dci_disentanglement", "dci_completeness", "dci_informativeness",
          "dci_informativeness_per_factor", "dci_settings",
-         "modularity", "modularity_settings", "disentanglement_skipped")
+         "modularity", "modularity_settings", "disentanglement_skipped",
+         "fd_sampler", "fd_samples", "fd_features")
 
 
 def write_report(result: dict, path: Path) -> Path:
