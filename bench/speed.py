@@ -224,7 +224,7 @@ def text_case(args) -> tuple[tuple, float]:
         paths = zipf_corpus(Path(tmp), args.text_lines, args.text_types, 64)
         data = text(**paths, max_length=64)
         ov = ["dataset=text", "dataset.max_length=64", "model=rnn", "loss=categorical",
-              "model.word_dropout=0",  # the bare loop has none
+              "model.word_dropout=0", "schedule=constant",  # as the bare loop
               *(f"dataset.{k}={v}" for k, v in paths.items()), "trainer.device=cpu",
               f"trainer.batch_size={args.text_batch}", f"trainer.precision={args.precision}",
               f"trainer.compile={args.compile}", *(["trainer.bucket=true"] * args.bucket)]
