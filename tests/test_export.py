@@ -194,13 +194,13 @@ def original_shape(ckpt: Path) -> tuple[int, ...]:
 def _run_onnx(folder: Path, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {}
     for name, inputs in (("encoder", {"x": x}), ("decoder", {"z": z})):
-        session = onnxruntime.InferenceSession(str(folder / f"{name}.onnx"),
-                                               providers=["CPUExecutionProvider"])
-        assert session.get_inputs()[0].shape[0] == "batch"  # symbolic: any size
-        names = [o.name for o in session.get_outputs()]
-        assert all(o.shape[0] == "batch" for o in session.get_outputs())
+        graph = onnxruntime.InferenceSession(str(folder / f"{name}.onnx"),
+                                             providers=["CPUExecutionProvider"])
+        assert graph.get_inputs()[0].shape[0] == "batch"  # symbolic: any size
+        names = [o.name for o in graph.get_outputs()]
+        assert all(o.shape[0] == "batch" for o in graph.get_outputs())
         feed = {k: v.numpy() for k, v in inputs.items()}
-        out.update({n: torch.from_numpy(a) for n, a in zip(names, session.run(None, feed),
+        out.update({n: torch.from_numpy(a) for n, a in zip(names, graph.run(None, feed),
                                                            strict=True)})
     return out
 
