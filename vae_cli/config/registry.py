@@ -84,9 +84,10 @@ def config_dir() -> Path:
 @functools.cache
 def registry() -> dict[str, dict[str, str]]:
     """group -> {target a config may name: the import path it builds}."""
-    table: dict[str, dict[str, str]] = {}
-    for group in (*COMPONENTS, *READERS):
-        table[group] = {}
+    table: dict[str, dict[str, str]] = {
+        "optim": {f"torch.optim.{n}": f"torch.optim.{n}" for n in _optimizers()}}
+    for group in (*COMPONENTS, *READERS, "optim"):
+        table.setdefault(group, {})
         for path in sorted((config_dir() / group).glob("*.yaml")):
             target = option_target(group, path)
             if isinstance(target, str):
@@ -95,10 +96,6 @@ def registry() -> dict[str, dict[str, str]]:
                 old = next((o for o, new in MOVED.items() if new == module), None)
                 if old:
                     table[group][f"{old}.{name}"] = target
-    table["optim"] = {f"torch.optim.{n}": f"torch.optim.{n}" for n in _optimizers()}
-    for path in sorted((config_dir() / "optim").glob("*.yaml")):
-        target = option_target("optim", path)
-        table["optim"][target] = target
     return table
 
 

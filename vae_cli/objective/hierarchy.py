@@ -14,13 +14,8 @@ from collections.abc import Callable
 import torch
 from torch.distributions import Distribution, Independent
 
-from vae_cli.objective.posteriors import FlowPosterior, Posterior
-from vae_cli.objective.priors import Prior, diagonal_normal
-
-
-def _gaussian(params: torch.Tensor, bounds: tuple[float, float]) -> Independent:
-    mu, logvar = params.float().chunk(2, dim=-1)
-    return diagonal_normal(mu, torch.exp(0.5 * logvar.clamp(*bounds)))
+from vae_cli.objective.posteriors import FlowPosterior, Posterior, bounded_gaussian
+from vae_cli.objective.priors import Prior
 
 
 class TwoLevel(Posterior):
@@ -48,7 +43,7 @@ class TwoLevelPosterior(FlowPosterior):
         self._event_shape = torch.Size([d])
 
     def lower(self, z2: torch.Tensor) -> Independent:
-        return _gaussian(self.family.hierarchy.posterior_z1(self.hx, z2), self.family.bounds)
+        return bounded_gaussian(self.family.hierarchy.posterior_z1(self.hx, z2), self.family.bounds)
 
     def push(self, z2: torch.Tensor) -> torch.Tensor:
         q1 = self.lower(z2)
@@ -87,7 +82,7 @@ class TwoLevelPrior(Prior):
         self.top.bind(lambda x, y=None: posterior(x, y).base)
 
     def conditional(self, z2: torch.Tensor) -> Independent:
-        return _gaussian(self.hierarchy.prior_z1(z2), self._family.bounds)
+        return bounded_gaussian(self.hierarchy.prior_z1(z2), self._family.bounds)
 
     def dist(self) -> Distribution:
         return TwoLevelPriorDist(self)

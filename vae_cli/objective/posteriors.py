@@ -51,11 +51,16 @@ class Posterior(nn.Module):
         return 2 * latent_dim
 
     def gaussian(self, h: torch.Tensor, latent_dim: int) -> Independent:
-        mu, logvar = h[..., : 2 * latent_dim].float().chunk(2, dim=-1)
-        return diagonal_normal(mu, torch.exp(0.5 * logvar.clamp(*self.bounds)))
+        return bounded_gaussian(h[..., : 2 * latent_dim], self.bounds)
 
     def forward(self, h: torch.Tensor) -> Distribution:
         raise NotImplementedError
+
+
+def bounded_gaussian(params: torch.Tensor, bounds: tuple[float, float]) -> Independent:
+    """N(mu, diag(exp(logvar))) from params [..., 2D] = (mu, logvar), logvar clamped."""
+    mu, logvar = params.float().chunk(2, dim=-1)
+    return diagonal_normal(mu, torch.exp(0.5 * logvar.clamp(*bounds)))
 
 
 class DiagonalGaussian(Posterior):
