@@ -30,7 +30,7 @@ from torch import nn
 
 from vae_cli.data.base import Splits
 from vae_cli.errors import UserError
-from vae_cli.runtime.files import atomic_write
+from vae_cli.runtime.files import save_cache
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,9 @@ def _loads(net: nn.Module, state: object) -> bool:
 def save_cached(path: Path | None, net: nn.Module) -> None:
     if path is None:
         return
-    try:
-        with atomic_write(path) as f:
-            torch.save({"format": FORMAT, "state": {k: v.cpu() for k, v in
-                                                    net.state_dict().items()}}, f)
-    except (OSError, UserError) as e:
-        log.warning("could not cache the feature network in %s (%s); it is retrained next "
-                    "time", path, e)
+    save_cache(path, {"format": FORMAT, "state": {k: v.cpu() for k, v in
+                                                  net.state_dict().items()}},
+               "the feature network", "it is retrained next time")
 
 
 def torchvision_extractor(name: str, weights: str, resize: int,

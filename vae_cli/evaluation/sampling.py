@@ -24,7 +24,7 @@ from vae_cli.errors import UserError
 from vae_cli.evaluation.diagnostics import encode_all
 from vae_cli.objective.model import VAE
 from vae_cli.objective.samplers import Sampler
-from vae_cli.runtime.files import atomic_write
+from vae_cli.runtime.files import save_cache
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,4 @@ def load_state(path: Path, sampler: Sampler, state: dict) -> None:
 
 def write(path: Path, payload: dict) -> None:
     """Atomically; a folder that cannot be written only costs the reuse."""
-    try:
-        with atomic_write(path) as f:
-            torch.save(payload, f)
-    except (OSError, UserError) as e:
-        log.warning("could not save the fitted sampler to %s (%s); it is refitted next time",
-                    path, e)
+    save_cache(path, payload, "the fitted sampler", "it is refitted next time")

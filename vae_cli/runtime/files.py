@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -75,3 +76,18 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_write(path) as f:
         f.write(text.encode())
     return Path(path)
+
+
+def save_cache(path: Path, payload: dict, what: str, consequence: str) -> bool:
+    """torch.save ``payload`` atomically; a folder that cannot be written only costs the
+    cache (a warning naming ``what`` and its ``consequence``). True when written."""
+    import torch  # not at the top: the CLI's fast paths import this module without torch
+
+    try:
+        with atomic_write(path) as f:
+            torch.save(payload, f)
+    except (OSError, UserError) as e:
+        logging.getLogger(__name__).warning("could not save %s to %s (%s); %s", what, path, e,
+                                            consequence)
+        return False
+    return True
