@@ -161,8 +161,8 @@ def check(graph: nn.Module, onnx: bytes, inputs: torch.Tensor, what: str) -> flo
     import onnxruntime
 
     try:
-        graph = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-        got = graph.run(None, {graph.get_inputs()[0].name: inputs.numpy()})
+        runtime = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+        got = runtime.run(None, {runtime.get_inputs()[0].name: inputs.numpy()})
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors share no base class
         raise ExportMismatch(f"onnxruntime cannot run {what}.onnx on a batch of "
                              f"{len(inputs)} ({one_line(e)}); nothing written") from None
