@@ -14,7 +14,9 @@ from vae_cli.config.schemas import validate_train
 from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
+from vae_cli.nets import Networks
 from vae_cli.objective.bounds import Objective
+from vae_cli.objective.divergences import KL
 from vae_cli.objective.hierarchy import TwoLevel, TwoLevelPrior
 from vae_cli.objective.model import VAE
 from vae_cli.objective.posteriors import DiagonalGaussian, Posterior
@@ -45,7 +47,10 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
     likelihood = instantiate("loss", cfg.loss, **runtime)
     family = instantiate("posterior", cfg.posterior, **runtime)
     nets = instantiate("model", cfg.model, out_mult=likelihood.out_mult,
-                       posterior_outputs=family.outputs(runtime["latent_dim"]), **runtime)
+                       posterior_outputs=family.outputs(runtime["latent_dim"]),
+                       spatial=family.spatial, **runtime)
+    if family.spatial:  # posterior=vq: z is the encoder's map [D, H, W], flattened
+        runtime = spatial_latent(family, nets, runtime)
     if nets.hierarchy is not None:  # model=hvae: z = [z1, z2], p(z2) the configured prior
         family, runtime = two_level(family, nets.hierarchy, runtime)
     if len(shape) == 1 and not likelihood.tokens:
@@ -64,9 +69,23 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
                         f"posterior={type(family).__name__.lower()} knows only at its own "
                         "samples; use posterior=gaussian with prior=vamp, or another prior")
     model = VAE(nets, family, prior, likelihood, runtime["latent_dim"])
-    return Objective(model, instantiate("divergence", cfg.divergence, **runtime),
-                     instantiate("schedule", cfg.schedule, **runtime),
+    divergence = instantiate("divergence", cfg.divergence, **runtime)
+    if family.discrete and not isinstance(divergence, KL):
+        raise UserError(f"posterior={type(family).__name__.lower()} has a discrete latent, "
+                        "whose KL to prior=uniform is exact: use divergence=kl")
+    return Objective(model, divergence, instantiate("schedule", cfg.schedule, **runtime),
                      int(cfg.trainer.iw_samples))
+
+
+def spatial_latent(family: Posterior, nets: Networks,
+                   runtime: dict[str, Any]) -> dict[str, Any]:
+    """A family that reads the encoder's map learns the map's grid; the latent the rest of
+    the model sees is the map flattened."""
+    if nets.grid is None:
+        raise UserError(f"posterior={type(family).__name__.lower()} quantises the encoder's "
+                        "feature map: use model=conv or model=resnet")
+    family.hw = nets.grid
+    return {**runtime, "latent_dim": runtime["latent_dim"] * nets.grid[0] * nets.grid[1]}
 
 
 def two_level(family: Posterior, hierarchy: torch.nn.Module,

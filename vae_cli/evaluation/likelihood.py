@@ -22,7 +22,9 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     Samples are drawn in chunks so that at most ``max_decoded`` examples go through the
     decoder at once; a running logsumexp merges the chunks. The ELBO is averaged over the
     same samples, so iwae >= elbo holds exactly (Jensen), not just in expectation.
+    A point-mass posterior (VQ) gives k equal weights: one sample is the same estimate.
     """
+    k = 1 if model.family.deterministic else k
     was_training = model.training
     model.eval()
     iw_sum = torch.zeros((), dtype=torch.float64, device=x.device)

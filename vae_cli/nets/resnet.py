@@ -15,7 +15,7 @@ from torch import nn
 
 from vae_cli.errors import UserError
 from vae_cli.nets import Networks, image_shape, joined, label_classes
-from vae_cli.nets.conv import _plan
+from vae_cli.nets.conv import plan, spatial_networks
 from vae_cli.nets.mlp import Unflatten
 
 
@@ -37,15 +37,16 @@ class ResBlock(nn.Module):
 
 
 def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blocks: int = 1,
-          conditional: bool = False, *, shape: tuple[int, int, int], out_mult: int = 1,
-          num_classes: int | None = None, posterior_outputs: int | None = None) -> Networks:
+          conditional: bool = False, halvings: int | None = None, *,
+          shape: tuple[int, int, int], out_mult: int = 1, num_classes: int | None = None,
+          posterior_outputs: int | None = None, spatial: bool = False) -> Networks:
     """Conditional: the one-hot class joins the flattened features before the encoder's
-    output layer (as in model=conv) and z at the decoder's input."""
+    output layer (as in model=conv) and z at the decoder's input. ``spatial``: as in
+    model=conv, the latent is the encoder's map."""
     c, h, w = image_shape(shape, "resnet")
-    sizes = _plan(h)
-    if h != w or len(sizes) < 3:
-        raise UserError(f"model=resnet needs square images that halve at least twice, got "
-                        f"{h}x{w}; use model=mlp")
+    if h != w:
+        raise UserError(f"model=resnet needs square images, got {h}x{w}; use model=mlp")
+    sizes = plan(h, halvings, "resnet")
     if channels <= 0 or blocks < 0:
         raise UserError("model.channels must be positive and model.blocks >= 0")
     widths = [min(channels * 2**i, max_channels) for i in range(len(sizes))]
@@ -53,13 +54,17 @@ def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blo
     for i in range(len(sizes) - 1):
         enc += [ResBlock(widths[i]) for _ in range(blocks)]
         enc.append(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1))
-    flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
-    head = nn.Linear(flat + k, posterior_outputs or 2 * latent_dim)
-    encoder = joined([*enc, nn.SiLU(), nn.Flatten()], [head], k)
-    dec: list[nn.Module] = [nn.Linear(latent_dim + k, flat),
-                            Unflatten((widths[-1], sizes[-1], sizes[-1]))]
+    dec: list[nn.Module] = []
     for i in range(len(sizes) - 1, 0, -1):
         dec += [ResBlock(widths[i]) for _ in range(blocks)]
         dec.append(nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))
     dec += [nn.SiLU(), nn.Conv2d(widths[0], c * out_mult, 3, padding=1)]
-    return Networks(encoder, joined([], dec, k), classes=k)
+    if spatial:
+        return spatial_networks([*enc, nn.SiLU()], dec, widths[-1], sizes[-1],
+                                posterior_outputs, conditional)
+    flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
+    head = nn.Linear(flat + k, posterior_outputs or 2 * latent_dim)
+    encoder = joined([*enc, nn.SiLU(), nn.Flatten()], [head], k)
+    front: list[nn.Module] = [nn.Linear(latent_dim + k, flat),
+                              Unflatten((widths[-1], sizes[-1], sizes[-1]))]
+    return Networks(encoder, joined([], front + dec, k), classes=k)

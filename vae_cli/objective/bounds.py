@@ -77,6 +77,10 @@ class Objective(nn.Module):
         super().__init__()
         schedule = schedule or Constant()
         check_iw(divergence, schedule, iw_samples)
+        if iw_samples > 1 and model.family.discrete:
+            raise UserError(f"posterior={type(model.family).__name__.lower()} trains on relaxed "
+                            "or straight-through samples, which have no importance weights: "
+                            "use trainer.iw_samples=1 (vae eval still reports the bound)")
         divergence.check(model.prior)
         divergence.check_posterior(model.family)
         self.model, self.divergence = model, divergence
@@ -92,11 +96,13 @@ class Objective(nn.Module):
     def elbo(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE,
              y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         q = self.model.posterior(x, y)
-        z = self.model.rsample(q, shard=shard)
+        z = self.model.rsample(q, shard=shard, step=step if self.training else None)
         recon = -self.model.log_px(z, x, y).mean()
         terms = self.divergence(q, z, self.model.prior)
         div = self.schedule.term(terms["div"], self.divergence.weight(), step)
-        return {"loss": recon + div, "recon": recon, **terms}, z.detach()
+        own = self.model.family.terms(q)  # a family's own loss (VQ's codebook terms)
+        loss = recon + div + own.pop("penalty", 0.0)
+        return {"loss": loss, "recon": recon, **terms, **own}, z.detach()
 
     def iwae(self, x: torch.Tensor, k: int, step: int | None = None, shard: Shard = WHOLE,
              y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], None]:

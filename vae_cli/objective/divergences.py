@@ -114,6 +114,12 @@ class KL(Divergence):
         self._analytic: bool | None = None
 
     def check(self, prior: Prior) -> None:
+        if getattr(prior, "discrete", False):  # analytic over codes: relaxed z has no density
+            if self.estimator == "mc" or self.free_bits:
+                raise UserError("a discrete latent's KL is exact: use divergence.estimator=auto "
+                                "and divergence.free_bits=0")
+            self._analytic = True
+            return
         closed = _has_closed_form(_probe(prior.latent_dim), prior.dist())
         if self.estimator == "analytic" and not closed:
             raise UserError(f"divergence.estimator=analytic has no closed form against "
@@ -124,7 +130,7 @@ class KL(Divergence):
                             "Gaussian prior (prior=normal or learned) and estimator auto")
 
     def check_posterior(self, family: Posterior) -> None:
-        if family.closed_form:
+        if family.closed_form or family.discrete:
             return
         name = type(family).__name__.lower()
         if self.estimator == "analytic" or self.free_bits:

@@ -20,7 +20,7 @@ from torch.distributions import Distribution
 
 from vae_cli.nets import Networks
 from vae_cli.objective.likelihoods import Likelihood
-from vae_cli.objective.posteriors import FlowPosterior, Posterior, base_of, mean_of
+from vae_cli.objective.posteriors import LatentDistribution, Posterior, mean_of
 from vae_cli.objective.priors import Prior
 
 
@@ -45,6 +45,7 @@ class VAE(nn.Module):
         self.out_numel = nets.out_numel  # decoder outputs per example, where large
         self.num_classes = nets.classes  # 0: unconditional
         prior.bind(self.posterior)
+        prior.attach(family)
 
     @property
     def conditional(self) -> bool:
@@ -69,18 +70,25 @@ class VAE(nn.Module):
         h = self.encoder(x) if c is None else self.encoder(x, c)
         return self.family(h)
 
-    def rsample(self, q: Distribution, k: int | None = None,
-                shard: Shard = WHOLE) -> torch.Tensor:
-        """z = mu + sigma * eps, [B, D] (or [k, B, D]). Under data parallelism each rank
-        draws the noise of the whole global batch and keeps its own rows, so N ranks use
-        exactly the noise one process would, and the random streams stay in step."""
-        base = base_of(q)
-        mu, std = base.loc, base.scale
+    def rsample(self, q: Distribution, k: int | None = None, shard: Shard = WHOLE,
+                step: int | None = None) -> torch.Tensor:
+        """z = mu + sigma * eps, [B, D] (or [k, B, D]); other families draw from their own
+        noise (``step``: the training step, None outside training). Under data parallelism
+        each rank draws the noise of the whole global batch and keeps its own rows, so N
+        ranks use exactly the noise one process would, and the random streams stay in
+        step."""
         lead = () if k is None else (k,)
-        eps = torch.randn(*lead, shard.world * len(mu), mu.shape[-1], device=mu.device,
-                          dtype=mu.dtype)
-        z = mu + std * eps[..., shard.rank * len(mu):(shard.rank + 1) * len(mu), :]
-        return q.push(z) if isinstance(q, FlowPosterior) else z
+        rows = q.batch_shape[0]
+        device = q.device if isinstance(q, LatentDistribution) else q.base_dist.loc.device
+
+        def noise(draw, *event: int) -> torch.Tensor:
+            eps = draw(*lead, shard.world * rows, *event, device=device)
+            return eps.narrow(len(lead), shard.rank * rows, rows)
+
+        if isinstance(q, LatentDistribution):
+            return q.draw(noise, lead, step)
+        base = q.base_dist
+        return base.loc + base.scale * noise(torch.randn, base.loc.shape[-1])
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None,
                y: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,4 +137,4 @@ class VAE(nn.Module):
         a conditional model draws the classes y."""
         if self.autoregressive:
             return self.decoder.generate(z, temperature)
-        return self.likelihood.mean(self.decode(z, y=y))
+        return self.likelihood.mean(self.decode(self.family.snap(z), y=y))

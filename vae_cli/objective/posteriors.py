@@ -26,6 +26,8 @@ those families at start-up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,11 +36,19 @@ from torch.distributions import Distribution, Independent, Normal
 from vae_cli.errors import UserError
 from vae_cli.objective.priors import diagonal_normal
 
+# noise(draw, *event): this rank's rows [*lead, B, *event] of noise drawn by ``draw``
+# (torch.randn, torch.rand) for the whole global batch (see VAE.rsample).
+Noise = Callable[..., torch.Tensor]
+
 
 class Posterior(nn.Module):
-    """q(z|x) from the encoder's output h [B, outputs(latent_dim)]."""
+    """q(z|x) from the encoder's output h [B, outputs(latent_dim)] (a spatial family:
+    the encoder's feature map [B, outputs(latent_dim), H, W])."""
 
     closed_form = True  # a diagonal Gaussian: analytic KLs, densities anywhere
+    discrete = False  # codes from a finite set: prior=uniform, divergence=kl only
+    spatial = False  # reads the encoder's feature map, not a flat vector
+    deterministic = False  # q(z|x) a point mass (VQ): one importance sample says all
 
     def __init__(self, logvar_min: float = -30.0, logvar_max: float = 20.0):
         super().__init__()
@@ -56,6 +66,19 @@ class Posterior(nn.Module):
     def forward(self, h: torch.Tensor) -> Distribution:
         raise NotImplementedError
 
+    def terms(self, q: Distribution) -> dict[str, torch.Tensor]:
+        """Batch scalars of the family's own: logged, and a "penalty" entry added to the
+        loss (VQ's codebook and commitment terms); none for most families."""
+        return {}
+
+    def snap(self, z: torch.Tensor) -> torch.Tensor:
+        """z made a latent the decoder was trained on (VQ: the nearest codes)."""
+        return z
+
+    def distribute(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Under data parallelism: how to sum a tensor over ranks, for statistics of the
+        global batch that a family keeps (VQ's moving averages)."""
+
 
 def bounded_gaussian(params: torch.Tensor, bounds: tuple[float, float]) -> Independent:
     """N(mu, diag(exp(logvar))) from params [..., 2D] = (mu, logvar), logvar clamped."""
@@ -71,7 +94,28 @@ class DiagonalGaussian(Posterior):
         return self.gaussian(h, h.shape[-1] // 2)
 
 
-class FlowPosterior(Distribution):
+class LatentDistribution(Distribution):
+    """A posterior that is not a plain diagonal Gaussian. ``draw`` makes z from shared
+    noise (``step``: the training step, None outside training); ``mode_point`` is the point
+    that stands for q(z|x); ``spread`` per-dimension standard deviations."""
+
+    def draw(self, noise: Noise, lead: tuple[int, ...], step: int | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    @property
+    def mode_point(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def spread(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FlowPosterior(LatentDistribution):
     """z = f_K(...f_1(z0)), z0 ~ ``base``; ``steps`` map z [..., B, D] to (z', log|det|
     [..., B]). The log-density is cached for the last sample drawn."""
 
@@ -94,6 +138,14 @@ class FlowPosterior(Distribution):
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
         return self.push(self.base.rsample(sample_shape))
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.base_dist.loc.device
+
+    def draw(self, noise: Noise, lead: tuple[int, ...], step: int | None) -> torch.Tensor:
+        base = self.base.base_dist
+        return self.push(base.loc + base.scale * noise(torch.randn, base.loc.shape[-1]))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         if self._last is None or z is not self._last[0]:
@@ -122,12 +174,13 @@ def base_of(q: Distribution) -> Normal:
 
 def scale_of(q: Distribution) -> torch.Tensor:
     """Per-dimension standard deviations of q (a flow's: its base Gaussian's)."""
-    return q.spread if isinstance(q, FlowPosterior) else q.base_dist.scale
+    return q.spread if isinstance(q, LatentDistribution) else q.base_dist.scale
 
 
 def mean_of(q: Distribution) -> torch.Tensor:
-    """The point that stands for q(z|x): its mean (a flow: its base mean pushed through)."""
-    return q.mode_point if isinstance(q, FlowPosterior) else q.base_dist.loc
+    """The point that stands for q(z|x): its mean (a flow: its base mean pushed through;
+    a categorical: its mode; VQ: the encoder's map before quantisation)."""
+    return q.mode_point if isinstance(q, LatentDistribution) else q.base_dist.loc
 
 
 class Flow(Posterior):

@@ -38,6 +38,14 @@ class Prior(nn.Module):
         """Called once by the VAE with its posterior q(z|x) (q(z|x, y) for a conditional
         model); only the VampPrior needs it."""
 
+    def attach(self, family: nn.Module) -> None:
+        """Called once by the VAE with its posterior family; only a prior over a discrete
+        family's codes needs it (and a discrete family needs such a prior)."""
+        if getattr(family, "discrete", False):
+            raise UserError(f"posterior={type(family).__name__.lower()} has a discrete latent, "
+                            "whose prior is prior=uniform (a learned prior over its codes is "
+                            "fitted after training: vae sample sampler=pixelcnn)")
+
     def sample(self, n: int) -> torch.Tensor:
         """Reparameterised where possible, so sample-based divergences train the prior too:
         a mixture draws component indices, then rsamples the chosen components (gradients

@@ -42,8 +42,9 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     rank = stats["kl_per_dim"] or stats["activity"]  # a flow posterior has no per-dim KL
     order = sorted(model.prior.top_dims, key=lambda d: -rank[d])
     scale = torch.tensor(stats["aggregate_var"], device=x.device).sqrt().float()
-    written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png",
-                                   labels=y))
+    if order:  # a code map has no axes to sweep
+        written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png",
+                                       labels=y))
     mu = encoded[0]
     labels, factors = data.labels.get(split), data.factors.get(split)
     colour, name = None, ""

@@ -90,6 +90,12 @@ def all_max_int(value: int, device: torch.device) -> int:
     return int(all_max(torch.tensor(value, device=device)).item()) if world() > 1 else value
 
 
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def all_mean(t: torch.Tensor) -> torch.Tensor:
     if world() > 1:
         dist.all_reduce(t)

@@ -186,6 +186,8 @@ def training_net(objective: Objective, opt: torch.optim.Optimizer, compile: bool
     validation, pictures and checkpoints use the eager modules (the same parameters), so
     eval-mode shapes never trigger recompiles."""
     net = distributed.wrap(objective, device)
+    if distributed.world() > 1:  # statistics a family keeps (VQ's EMA) over the global batch
+        objective.model.family.distribute(distributed.all_sum)
     if compile:
         check_compilable(objective, device)
         net = torch.compile(net)
