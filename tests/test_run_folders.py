@@ -4,6 +4,7 @@ recreated, and a checkpoint kept among other files starts a folder of its own.""
 
 from __future__ import annotations
 
+import csv
 import shutil
 import time
 
@@ -75,3 +76,19 @@ def test_a_checkpoint_among_other_files_starts_its_own_run_folder(tmp_path):
     assert sorted(p.name for p in shelf.iterdir()) == ["model.pt", "notes.txt"]
     (new,) = {m.parent for m in (tmp_path / "outputs").rglob("metrics.csv")}
     assert [r["epoch"] for r in rows(new)] == ["1", "2"]
+
+
+def test_a_preset_resumes_with_its_own_command_line_and_a_relative_data_root(tmp_path):
+    """What bench/reproduce.sh does: the same command again, experiment=... and a relative
+    dataset.root included, continues the run; a preset of other components is refused."""
+    args = ["experiment=beta_vae_shapes", "dataset.image_size=16", "dataset.n_train=64",
+            "dataset.n_val=32", "dataset.n_test=32", "dataset.root=data", "trainer.epochs=1",
+            "trainer.device=cpu", "trainer.num_images=4", f"hydra.run.dir={tmp_path / 'run'}",
+            "trainer.resume=auto"]
+    vae("train", *args, cwd=tmp_path)
+    vae("train", *args[:-1], "trainer.epochs=2", "trainer.resume=true", cwd=tmp_path)
+    with (tmp_path / "run/metrics.csv").open() as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    proc = vae("train", *args[1:], "experiment=factorvae_shapes", "trainer.epochs=3",
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "experiment=factorvae_shapes gives another" in proc.stderr

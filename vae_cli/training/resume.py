@@ -66,13 +66,16 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
         head = key.split(".")[0].split("@")[0]
         if head in ("ckpt", "hydra") or key == "trainer.resume":
             continue
+        if head == "experiment":  # a preset: what it chose must be what the run chose
+            check_components(current, saved, ov)
+            continue
         if head in COMPONENTS and head not in SWAPPABLE:
             if key == head:  # a group choice: compare the resulting nodes
                 here, there = ov.split("=", 1)[1], "another option"
                 same = OmegaConf.to_container(current[head], resolve=True) == saved[head]
             else:
                 here, there = OmegaConf.select(current, key), OmegaConf.select(cfg, key)
-                same = here == there
+                same = here == there or same_path(key, here, there)
             if not same:
                 raise UserError(f"{key}={here} differs from the checkpoint ({there}); a resumed "
                                 f"run keeps its {head} (as its other components)")
@@ -82,3 +85,29 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
             continue
         OmegaConf.update(cfg, key, OmegaConf.select(current, key), force_add=True)
     return cfg
+
+
+def check_components(current: DictConfig, saved: dict, override: str) -> None:
+    """``experiment=<preset>`` on a resume: refused unless the preset composes the same
+    components the run was trained with (its trainer settings are the run's already)."""
+    for group in COMPONENTS:
+        if group in SWAPPABLE or group not in current or group not in saved:
+            continue
+        here = OmegaConf.to_container(current[group], resolve=True)
+        if rooted(here) != rooted(saved[group]):
+            raise UserError(f"{override} gives another {group} than the checkpoint's; a "
+                            f"resumed run keeps its {group} (as its other components)")
+
+
+def rooted(node: object) -> object:
+    """A component's settings with its data folder (``root``) made absolute."""
+    if isinstance(node, dict) and isinstance(node.get("root"), str):
+        return {**node, "root": str(Path(node["root"]).expanduser().resolve())}
+    return node
+
+
+def same_path(key: str, here: object, there: object) -> bool:
+    """A folder named relative to here and the absolute one a run recorded are the same."""
+    if not (key.endswith(".root") and isinstance(here, str) and isinstance(there, str)):
+        return False
+    return Path(here).expanduser().resolve() == Path(there).expanduser().resolve()
