@@ -66,12 +66,12 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
         prior = TwoLevelPrior(instantiate("prior", cfg.prior, **top), family)
     if isinstance(prior, VampPrior) and not family.closed_form:
         raise UserError(f"prior=vamp is a mixture of posteriors q(z|u_k), whose density "
-                        f"posterior={type(family).__name__.lower()} knows only at its own "
+                        f"posterior={family.option} knows only at its own "
                         "samples; use posterior=gaussian with prior=vamp, or another prior")
     model = VAE(nets, family, prior, likelihood, runtime["latent_dim"])
     divergence = instantiate("divergence", cfg.divergence, **runtime)
     if family.discrete and not isinstance(divergence, KL):
-        raise UserError(f"posterior={type(family).__name__.lower()} has a discrete latent, "
+        raise UserError(f"posterior={family.option} has a discrete latent, "
                         "whose KL to prior=uniform is exact: use divergence=kl")
     return Objective(model, divergence, instantiate("schedule", cfg.schedule, **runtime),
                      int(cfg.trainer.iw_samples))
@@ -82,7 +82,7 @@ def spatial_latent(family: Posterior, nets: Networks,
     """A family that reads the encoder's map learns the map's grid; the latent the rest of
     the model sees is the map flattened."""
     if nets.grid is None:
-        raise UserError(f"posterior={type(family).__name__.lower()} quantises the encoder's "
+        raise UserError(f"posterior={family.option} quantises the encoder's "
                         "feature map: use model=conv or model=resnet")
     family.hw = nets.grid
     return {**runtime, "latent_dim": runtime["latent_dim"] * nets.grid[0] * nets.grid[1]}
@@ -94,7 +94,7 @@ def two_level(family: Posterior, hierarchy: torch.nn.Module,
     that divergences see, z = [z1, z2]."""
     if type(family) is not DiagonalGaussian:
         raise UserError(f"model=hvae has Gaussian layers; posterior="
-                        f"{type(family).__name__.lower()} is not available for it, use "
+                        f"{family.option} is not available for it, use "
                         "posterior=gaussian (its logvar bounds apply to every layer)")
     d = hierarchy.latent_dim + hierarchy.top_dim
     return TwoLevel(hierarchy, family.bounds), {**runtime, "latent_dim": d}

@@ -78,7 +78,7 @@ class Objective(nn.Module):
         schedule = schedule or Constant()
         check_iw(divergence, schedule, iw_samples)
         if iw_samples > 1 and model.family.discrete:
-            raise UserError(f"posterior={type(model.family).__name__.lower()} trains on relaxed "
+            raise UserError(f"posterior={model.family.option} trains on relaxed "
                             "or straight-through samples, which have no importance weights: "
                             "use trainer.iw_samples=1 (vae eval still reports the bound)")
         divergence.check(model.prior)

@@ -200,6 +200,8 @@ class GumbelSoftmax(Discrete):
     """N categorical variables of ``classes`` classes (N = model.latent_dim / classes), their
     logits from the encoder; see the module docstring for the temperature."""
 
+    option = "gumbel"
+
     def __init__(self, classes: int = 10, temperature: float = 1.0,
                  min_temperature: float = 0.5, anneal_rate: float = 3e-5,
                  straight_through: bool = False, *, latent_dim: int):
@@ -249,6 +251,7 @@ class VectorQuantizer(Discrete):
     """A codebook of ``codes`` vectors of model.latent_dim numbers (see the module
     docstring). ``grid`` comes from the network (set by the model's builder)."""
 
+    option = "vq"
     spatial = True
     deterministic = True  # q(z|x) is a point mass
 
@@ -377,7 +380,7 @@ class UniformPrior(Prior):
     def attach(self, family: Posterior) -> None:
         if not getattr(family, "discrete", False):
             raise UserError(f"prior=uniform is the prior of a discrete latent (posterior=vq or "
-                            f"gumbel), not of posterior={type(family).__name__.lower()}")
+                            f"gumbel), not of posterior={family.option}")
         self.__dict__["family"] = family
 
     def dist(self) -> Distribution:

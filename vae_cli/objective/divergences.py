@@ -132,7 +132,7 @@ class KL(Divergence):
     def check_posterior(self, family: Posterior) -> None:
         if family.closed_form or family.discrete:
             return
-        name = type(family).__name__.lower()
+        name = family.option
         if self.estimator == "analytic" or self.free_bits:
             raise UserError(f"posterior={name} has no closed-form or per-dimension KL; use "
                             "divergence.estimator=auto (Monte Carlo) and divergence.free_bits=0")
@@ -293,7 +293,7 @@ class TotalCorrelation(Divergence):
     def check_posterior(self, family: Posterior) -> None:
         if not family.closed_form:
             raise UserError(f"divergence=tc needs q(z_i|x_j) for every pair in the batch, which "
-                            f"posterior={type(family).__name__.lower()} does not give (a flow's "
+                            f"posterior={family.option} does not give (a flow's "
                             "density is known at its own samples only); use posterior=gaussian")
 
     def log_weights(self, b: int, device: torch.device) -> torch.Tensor:
@@ -456,7 +456,7 @@ class DIP(Divergence):
     def check_posterior(self, family: Posterior) -> None:
         if not family.closed_form:
             raise UserError(f"divergence=dip penalises the covariance of the encoder's Gaussian "
-                            f"means and variances, which posterior={type(family).__name__.lower()}"
+                            f"means and variances, which posterior={family.option}"
                             " pushes through a flow; use posterior=gaussian")
 
     def weight(self) -> float:

@@ -22,6 +22,7 @@ class TwoLevel(Posterior):
     """q(z1, z2|x) for model=hvae; the encoder gives q(z2|x) and the x-branch, ``hierarchy``
     the layers reading z2. Log-variances bounded like the Gaussian family's."""
 
+    option = "gaussian with model=hvae"
     closed_form = False
 
     def __init__(self, hierarchy: torch.nn.Module, bounds: tuple[float, float]):

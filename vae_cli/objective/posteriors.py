@@ -45,6 +45,7 @@ class Posterior(nn.Module):
     """q(z|x) from the encoder's output h [B, outputs(latent_dim)] (a spatial family:
     the encoder's feature map [B, outputs(latent_dim), H, W])."""
 
+    option = "gaussian"  # its name in the posterior group, for messages
     closed_form = True  # a diagonal Gaussian: analytic KLs, densities anywhere
     discrete = False  # codes from a finite set: prior=uniform, divergence=kl only
     spatial = False  # reads the encoder's feature map, not a flat vector
@@ -219,6 +220,8 @@ class Planar(Flow):
     m(a) = -1 + softplus(a), so w.u' >= -1 and f is invertible (Rezende & Mohamed, app. A).
     log|det| = log|1 + u'.psi|, psi = (1 - tanh^2(w.z + b)) w."""
 
+    option = "planar"
+
     def extra(self, latent_dim: int) -> int:
         return self.n_steps * (2 * latent_dim + 1)
 
@@ -243,6 +246,8 @@ class Radial(Flow):
     """Radial steps f(z) = z + beta h(r) (z - z_ref), h = 1 / (alpha + r), r = |z - z_ref|,
     alpha = softplus(.) > 0 and beta = -alpha + softplus(.) >= -alpha (invertible).
     log|det| = (D - 1) log(1 + beta h) + log(1 + beta h - beta h^2 r)."""
+
+    option = "radial"
 
     def extra(self, latent_dim: int) -> int:
         return self.n_steps * (latent_dim + 2)
@@ -294,6 +299,8 @@ class IAF(Flow):
     z' = sigmoid(s) z + (1 - sigmoid(s)) m, (m, s) = MADE_k(z, h), log|det| = sum log
     sigmoid(s); the dimensions' order is reversed after each step. The MADEs are global
     networks; only the context h [``context``] comes from the encoder."""
+
+    option = "iaf"
 
     def __init__(self, steps: int = 2, context: int = 16, hidden: int = 64,
                  logvar_min: float = -30.0, logvar_max: float = 20.0, *, latent_dim: int):

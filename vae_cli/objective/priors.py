@@ -42,7 +42,7 @@ class Prior(nn.Module):
         """Called once by the VAE with its posterior family; only a prior over a discrete
         family's codes needs it (and a discrete family needs such a prior)."""
         if getattr(family, "discrete", False):
-            raise UserError(f"posterior={type(family).__name__.lower()} has a discrete latent, "
+            raise UserError(f"posterior={family.option} has a discrete latent, "
                             "whose prior is prior=uniform (a learned prior over its codes is "
                             "fitted after training: vae sample sampler=pixelcnn)")
 

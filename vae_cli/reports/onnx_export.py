@@ -222,8 +222,8 @@ def write_onnx(src: Exported, out_dir: Path) -> tuple[dict[str, str], dict[str, 
                         "format=safetensors")
     if not src.model.family.closed_form:  # the encoder graph gives a Gaussian's mu, logvar
         raise UserError(f"format=onnx exports Gaussian posteriors only; posterior="
-                        f"{type(src.model.family).__name__.lower()} would need its flow in the "
-                        "graph: use format=safetensors")
+                        f"{src.model.family.option} is not a Gaussian "
+                        "the graph gives as mu and logvar: use format=safetensors")
     # Traced and checked on the CPU whatever device loaded it: the check runs onnxruntime's
     # CPU provider, and CUDA's TF32 convolutions alone would differ by more than TOLERANCE.
     model = src.model.cpu()
