@@ -76,3 +76,17 @@ def test_global_batch_must_divide_among_processes(tmp_path):
                     cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "trainer.batch_size=33 (the global batch) must divide among 2" in proc.stderr
+
+
+def test_vq_codebook_moving_averages_are_those_of_the_global_batch(tmp_path):
+    """The EMA statistics are summed over ranks: two processes keep the codebook one
+    process keeps (restarts off: they draw from each rank's own batch)."""
+    vq = [*DATA, "dataset.n_train=64", "trainer.epochs=1", "model=conv", "model.channels=8",
+          "model.latent_dim=4", "posterior=vq", "posterior.codes=8", "posterior.restart=0",
+          "posterior.decay=0.5", "prior=uniform"]
+    torchrun(*vq, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    vae("train", *vq, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    assert a["family.ema_count"].sum() > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
