@@ -276,3 +276,15 @@ def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path):
     assert "perplexity" in proc.stdout and "nll_iwae" in proc.stdout
     assert (tmp_path / "full/interpolations.png").is_file()
     assert not (tmp_path / "full/traversals.png").exists()
+
+
+def test_gumbel_training_logs_its_annealed_temperature(tmp_path):
+    run = tmp_path / "run"
+    vae("train", *DATA, "model.latent_dim=20", "model.hidden=[32]", "posterior=gumbel",
+        "prior=uniform", "posterior.anneal_rate=0.05", f"hydra.run.dir={run}", cwd=tmp_path)
+    rows = read_rows(run / "metrics.csv")
+    # 8 steps per epoch: the mean of exp(-0.05 t) over steps 0..7, then 8..15 (floor 0.5)
+    want = [sum(max(0.5, math.exp(-0.05 * t)) for t in range(8 * e, 8 * e + 8)) / 8
+            for e in (0, 1)]
+    assert [float(r["train_temperature"]) for r in rows] == pytest.approx(want, rel=1e-5)
+    assert "val_temperature" not in rows[0]  # validation decodes hard samples

@@ -86,12 +86,14 @@ class RelaxedCategoricals(Categoricals):
                  straight_through: bool):
         super().__init__(logits)
         self.temperature, self.straight_through = temperature, straight_through
+        self.tau: float | None = None  # the temperature of the last relaxed draw
 
     def draw(self, noise: Noise, lead: tuple[int, ...], step: int | None) -> torch.Tensor:
         g = gumbel(noise(torch.rand, *self.logits.shape[-2:]))
         if step is None:  # the Gumbel-max trick: an exact categorical draw
             return one_hot_max(self.logits + g).flatten(-2)
-        soft = torch.softmax((self.logits + g) / self.temperature(step), -1)
+        self.tau = self.temperature(step)
+        soft = torch.softmax((self.logits + g) / self.tau, -1)
         if self.straight_through:
             soft = one_hot_max(soft) - soft.detach() + soft
         return soft.flatten(-2)
@@ -221,6 +223,10 @@ class GumbelSoftmax(Discrete):
 
     def temperature(self, step: int) -> float:
         return max(self.tau_min, self.tau0 * math.exp(-self.rate * step))
+
+    def terms(self, q: RelaxedCategoricals) -> dict[str, torch.Tensor]:
+        """The temperature of a training step's draw, logged (train_temperature)."""
+        return {} if q.tau is None else {"temperature": q.logits.new_tensor(q.tau)}
 
     def outputs(self, latent_dim: int) -> int:
         return latent_dim
