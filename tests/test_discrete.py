@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -288,3 +289,19 @@ def test_gumbel_training_logs_its_annealed_temperature(tmp_path):
             for e in (0, 1)]
     assert [float(r["train_temperature"]) for r in rows] == pytest.approx(want, rel=1e-5)
     assert "val_temperature" not in rows[0]  # validation decodes hard samples
+
+
+def test_compare_shows_codebook_use_and_the_frechet_distance_where_runs_have_them(tmp_path):
+    from vae_cli.reports.compare import build_table
+
+    evals = {"vq": {"nelbo": 1.0, "perplexity": 40.5, "usage": 0.8,
+                    "fd_shapes_features": 0.2, "fd_features": "what the score is"},
+             "gauss": {"nelbo": 2.0, "fd_shapes_features": 0.3}}
+    for name, e in evals.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text("epoch,val_loss\n1,2.0\n")
+        (tmp_path / name / "eval.json").write_text(json.dumps(e))
+    columns, rows = build_table([tmp_path / "vq", tmp_path / "gauss"])
+    assert columns[-3:] == ["perplexity", "usage", "fd_shapes_features"]
+    assert rows[0]["perplexity"] == 40.5 and "perplexity" not in rows[1]
+    assert [r["fd_shapes_features"] for r in rows] == [0.2, 0.3] and "fd_features" not in columns

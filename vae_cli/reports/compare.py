@@ -25,6 +25,9 @@ RESULTS = ["epochs", "best_val_loss", "final_val_loss", "test_nll", "test_bpd", 
 # datasets without ground-truth factors stay narrow (dci_informativeness: an error, lower wins)
 DISENTANGLEMENT = ["beta_vae", "factor_vae", "sap", "dci_disentanglement", "dci_completeness",
                    "dci_informativeness", "modularity"]
+# likewise a discrete latent's codebook use (perplexity of the code usage, fraction of codes
+# used) and the Fréchet distance of samples (fd_<dataset>_features: its name says whose)
+OPTIONAL = [*DISENTANGLEMENT, "perplexity", "usage"]
 IGNORED = ("hydra.", "dataset.root", "ckpt", "trainer.device")
 
 
@@ -86,7 +89,9 @@ def collect(run: Path) -> dict:
         row["test_ppl"] = e.get("ppl_iwae", e.get("ppl", math.nan))  # text models
         row["active_units"] = e.get("active_units")
         row["mig"] = e.get("mig")
-        row.update({k: e[k] for k in DISENTANGLEMENT if k in e})
+        row.update({k: e[k] for k in OPTIONAL if k in e})
+        row.update({k: v for k, v in e.items() if k.startswith("fd_")
+                    and k.endswith("_features") and isinstance(v, int | float)})
     return row
 
 
@@ -126,7 +131,8 @@ def build_table(runs: list[Path], sort: str | None = None,
     keys = sorted({k for o in overrides.values() for k in o})
     differing = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
     rows = [{**{k: overrides[r].get(k, "") for k in differing}, **collect(r)} for r in runs]
-    scored = [k for k in DISENTANGLEMENT if any(k in r for r in rows)]
+    fds = sorted({k for r in rows for k in r if k.startswith("fd_")})
+    scored = [k for k in OPTIONAL if any(k in r for r in rows)] + fds
     columns = ["run", *differing, *RESULTS, *scored]
     if sort:
         if sort not in columns:
