@@ -8,10 +8,11 @@ import math
 
 import pytest
 import torch
+from cards import load_with_the_card
 from omegaconf import OmegaConf
 from test_cli import DATA, vae
 
-from vae_cli.config.build import build_objective
+from vae_cli.config.build import build_objective, load_trained
 from vae_cli.errors import UserError
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.objective.discrete import (
@@ -255,7 +256,8 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path):
+def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
     common = [*DATA, *VQ, "dataset.n_train=128"]
     vae("train", *common, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     rows = read_rows(tmp_path / "full/metrics.csv")
@@ -277,6 +279,16 @@ def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path):
     assert "perplexity" in proc.stdout and "nll_iwae" in proc.stdout
     assert (tmp_path / "full/interpolations.png").is_file()
     assert not (tmp_path / "full/traversals.png").exists()
+    # exported with its codebook, loaded back by the model card's own code
+    ckpt = tmp_path / "full/checkpoints/last.pt"
+    vae("export", f"ckpt={ckpt}", "format=safetensors", cwd=tmp_path)
+    proc = vae("export", f"ckpt={ckpt}", "format=onnx", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "posterior=vq" in proc.stderr.strip().splitlines()[-1]
+    loaded = load_with_the_card(tmp_path / "full/export/safetensors", monkeypatch)
+    original = load_trained(str(ckpt), torch.device("cpu"))[0].model
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.equal(loaded.reconstruct(x), original.reconstruct(x))
+    assert torch.equal(loaded.family.codebook, original.family.codebook)
 
 
 def test_gumbel_training_logs_its_annealed_temperature(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cards import load_with_the_card, snippet
 from hostile import tiny_run
 from omegaconf import OmegaConf
 from test_cli import DATA, vae
@@ -92,10 +93,6 @@ def variant(compose, run: Path, dst: Path, overrides: list[str], vocab=None,
     return dst
 
 
-def snippet(card: str) -> str:
-    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
-
-
 def same_outputs(a, b) -> bool:
     """Bit for bit: posterior parameters and decoder outputs on the same inputs."""
     torch.manual_seed(0)
@@ -109,14 +106,6 @@ def same_outputs(a, b) -> bool:
         else:
             outs.append((a.decode(z), b.decode(z)))
     return all(torch.equal(p, q) for p, q in outs)
-
-
-def load_with_the_card(folder: Path, monkeypatch):
-    """Runs the model card's own Python snippet in the export folder; returns its model."""
-    monkeypatch.chdir(folder)
-    scope: dict = {}
-    exec(snippet((folder / "README.md").read_text()), scope)  # noqa: S102 - our own card
-    return scope["model"]
 
 
 def test_safetensors_round_trip_is_bit_exact(run, compose_cfg_module, monkeypatch):
