@@ -275,8 +275,14 @@ def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path, monkey
     assert "family.codebook" in a and "family.ema_count" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
     proc = vae("eval", f"ckpt={tmp_path / 'full/checkpoints/last.pt'}", "eval.iw_samples=50",
-               "eval.disentanglement.metrics=[mig]", "fd.samples=0", cwd=tmp_path)
+               "eval.disentanglement.metrics=[mig]", "fd.samples=0", "sampler=pixelcnn",
+               "sampler.epochs=2", "sampler.channels=8", "sampler.layers=2", cwd=tmp_path)
     assert "perplexity" in proc.stdout and "nll_iwae" in proc.stdout
+    result = json.loads((tmp_path / "full/eval.json").read_text())
+    # the bound with the fitted PixelCNN as p(z) in place of the uniform prior (the fit is
+    # saved beside the checkpoint, with the checkpoint's identity)
+    assert math.isfinite(result["nll_iwae_pixelcnn"]) and result["nll_iwae"] == result["nelbo"]
+    assert (tmp_path / "full/samplers/pixelcnn_last.pt").is_file()
     assert (tmp_path / "full/interpolations.png").is_file()
     assert not (tmp_path / "full/traversals.png").exists()
     # exported with its codebook, loaded back by the model card's own code
@@ -317,3 +323,32 @@ def test_compare_shows_codebook_use_and_the_frechet_distance_where_runs_have_the
     assert columns[-3:] == ["perplexity", "usage", "fd_shapes_features"]
     assert rows[0]["perplexity"] == 40.5 and "perplexity" not in rows[1]
     assert [r["fd_shapes_features"] for r in rows] == [0.2, 0.3] and "fd_features" not in columns
+
+
+def test_learned_prior_bound_of_a_vq_model_is_recon_plus_the_codes_nll(tmp_path):
+    """q(z|x) is a point mass: log p(x) >= log p(x|z_q) + log p_prior(codes), exactly what
+    iwae_bound gives with the fitted prior's log_prob (any k), checked term by term."""
+    from vae_cli.objective.pixelcnn import PixelCNNSampler
+
+    torch.manual_seed(10)
+    cfg = OmegaConf.create({
+        "model": {"_target_": "vae_cli.nets.conv.build", "latent_dim": 3, "channels": 4},
+        "posterior": {"_target_": "vae_cli.objective.discrete.VectorQuantizer", "codes": 5},
+        "prior": {"_target_": "vae_cli.objective.discrete.UniformPrior"},
+        "loss": {"_target_": "vae_cli.objective.likelihoods.Bernoulli"},
+        "divergence": {"_target_": "vae_cli.objective.divergences.KL"},
+        "schedule": {"_target_": "vae_cli.objective.schedules.Constant"},
+        "trainer": {"iw_samples": 1}})
+    model = build_objective(cfg, (1, 16, 16), 100).model.eval()
+    x = (torch.rand(6, 1, 16, 16) > 0.5).float()
+    prior = PixelCNNSampler(channels=4, layers=2, epochs=1, latent_dim=model.latent_dim,
+                            prior=model.prior)
+    codes = model.family.embed(torch.randint(5, (40, 4, 4)))
+    prior.fit(codes, torch.zeros_like(codes))
+    got = iwae_bound(model, x, 7, batch_size=6, log_prior=prior.log_prob)
+    with torch.no_grad():
+        q = model.posterior(x)
+        zq = q.zq.flatten(1)
+        want = -(model.log_px(zq, x) - prior.net.nll(q.indices)).mean().item()
+    assert got["nll_iwae"] == pytest.approx(want, rel=1e-6)
+    assert got["iw_samples"] == 1  # one importance sample says all for a point mass

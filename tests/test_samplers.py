@@ -246,3 +246,30 @@ def test_a_torchvision_extractor_uses_the_penultimate_layer_of_the_given_weights
         torchvision_extractor("resnet18", str(tmp_path / "bad.pt"), 32, torch.device("cpu"))
     with pytest.raises(UserError, match="not a torchvision classification model"):
         torchvision_extractor("os.system", str(tmp_path / "w.pt"), 32, torch.device("cpu"))
+
+
+def test_a_fitted_density_stands_for_p_z_in_the_likelihood_bound(tiny):
+    """iwae_bound(log_prior=...) puts that density in every importance weight: the model's
+    own prior reproduces the default bound, a prior 1 nat less likely everywhere costs
+    exactly 1 nat, and the GMM's log_prob is its mixture's density."""
+    from vae_cli.evaluation.likelihood import iwae_bound
+
+    model, data, _, _ = tiny
+    x = data.test[:16]
+    runs = {}
+    for name, log_prior in (("default", None), ("same", model.prior.log_prob),
+                            ("shifted", lambda z: model.prior.log_prob(z) - 1.0)):
+        torch.manual_seed(0)
+        runs[name] = iwae_bound(model, x, 8, batch_size=16, log_prior=log_prior)["nll_iwae"]
+    assert runs["same"] == runs["default"]
+    assert runs["shifted"] == pytest.approx(runs["default"] + 1.0, abs=1e-6)
+    x2, _, _, _ = mixture_2d(500, torch.Generator().manual_seed(1))
+    gmm = GaussianMixture(components=3, seed=0, latent_dim=2)
+    gmm.fit(x2, torch.ones_like(x2))
+    z = torch.randn(5, 2)
+    comps = [torch.distributions.MultivariateNormal(gmm.means[j], scale_tril=gmm.scale[j])
+             for j in range(3)]
+    by_hand = torch.logsumexp(torch.stack([c.log_prob(z.double()) + gmm.weights[j].log()
+                                           for j, c in enumerate(comps)]), 0)
+    torch.testing.assert_close(gmm.log_prob(z), by_hand.float())
+    assert gmm.density and not TwoStage(latent_dim=2).density

@@ -76,8 +76,17 @@ def run(cfg: DictConfig) -> dict:
     if factors is not None:
         result.update(disentanglement(cfg, model, data, encoded[0], factors))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
-    if cfg.fd.samples and data.vocab is None:  # images only
-        result.update(frechet(cfg, model, data, x, ckpt, out_dir))
+    sampler, settings = build_sampler(cfg.sampler, model)
+    fd = bool(cfg.fd.samples and data.vocab is None)  # images only
+    if fd or (e.iw_samples and sampler.density):
+        fitted_sampler(sampler, settings, model, data, cfg.ckpt, ckpt, out_dir)
+    if e.iw_samples and sampler.density:  # the bound with the fitted density as p(z)
+        torch.manual_seed(cfg.seed)
+        bound = iwae_bound(model, x, e.iw_samples, batch, iw_batch, labels, sampler.log_prob)
+        result.update({f"nll_iwae_{sampler.name}": bound["nll_iwae"],
+                       f"bpd_iwae_{sampler.name}": bound.get("bpd_iwae")})
+    if fd:
+        result.update(frechet(cfg, model, data, x, sampler, ckpt))
     name = "eval.json" if e.split == "test" else f"eval_{e.split}.json"
     path = write_report(result, out_dir / name)
     print(table(result))
@@ -85,13 +94,11 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def frechet(cfg: DictConfig, model, data, x: torch.Tensor, ckpt: dict, out_dir: Path) -> dict:
-    """The Fréchet distance of fd.samples draws of the chosen sampler (fitted, or reused
-    from <run>/samplers/) to the evaluated images."""
-    sampler, settings = build_sampler(cfg.sampler, model)
-    fitted_sampler(sampler, settings, model, data, cfg.ckpt, ckpt, out_dir)
+def frechet(cfg: DictConfig, model, data, x: torch.Tensor, sampler, ckpt: dict) -> dict:
+    """The Fréchet distance of fd.samples draws of the chosen (fitted) sampler to the
+    evaluated images."""
     torch.manual_seed(cfg.seed)
     labels = data.labels_for("train") if model.conditional else None
     return fd_score(model, sampler, x[: cfg.fd.samples],
-                    extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset)), cfg.fd.samples,
-                    cfg.eval.batch_size, labels)
+                    extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset)),
+                    cfg.fd.samples, cfg.eval.batch_size, labels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -14,7 +15,8 @@ from vae_cli.objective.model import VAE
 
 @torch.no_grad()
 def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
-               max_decoded: int = 20000, labels: torch.Tensor | None = None
+               max_decoded: int = 20000, labels: torch.Tensor | None = None,
+               log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None
                ) -> dict[str, float]:
     """log p(x) >= log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x); for a conditional
     model, given the ``labels``, log p(x|y) >= log (1/k) sum_i p(x|z_i, y) p(z_i) / q(z_i|x, y).
@@ -22,6 +24,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     Samples are drawn in chunks so that at most ``max_decoded`` examples go through the
     decoder at once; a running logsumexp merges the chunks. The ELBO is averaged over the
     same samples, so iwae >= elbo holds exactly (Jensen), not just in expectation.
+    ``log_prior`` replaces the model's log p(z) (a learned prior over codes).
     A point-mass posterior (VQ) gives k equal weights: one sample is the same estimate.
     """
     k = 1 if model.family.deterministic else k
@@ -36,7 +39,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
         done = 0
         while done < k:
             c = min(chunk, k - done)
-            log_w = log_weights(model, xb, c, y=yb).total().double()
+            log_w = log_weights(model, xb, c, y=yb, log_prior=log_prior).total().double()
             acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
             mean_log_w += log_w.sum(0)
             done += c

@@ -21,6 +21,7 @@ bound log p(x|y), the prior and the divergences seeing z alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -46,10 +47,13 @@ class LogWeights(NamedTuple):
 
 
 def log_weights(model: VAE, x: torch.Tensor, k: int, shard: Shard = WHOLE,
-                y: torch.Tensor | None = None) -> LogWeights:
+                y: torch.Tensor | None = None,
+                log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LogWeights:
+    """``log_prior``: another log p(z) than the model's (a prior fitted after training)."""
     q = model.posterior(x, y)
     z = model.rsample(q, k, shard)
-    return LogWeights(model.log_px(z, x, y), model.prior.log_prob(z), q.log_prob(z))
+    pz = (log_prior or model.prior.log_prob)(z)
+    return LogWeights(model.log_px(z, x, y), pz, q.log_prob(z))
 
 
 def check_iw(divergence: Divergence, schedule: Schedule, iw_samples: int) -> None:

@@ -169,6 +169,7 @@ class PixelCNNSampler(Sampler):
     vectors ``prior.embed(codes)``, what the decoder reads."""
 
     name = "pixelcnn"
+    density = True
 
     def __init__(self, channels: int = 64, layers: int = 6, kernel: int = 5, epochs: int = 20,
                  batch_size: int = 128, lr: float = 1e-3, temperature: float = 1.0,
@@ -288,3 +289,13 @@ class PixelCNNSampler(Sampler):
     def sample(self, n: int) -> torch.Tensor:
         net = self._need_prior()
         return self._embed(net.sample(n, self.temperature))
+
+    @torch.no_grad()
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) of the learned prior for code maps z [..., latent_dim] (the codes of
+        z; temperature 1): what `vae eval` puts in the bound in place of the uniform
+        prior's -H W log K."""
+        net = self._need_prior()
+        net.eval()
+        flat = z.reshape(-1, z.shape[-1])
+        return -net.nll(self._codes(flat)).view(z.shape[:-1])

@@ -40,6 +40,7 @@ from vae_cli.objective.priors import Prior
 class Sampler(nn.Module):
     name = "sampler"
     needs_fit = True  # False: nothing to fit or save (the prior)
+    density = False  # True: log_prob(z) is known, and can stand for p(z) in a bound
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -49,6 +50,9 @@ class Sampler(nn.Module):
         raise NotImplementedError
 
     def sample(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def problem(self) -> str | None:
@@ -100,6 +104,7 @@ class GaussianMixture(Sampler):
     ``covariance``: full (the default, as in Ghosh et al.) or diag."""
 
     name = "gmm"
+    density = True
 
     def __init__(self, components: int = 10, covariance: Literal["full", "diag"] = "full",
                  iterations: int = 200, tolerance: float = 1e-4, reg: float = 1e-6,
@@ -150,6 +155,10 @@ class GaussianMixture(Sampler):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         return self.dist().sample((n,))
+
+    @torch.no_grad()
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dist().log_prob(z.to(self.means.dtype)).to(z.dtype)
 
     def problem(self) -> str | None:
         bad = super().problem()
