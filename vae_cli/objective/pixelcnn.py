@@ -171,7 +171,7 @@ class PixelCNNSampler(Sampler):
     name = "pixelcnn"
     density = True
 
-    def __init__(self, channels: int = 64, layers: int = 6, kernel: int = 5, epochs: int = 20,
+    def __init__(self, channels: int = 32, layers: int = 6, kernel: int = 5, epochs: int = 10,
                  batch_size: int = 128, lr: float = 1e-3, temperature: float = 1.0,
                  val_fraction: float = 0.05, seed: int = 0, *, latent_dim: int = 1,
                  prior: Any = None):
