@@ -360,3 +360,15 @@ def test_learned_prior_bound_of_a_vq_model_is_recon_plus_the_codes_nll(tmp_path)
         want = -(model.log_px(zq, x) - prior.net.nll(q.indices)).mean().item()
     assert got["nll_iwae"] == pytest.approx(want, rel=1e-6)
     assert got["iw_samples"] == 1  # one importance sample says all for a point mass
+
+
+def test_curves_show_the_codebook_and_the_temperature_not_a_constant_kl():
+    from vae_cli.reports.plots import curve_panels
+
+    vq = [{"train_loss": f"{270 - e}", "train_recon": f"{9 - e}", "train_div": "266.169",
+           "val_div": "266.168", "train_commit": f"{1 + e / 10}", "train_perplexity": "14",
+           "val_perplexity": f"{13 + e}", "train_usage": "1"} for e in range(3)]
+    assert curve_panels(vq) == ["loss", "recon", "commit", "perplexity"]
+    gumbel = [{"train_loss": "1", "train_recon": "1", "train_div": f"{e}",
+               "train_temperature": f"{1 - e / 10}"} for e in range(3)]
+    assert curve_panels(gumbel) == ["loss", "recon", "div", "temperature"]

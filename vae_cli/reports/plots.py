@@ -17,21 +17,25 @@ def _pyplot():
     return plt
 
 
-# panels beside the losses, when the run logged them: the learning rate when a schedule moved
+# train/val panels, when the run logged them and they move: the objective's terms, a VQ
+# codebook's commitment, perplexity and usage, a Gumbel-softmax temperature (a constant
+# such as VQ's KL, H W log K, says nothing a panel should show)
+TERMS = ("loss", "recon", "div", "commit", "perplexity", "usage", "temperature")
+# panels beside them, when the run logged them: the learning rate when a schedule moved
 # it (log scale when positive) and the gradient norm before clipping
 EXTRA = (("lr", "lr"), ("grad norm", "train_grad_norm"))
 
 
 def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
-    """Train/val loss, reconstruction and divergence against epochs, then the learning rate
-    and gradient norm where logged."""
+    """Train/val loss, reconstruction, divergence and a family's own terms against epochs,
+    then the learning rate and gradient norm where logged."""
     with Path(metrics_csv).open() as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return None
     plt = _pyplot()
     epochs = [int(r["epoch"]) for r in rows]
-    panels = [k for k in ("loss", "recon", "div") if f"train_{k}" in rows[0]]
+    panels = curve_panels(rows)
     # a constant lr (no schedule) says nothing a panel should show
     extra = [(title, col) for title, col in EXTRA if rows[0].get(col)
              and (col != "lr" or len({r.get(col) for r in rows}) > 1)]
@@ -56,6 +60,19 @@ def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def curve_panels(rows: list[dict]) -> list[str]:
+    """The TERMS that get a train/val panel: loss and recon always, the others where they
+    were logged and move."""
+    return [k for k in TERMS if f"train_{k}" in rows[0]
+            and (k in ("loss", "recon") or moves(rows, k))]
+
+
+def moves(rows: list[dict], key: str) -> bool:
+    """Whether train_/val_<key> change beyond the csv's 6 digits over the run."""
+    values = [float(r[c]) for r in rows for c in (f"train_{key}", f"val_{key}") if r.get(c)]
+    return bool(values) and max(values) - min(values) > 1e-5 * max(1.0, abs(max(values)))
 
 
 def project_2d(mu: torch.Tensor) -> tuple[torch.Tensor, str]:
