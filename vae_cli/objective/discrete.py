@@ -317,9 +317,11 @@ class VectorQuantizer(Discrete):
     def update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
         """The paper's EMA step on the global batch: N <- g N + (1 - g) n, m <- g m +
         (1 - g) sum z_e, e = m / N with N Laplace-smoothed; then dead codes restarted."""
-        onehot = F.one_hot(idx, self.k).to(flat.dtype)
-        both = self.all_sum(torch.cat([onehot.sum(0, keepdim=True).T, onehot.T @ flat], 1))
-        counts, sums = both[:, 0], both[:, 1:]  # one all-reduce for both statistics
+        # counts and sums of the assigned vectors by scatter-adds (no [M, K] one-hot), laid
+        # side by side for one all-reduce
+        rows = torch.cat([flat.new_ones(len(flat), 1), flat], 1)
+        both = self.all_sum(flat.new_zeros(self.k, 1 + flat.shape[1]).index_add_(0, idx, rows))
+        counts, sums = both[:, 0], both[:, 1:]
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum()
