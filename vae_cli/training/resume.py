@@ -102,12 +102,16 @@ def check_components(current: DictConfig, saved: dict, override: str) -> None:
 def rooted(node: object) -> object:
     """A component's settings with its data folder (``root``) made absolute."""
     if isinstance(node, dict) and isinstance(node.get("root"), str):
-        return {**node, "root": str(Path(node["root"]).expanduser().resolve())}
+        return {**node, "root": absolute(node["root"])}
     return node
+
+
+def absolute(folder: str) -> str:
+    return str(Path(folder).expanduser().resolve())
 
 
 def same_path(key: str, here: object, there: object) -> bool:
     """A folder named relative to here and the absolute one a run recorded are the same."""
     if not (key.endswith(".root") and isinstance(here, str) and isinstance(there, str)):
         return False
-    return Path(here).expanduser().resolve() == Path(there).expanduser().resolve()
+    return absolute(here) == absolute(there)
