@@ -172,6 +172,20 @@ def test_resume_flag_and_refusals(tmp_path):
     assert len(rows(run)) == 2
 
 
+def test_a_time_budget_stops_between_epochs_and_the_same_command_continues(tmp_path):
+    # a budget no epoch fits: each invocation trains one epoch, saves it and ends cleanly
+    run = tmp_path / "run"
+    base = [*TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}",
+            "trainer.epochs=3", "trainer.max_minutes=1e-4", "trainer.resume=auto"]
+    first = vae("train", *base, cwd=tmp_path)
+    assert "time limit" in first.stderr + first.stdout and len(rows(run)) == 1
+    assert torch.load(run / "checkpoints/last.pt", weights_only=True)["state"]["epoch"] == 1
+    vae("train", *base, cwd=tmp_path)
+    assert [r["epoch"] for r in rows(run)] == ["1", "2"]
+    vae("train", *base, "trainer.max_minutes=null", cwd=tmp_path)  # no budget: to the end
+    assert [r["epoch"] for r in rows(run)] == ["1", "2", "3"]
+
+
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     vae("train", "-m", *DATA, "trainer.epochs=1", f"dataset.root={tmp_path / 'data'}",

@@ -43,6 +43,7 @@ def test_valid_overrides(compose_cfg, override):
     (["+dataset.colour=1"], "dataset.colour"),
     (["seed=x"], "seed"),
     (["trainer.patience=0"], "trainer.patience"),
+    (["trainer.max_minutes=0"], "trainer.max_minutes"),
     (["model.hidden=5"], "model.hidden"),
     (["logger=wandb", "logger.mode=upload"], "logger.mode"),
     (["logger=mlflow", "+logger.uri=x"], "logger.uri"),

@@ -29,6 +29,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; log-densities stay fp32)
     patience: int | None = None  # epochs without val improvement before stopping
+    max_minutes: float | None = None  # wall-clock budget of one invocation (resumable)
     resume: Any = False  # true: continue hydra.run.dir's last.pt | auto: if there is one
     log_every: int = 50  # steps between progress-bar refreshes (each one syncs)
     image_every: int = 1  # epochs between reconstruction/sample grids
@@ -238,6 +239,8 @@ def validate_train(cfg: DictConfig) -> DictConfig:
         raise UserError(f"trainer.resume={t.resume!r} is not true, false or auto")
     if t.patience is not None and t.patience <= 0:
         raise UserError(f"trainer.patience={t.patience} must be positive or null")
+    if t.max_minutes is not None and not (_number(t.max_minutes) and t.max_minutes > 0):
+        raise UserError(f"trainer.max_minutes={t.max_minutes} must be a number > 0 or null")
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r} is not one of {PRECISIONS}")
     check_device("trainer.device", t.device)

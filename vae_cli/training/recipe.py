@@ -285,9 +285,12 @@ def open_reports(run: Run) -> TrainingReports | None:
 
 def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> None:
     """Each epoch: train, validate, checkpoint, metrics.csv, report; stops at
-    trainer.epochs, on early stopping, or with Interrupted on a signal."""
+    trainer.epochs, on early stopping, at trainer.max_minutes, or with Interrupted on a
+    signal."""
     t, state = run.cfg.trainer, run.state
+    started = time.monotonic()
     while state.epoch < t.epochs:
+        epoch_start = time.monotonic()
         row, improved = run_epoch(run, stop)
         save_checkpoint(run, "last.pt")
         if run.writer:
@@ -303,6 +306,22 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
         if t.patience and state.bad_epochs >= t.patience:
             log.info("early stop: no val improvement in %d epochs", t.patience)
             break
+        if state.epoch < t.epochs and out_of_time(run, started, epoch_start):
+            log.info("time limit: another epoch would pass trainer.max_minutes=%g; stopped "
+                     "after epoch %d (trainer.resume=true continues)", t.max_minutes,
+                     state.epoch)
+            break
+
+
+def out_of_time(run: Run, started: float, epoch_start: float) -> bool:
+    """Whether one more epoch, as long as the last one, would end past trainer.max_minutes
+    of this invocation; rank 0's clock decides for every rank."""
+    limit = run.cfg.trainer.max_minutes
+    if limit is None:
+        return False
+    now = time.monotonic()
+    late = int(run.writer and now - started + (now - epoch_start) > 60 * limit)
+    return bool(distributed.all_max_int(late, run.stepper.device))
 
 
 def check_run_dir(run: Run) -> None:
