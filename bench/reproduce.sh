@@ -5,7 +5,8 @@
 # training continues from the run folder's last checkpoint.
 #   bash bench/reproduce.sh vamp_binarized_mnist [more overrides...]
 #   MNIST_ROOT=/data bash bench/reproduce.sh vae_gated_binarized_mnist
-# Writes outputs/repro/<preset>/ (checkpoints, metrics.csv, eval.json, wall.txt).
+# Writes outputs/repro/<preset>/ (checkpoints, metrics.csv, eval.json, wall.txt); a budget per
+# invocation: trainer.max_minutes=N. `python bench/repro_table.py` prints the README's rows.
 # Trains compiled (trainer.compile=true; later arguments may say false): measured with
 # bench/compile.py on one CPU thread, a compiled step takes 0.46x the eager time for
 # vamp_binarized_mnist and 0.68x for vae_gated_binarized_mnist.
@@ -16,9 +17,12 @@ run=outputs/repro/$preset
 root=${MNIST_ROOT:-../shared/data}
 mkdir -p "$run"
 start=$(date +%s)
+stage=train
+# Every invocation adds its wall time, stopped or not, so the row's total is their sum.
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -1)
+trap 'echo "$(( $(date +%s) - start )) s on $(uname -n), ${cpu:-$(uname -m)}, $(nproc) cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}: $stage, exit $?" >> "$run/wall.txt"' EXIT
 vae train "experiment=$preset" "dataset.root=$root" dataset.download=false \
     trainer.resume=auto trainer.compile=true "hydra.run.dir=$run" "$@"
+stage="train + eval"
 vae eval "ckpt=$run/checkpoints/best.pt" eval.iw_samples=5000 eval.split=test \
     "dataset.root=$root"
-echo "$(( $(date +%s) - start )) s on $(uname -n), $(nproc) cores, this invocation" \
-    >> "$run/wall.txt"

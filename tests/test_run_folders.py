@@ -5,8 +5,10 @@ recreated, and a checkpoint kept among other files starts a folder of its own.""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import shutil
 import time
+from pathlib import Path
 
 from hostile import digest, one_line_failure, tiny_run, unchanged
 from test_cli import TINY, rows, vae
@@ -92,3 +94,23 @@ def test_a_preset_resumes_with_its_own_command_line_and_a_relative_data_root(tmp
     proc = vae("train", *args[1:], "experiment=factorvae_shapes", "trainer.epochs=3",
                cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "experiment=factorvae_shapes gives another" in proc.stderr
+    table = _repro_table()
+    row = table.row(tmp_path / "run")  # the README's Reproductions row of that folder
+    assert (row["preset"], row["epochs"], row["stopped by"], row["test NLL"]) == \
+        ("beta_vae_shapes", 2, "epochs", "-")  # trainer.epochs=2 reached, not evaluated
+
+
+def _repro_table():
+    spec = importlib.util.spec_from_file_location(
+        "repro_table", Path(__file__).parents[1] / "bench/repro_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_reproductions_table_says_what_stopped_a_run():
+    stopped_by = _repro_table().stopped_by
+    val = [3.0, 2.0, 1.0, 1.5, 1.2]  # best at epoch 3, then two epochs without improvement
+    assert stopped_by(val, 2, 2000) == "patience"
+    assert stopped_by(val, 3, 2000) == "budget"
+    assert stopped_by(val, None, 5) == stopped_by(val, 3, 5) == "epochs"
