@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vae_cli.errors import UserError
-from vae_cli.nets import conv, mlp
+from vae_cli.nets import conv, hvae, mlp
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import KL
 from vae_cli.objective.likelihoods import Bernoulli, Gaussian
@@ -76,6 +76,24 @@ def test_mlp_rejects_bad_options():
         mlp.build(latent_dim=2, activation="swishy", shape=(1, 4, 4))
     with pytest.raises(UserError, match="hidden"):
         mlp.build(latent_dim=2, hidden=[0], shape=(1, 4, 4))
+
+
+@pytest.mark.parametrize("builder", [mlp, hvae])
+def test_he_init_draws_every_linear_weight_with_variance_two_over_fan_in(builder):
+    torch.manual_seed(0)
+    kw = {"hidden": [300, 300]} if builder is mlp else {"hidden": 300}
+    nets = {init: builder.build(latent_dim=40, activation="gated", init=init,
+                                shape=(1, 28, 28), **kw) for init in ("torch", "he")}
+    parts = [n for n in ("encoder", "decoder", "hierarchy") if getattr(nets["he"], n)]
+    for init, factor in (("he", 2.0), ("torch", 1 / 3)):  # PyTorch: U(+-1/sqrt(fan_in))
+        layers = [m for p in parts for m in getattr(nets[init], p).modules()
+                  if isinstance(m, torch.nn.Linear)]
+        assert len(layers) >= 6
+        for m in layers:
+            ratio = m.weight.var().item() * m.in_features / factor
+            assert abs(ratio - 1) < 0.15, (init, m, ratio)
+    with pytest.raises(UserError, match="model.init"):
+        builder.build(latent_dim=4, init="glorot", shape=(1, 4, 4), **kw)
 
 
 def test_conv_rejects_unsupported_sizes():

@@ -42,6 +42,22 @@ class Networks:
     grid: tuple[int, int] | None = None
 
 
+INITS = ("torch", "he")
+
+
+def initialise(networks: Networks, init: str) -> Networks:
+    """``init``: "torch" keeps PyTorch's default; "he" draws every linear layer's weights
+    from N(0, 2 / fan_in), biases kept, as the VampPrior code's he_init does."""
+    if init not in INITS:
+        raise UserError(f"model.init={init!r} is not one of {list(INITS)}")
+    if init == "he":
+        for part in (networks.encoder, networks.decoder, networks.hierarchy):
+            for m in part.modules() if part is not None else ():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0.0, (2.0 / m.in_features) ** 0.5)
+    return networks
+
+
 class Conditioned(nn.Module):
     """``back(cat(front(x), y))``: the one-hot class y appended to the flat features that
     ``front`` makes of the input (flattened pixels, conv features, or z itself)."""

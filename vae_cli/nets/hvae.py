@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import Networks, image_shape
+from vae_cli.nets import Networks, image_shape, initialise
 from vae_cli.nets.mlp import ACTIVATIONS, Unflatten, _stack
 
 
@@ -74,7 +74,7 @@ class Decoder(nn.Module):
 
 
 def build(latent_dim: int = 40, top_dim: int = 40, hidden: int = 300,
-          activation: str = "gated", conditional: bool = False, *,
+          activation: str = "gated", conditional: bool = False, init: str = "torch", *,
           shape: tuple[int, int, int], out_mult: int = 1) -> Networks:
     if conditional:
         raise UserError("model=hvae has no conditional form yet; use model=mlp, conv or "
@@ -87,7 +87,8 @@ def build(latent_dim: int = 40, top_dim: int = 40, hidden: int = 300,
             raise UserError(f"model.{key}={value} must be a positive integer")
     c, h, w = image_shape(shape, "hvae")
     d = c * h * w
-    return Networks(Encoder(d, hidden, top_dim, activation),
-                    Decoder(d * out_mult, latent_dim, top_dim, hidden, activation,
-                            (c * out_mult, h, w)),
-                    hierarchy=Hierarchy(latent_dim, top_dim, hidden, activation))
+    return initialise(Networks(Encoder(d, hidden, top_dim, activation),
+                               Decoder(d * out_mult, latent_dim, top_dim, hidden, activation,
+                                       (c * out_mult, h, w)),
+                               hierarchy=Hierarchy(latent_dim, top_dim, hidden, activation)),
+                      init)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.nets import Networks, image_shape, joined, label_classes
+from vae_cli.nets import Networks, image_shape, initialise, joined, label_classes
 
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU,
                "softplus": nn.Softplus, "gelu": nn.GELU}
@@ -44,8 +44,9 @@ class Unflatten(nn.Module):
 
 
 def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str = "relu",
-          conditional: bool = False, *, shape: tuple[int, int, int], out_mult: int = 1,
-          num_classes: int | None = None, posterior_outputs: int | None = None) -> Networks:
+          conditional: bool = False, init: str = "torch", *, shape: tuple[int, int, int],
+          out_mult: int = 1, num_classes: int | None = None,
+          posterior_outputs: int | None = None) -> Networks:
     """MLP encoder [D -> hidden... -> 2z] and mirrored decoder [z -> ...hidden -> D*out_mult].
     Conditional: the one-hot class is appended to the flattened image and to z."""
     if activation not in ACTIVATIONS and activation != "gated":
@@ -61,4 +62,4 @@ def build(latent_dim: int = 10, hidden: list[int] = (512, 256), activation: str 
     decoder = joined([], [_stack([latent_dim + k, *hidden[::-1]], activation),
                           nn.Linear(hidden[0], d * out_mult), Unflatten((c * out_mult, h, w))],
                      k)
-    return Networks(encoder, decoder, classes=k)
+    return initialise(Networks(encoder, decoder, classes=k), init)
