@@ -92,7 +92,7 @@ class EvalConfig:
     split: str = "test"
     batch_size: int = 500
     iw_samples: int = 1000
-    iw_batch: int = 20000
+    iw_batch: int = 2048
     mig_bins: int = 20
     max_examples: int | None = None
     disentanglement: DisentanglementConfig = dataclasses.field(

@@ -30,16 +30,19 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     k = 1 if model.family.deterministic else k
     was_training = model.training
     model.eval()
+    # Fixed weights: the prior (a VampPrior's pass over its pseudo-inputs) is built once, and
+    # q(z|x) once per batch, however many chunks the samples take.
+    log_prior = log_prior or model.prior.dist().log_prob
     iw_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     elbo_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     for xb, yb in labelled(x, labels, batch_size):
         chunk = max(1, min(k, max_decoded // len(xb)))
         acc = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=x.device)
         mean_log_w = torch.zeros(len(xb), dtype=torch.float64, device=x.device)
-        done = 0
+        done, q = 0, model.posterior(xb, yb)
         while done < k:
             c = min(chunk, k - done)
-            log_w = log_weights(model, xb, c, y=yb, log_prior=log_prior).total().double()
+            log_w = log_weights(model, xb, c, y=yb, log_prior=log_prior, q=q).total().double()
             acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
             mean_log_w += log_w.sum(0)
             done += c

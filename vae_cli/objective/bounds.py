@@ -48,9 +48,11 @@ class LogWeights(NamedTuple):
 
 def log_weights(model: VAE, x: torch.Tensor, k: int, shard: Shard = WHOLE,
                 y: torch.Tensor | None = None,
-                log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LogWeights:
-    """``log_prior``: another log p(z) than the model's (a prior fitted after training)."""
-    q = model.posterior(x, y)
+                log_prior: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                q: Distribution | None = None) -> LogWeights:
+    """``log_prior``: another log p(z) than the model's (a prior fitted after training);
+    ``q``: q(z|x) when already computed (chunks of samples of the same batch)."""
+    q = model.posterior(x, y) if q is None else q
     z = model.rsample(q, k, shard)
     pz = (log_prior or model.prior.log_prob)(z)
     return LogWeights(model.log_px(z, x, y), pz, q.log_prob(z))
