@@ -103,6 +103,36 @@ def test_optimizer_is_any_torch_optim_class_from_one_yaml(compose_cfg):
                         params)
 
 
+@pytest.mark.parametrize("option", ["adam", "adam_normgrad", "adamw"])
+def test_the_fused_update_is_the_same_optimizer_and_a_resume_keeps_its_own(compose_cfg,
+                                                                             option):
+    import torch
+
+    from vae_cli.training.recipe import load_optimizer
+
+    cfg = validate(compose_cfg([f"optim={option}", "optim.weight_decay=0.01"])).optim
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(20)]
+    runs = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = build_optimizer(cfg, params, fused=fused)
+        assert bool(opt.param_groups[0].get("fused")) is fused  # this torch has CPU kernels
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs[fused] = (params, opt)
+    for a, b in zip(runs[False][0], runs[True][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    loop = build_optimizer(cfg, runs[False][0], fused=False)  # e.g. a compiled resume
+    load_optimizer(loop, runs[True][1].state_dict())
+    assert not loop.param_groups[0].get("fused") and loop.state[runs[False][0][0]]
+    sgd = validate(compose_cfg(["optim=sgd"])).optim  # fused where torch has it, else not
+    assert type(build_optimizer(sgd, runs[False][0], fused=True)) is torch.optim.SGD
+
+
 def test_impossible_analytic_estimator_is_refused():
     from vae_cli.objective.divergences import KL
     from vae_cli.objective.priors import Prior

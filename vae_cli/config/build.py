@@ -3,6 +3,7 @@ divergence, schedule), the optimizer, and a trained model with its data from a c
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -107,11 +108,19 @@ def optimizer_settings(cfg: DictConfig) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
-def build_optimizer(cfg: DictConfig, params: list) -> torch.optim.Optimizer:
-    """A torch.optim optimizer named by ``optim._target_`` (allow-listed to torch.optim)."""
+def build_optimizer(cfg: DictConfig, params: list, fused: bool = False
+                    ) -> torch.optim.Optimizer:
+    """A torch.optim optimizer named by ``optim._target_`` (allow-listed to torch.optim).
+
+    ``fused``: torch's one-kernel update where the optimizer, the device and this torch have
+    one. The per-tensor loop it replaces took a quarter of a small MLP's eager CPU step;
+    same maths."""
+    node = OmegaConf.create({"_target_": cfg._target_, **optimizer_settings(cfg)})
     try:
-        return instantiate("optim", OmegaConf.create(
-            {"_target_": cfg._target_, **optimizer_settings(cfg)}), params)
+        if fused:
+            with contextlib.suppress(RuntimeError):  # no fused kernel for these parameters
+                return instantiate("optim", node, params, fused=True)
+        return instantiate("optim", node, params)
     except ValueError as e:  # torch's own range checks (momentum < 0, ...)
         raise UserError(f"optim: {e}") from None
 

@@ -85,7 +85,8 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     data = data.to(device)
     objective = build_objective(cfg, data.shape, len(data.train),
                                 data.vocab and len(data.vocab), data.num_classes).to(device)
-    opt = build_optimizer(cfg.optim, objective.main_parameters())
+    # a compiled step fuses the update itself
+    opt = build_optimizer(cfg.optim, objective.main_parameters(), fused=not t.compile)
     div = objective.divergence
     aux_opt = div.auxiliary_optimizer() if div.auxiliary_steps else None
     stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
@@ -142,7 +143,7 @@ def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSche
     try:
         objective.model.load_state_dict(ckpt["model"])
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})
-        stepper.opt.load_state_dict(ckpt["optim"])
+        load_optimizer(stepper.opt, ckpt["optim"])
         if stepper.aux_opt is not None:
             stepper.aux_opt.load_state_dict(ckpt["aux_optim"])
         if stepper.scaler is not None and ckpt.get("scaler"):
@@ -161,6 +162,15 @@ def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSche
     override_settings(stepper.opt, cfg.optim, ckpt, scheduled=schedule.scheduler is not None)
     log.info("resumed at epoch %d, step %d", state.epoch, state.step)
     return state
+
+
+def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """The saved moments and settings, with this process's implementation choice (a run
+    saved fused on one device may continue where that kernel is missing, or compiled)."""
+    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, keep in zip(opt.param_groups, chosen, strict=True):
+        group.update(keep)
 
 
 def override_settings(opt: torch.optim.Optimizer, optim_cfg: DictConfig, ckpt: dict,
