@@ -20,7 +20,7 @@ start=$(date +%s)
 stage=train
 # Every invocation adds its wall time, stopped or not, so the row's total is their sum.
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -1)
-trap 'echo "$(( $(date +%s) - start )) s on $(uname -n), ${cpu:-$(uname -m)}, $(nproc) cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}: $stage, exit $?" >> "$run/wall.txt"' EXIT
+trap 'echo "$(( $(date +%s) - start )) s on $(uname -n), ${cpu:-$(uname -m)}, $(nproc --all) cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}: $stage, exit $?" >> "$run/wall.txt"' EXIT
 vae train "experiment=$preset" "dataset.root=$root" dataset.download=false \
     trainer.resume=auto trainer.compile=true "hydra.run.dir=$run" "$@"
 stage="train + eval"
