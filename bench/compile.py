@@ -28,7 +28,7 @@ def stepper(preset: str, compiled: bool) -> tuple[Stepper, torch.Tensor, int]:
         cfg = validate_train(compose("train", [f"experiment={preset}", "trainer.device=cpu"]))
     torch.manual_seed(0)
     objective = build_objective(cfg, (1, 28, 28), 50000)
-    opt = build_optimizer(cfg.optim, objective.main_parameters(), fused=not compiled)
+    opt = build_optimizer(cfg.optim, objective.main_parameters(), compiled)
     net = training_net(objective, opt, compiled, torch.device("cpu"))
     batch = torch.bernoulli(torch.rand(cfg.trainer.batch_size, 1, 28, 28))
     return Stepper(net, objective, opt, torch.device("cpu")), batch, 0

@@ -139,7 +139,7 @@ def vae_epoch(overrides: list[str], data: Splits):
     device = resolve_device(cfg.trainer.device)
     data = data.to(device)
     objective = build_objective(cfg, data.shape, len(data.train), vocab).to(device)
-    opt = build_optimizer(cfg.optim, objective.main_parameters(), fused=not cfg.trainer.compile)
+    opt = build_optimizer(cfg.optim, objective.main_parameters(), cfg.trainer.compile)
     state = TrainState()
     gen = torch.Generator().manual_seed(0)
     net = training_net(objective, opt, cfg.trainer.compile, device)

@@ -117,7 +117,7 @@ def test_the_fused_update_is_the_same_optimizer_and_a_resume_keeps_its_own(compo
     runs = {}
     for fused in (False, True):
         params = [torch.nn.Parameter(p.clone()) for p in start]
-        opt = build_optimizer(cfg, params, fused=fused)
+        opt = build_optimizer(cfg, params, compiled=not fused)
         assert bool(opt.param_groups[0].get("fused")) is fused  # this torch has CPU kernels
         for step in grads:
             for p, g in zip(params, step, strict=True):
@@ -126,11 +126,11 @@ def test_the_fused_update_is_the_same_optimizer_and_a_resume_keeps_its_own(compo
         runs[fused] = (params, opt)
     for a, b in zip(runs[False][0], runs[True][0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    loop = build_optimizer(cfg, runs[False][0], fused=False)  # e.g. a compiled resume
+    loop = build_optimizer(cfg, runs[False][0], compiled=True)  # a compiled resume
     load_optimizer(loop, runs[True][1].state_dict())
     assert not loop.param_groups[0].get("fused") and loop.state[runs[False][0][0]]
     sgd = validate(compose_cfg(["optim=sgd"])).optim  # fused where torch has it, else not
-    assert type(build_optimizer(sgd, runs[False][0], fused=True)) is torch.optim.SGD
+    assert type(build_optimizer(sgd, runs[False][0], compiled=False)) is torch.optim.SGD
 
 
 def test_impossible_analytic_estimator_is_refused():

@@ -108,16 +108,16 @@ def optimizer_settings(cfg: DictConfig) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
-def build_optimizer(cfg: DictConfig, params: list, fused: bool = False
+def build_optimizer(cfg: DictConfig, params: list, compiled: bool = True
                     ) -> torch.optim.Optimizer:
     """A torch.optim optimizer named by ``optim._target_`` (allow-listed to torch.optim).
 
-    ``fused``: torch's one-kernel update where the optimizer, the device and this torch have
-    one. The per-tensor loop it replaces took a quarter of a small MLP's eager CPU step;
-    same maths."""
+    For an eager step (``compiled=False``), torch's one-kernel update where the optimizer,
+    the device and this torch have one: the per-tensor loop it replaces took a quarter of a
+    small MLP's eager CPU step; same maths. A compiled step fuses the loop itself."""
     node = OmegaConf.create({"_target_": cfg._target_, **optimizer_settings(cfg)})
     try:
-        if fused:
+        if not compiled:
             with contextlib.suppress(RuntimeError):  # no fused kernel for these parameters
                 return instantiate("optim", node, params, fused=True)
         return instantiate("optim", node, params)

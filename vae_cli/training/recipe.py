@@ -85,8 +85,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     data = data.to(device)
     objective = build_objective(cfg, data.shape, len(data.train),
                                 data.vocab and len(data.vocab), data.num_classes).to(device)
-    # a compiled step fuses the update itself
-    opt = build_optimizer(cfg.optim, objective.main_parameters(), fused=not t.compile)
+    opt = build_optimizer(cfg.optim, objective.main_parameters(), t.compile)
     div = objective.divergence
     aux_opt = div.auxiliary_optimizer() if div.auxiliary_steps else None
     stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
