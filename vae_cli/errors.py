@@ -1,7 +1,33 @@
-"""The one exception type that reaches the user as a single line."""
+"""The one exception type that reaches the user as a single line, and the one way any
+exception is shortened to a line for a message."""
+
+from __future__ import annotations
+
+# Long enough for a path and a reason, short enough for one terminal line or two.
+LIMIT = 300
 
 
 class UserError(Exception):
     """Bad input (config, data, checkpoint): printed as one line, exit code 2."""
 
     exit_code: int = 2
+
+
+def one_line(e: BaseException, chain: bool = False, last: bool = False,
+             limit: int = LIMIT) -> str:
+    """``e``'s message for a user on one line: its first line (the exception's type when it
+    says nothing), or its ``last`` (torchvision ends its messages with the cause).
+    ``chain``: every line of it and of its causes, joined, as Hydra and OmegaConf spread
+    theirs over several lines with the key and object type."""
+    if not chain:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        return lines[-1 if last else 0].strip()[:limit]
+    parts: list[str] = []
+    cause: BaseException | None = e
+    while cause is not None and len(parts) < 4:
+        for line in str(cause).splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key:", "object_type=")) and line not in parts:
+                parts.append(line)
+        cause = cause.__cause__
+    return "; ".join(parts).replace(":;", ":").replace(".;", ";")[:limit]

@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vae_cli import errors
 from vae_cli.config.registry import check_retired, config_dir
 from vae_cli.errors import UserError
 from vae_cli.training.signals import Signalled, raise_on_signals
@@ -71,17 +72,8 @@ def register_resolvers() -> None:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception's message, and its cause's, on one line (Hydra and OmegaConf spread
-    theirs over several lines with the key and object type)."""
-    parts: list[str] = []
-    while e is not None and len(parts) < 4:
-        for line in str(e).splitlines():
-            line = line.strip()
-            if line and not line.startswith(("full_key:", "object_type=")) and line not in parts:
-                parts.append(line)
-        e = e.__cause__
-    joined = "; ".join(parts).replace(":;", ":").replace(".;", ";")
-    return joined[:400] or "invalid command line (see vae --help)"
+    """The whole message, causes included (see errors.one_line)."""
+    return errors.one_line(e, chain=True) or "invalid command line (see vae --help)"
 
 
 def guarded(task: Callable[[DictConfig], object], full_error: bool):
@@ -107,7 +99,7 @@ def guarded(task: Callable[[DictConfig], object], full_error: bool):
         except Exception as e:
             if full_error:
                 raise
-            message = (f"unexpected {type(e).__name__}: {one_line(e)[:200]} "
+            message = (f"unexpected {type(e).__name__}: {errors.one_line(e)} "
                        "(HYDRA_FULL_ERROR=1 prints the traceback)")
             if sweep:
                 return job_failed(message)

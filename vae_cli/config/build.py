@@ -14,7 +14,7 @@ from vae_cli.config.registry import check_saved, check_targets, upgrade
 from vae_cli.config.schemas import validate_train
 from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.nets import Networks
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import KL
@@ -141,7 +141,7 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
         objective.model.load_state_dict(ckpt.get("ema") or ckpt["model"])
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"{path} does not match its own config: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{path} does not match its own config: {one_line(e)}") from None
     return objective.to(device).eval(), ckpt
 
 

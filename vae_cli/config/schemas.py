@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vae_cli.config.components import check_component, instantiate
 from vae_cli.config.registry import COMPONENTS, check_targets
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 
 
 @dataclasses.dataclass
@@ -165,7 +165,7 @@ def typed(node: Any, schema: type, name: str) -> DictConfig:
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), node or {})
     except OmegaConfBaseException as e:
-        msg = str(e).splitlines()[0]
+        msg = one_line(e)
         key = getattr(e, "full_key", None)
         where = f"{name}.{key}" if name and key else (key or name)
         raise UserError(f"{where}: {msg}" if where else msg) from None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vae_cli.data.base import ImageData, load_cache, save_cache, seeded_split
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
             raise
         except Exception as e:
             # torchvision prefixes its messages with a C++ source location: drop it.
-            msg = re.sub(r"^.*?\.cpp:\d+, ", "", str(e).splitlines()[0] if str(e) else "")
-            raise UserError(f"cannot decode image {f}: {msg or type(e).__name__}") from None
+            msg = re.sub(r"^.*?\.cpp:\d+, ", "", one_line(e))
+            raise UserError(f"cannot decode image {f}: {msg}") from None
         img = F.resize(img, [size], antialias=True)  # one int: the shorter side
         out[i] = F.center_crop(img, [size, size])
         if i % 5000 == 4999:

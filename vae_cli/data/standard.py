@@ -14,19 +14,17 @@ from typing import Any
 import torch
 
 from vae_cli.data.base import ImageData, binarize_once, check_positive
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 
 _IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 _CIFAR10 = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
 
-def brief(e: BaseException, limit: int = 160) -> str:
-    """One line for an exception: torchvision's messages span lines and end with the cause."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""
-    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def brief(e: BaseException) -> str:
+    """An exception's type and its last line: torchvision's messages end with the cause."""
+    reason = one_line(e, last=True)
+    return reason if reason == type(e).__name__ else f"{type(e).__name__}: {reason}"
 
 
 def open_torchvision(label: str, root: str, download: bool, required: list[str],

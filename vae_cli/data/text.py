@@ -14,7 +14,7 @@ from pathlib import Path
 from vae_cli.data.base import SPLITS, Splits, check_positive, seeded_split
 from vae_cli.data.standard import brief
 from vae_cli.data.vocab import Vocab
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def read_lines(path: str | Path, fix: str) -> list[str]:
         text = p.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as e:
         raise UserError(f"cannot read {p.absolute()} as UTF-8 text ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
+                        f"{one_line(e)})") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 

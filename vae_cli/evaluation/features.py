@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.data.base import Splits
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import save_cache
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def torchvision_extractor(name: str, weights: str, resize: int,
         model.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as e:
         raise UserError(f"fd.weights={weights} does not fit torchvision's {name}: "
-                        f"{str(e).strip().splitlines()[0][:160]}") from None
+                        f"{one_line(e)}") from None
     cut_last_linear(model)
     model = model.to(device).eval()
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -206,7 +206,7 @@ def load_weights(weights: str) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse a foreign file means "refuse"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = one_line(e)
         raise UserError(f"fd.weights={weights} is not a readable weights file ({reason})"
                         ) from None
     if not (isinstance(state, dict) and state

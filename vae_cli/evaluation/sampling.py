@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vae_cli.data.base import Splits
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.evaluation.diagnostics import encode_all
 from vae_cli.objective.model import VAE
 from vae_cli.objective.samplers import Sampler
@@ -95,7 +95,7 @@ def read(path: Path, sampler: Sampler) -> dict | None:
             warnings.simplefilter("ignore")
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse a foreign file means "refuse"
-        raise refuse((str(e).strip().splitlines() or [type(e).__name__])[0][:160]) from None
+        raise refuse(one_line(e)) from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise refuse(f"no {FORMAT!r} marker")
     if saved.get("sampler") != sampler.name:
@@ -118,9 +118,8 @@ def load_state(path: Path, sampler: Sampler, state: dict) -> None:
     try:
         sampler.load_state_dict(state)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()
         raise UserError(f"{path} does not fit sampler {sampler.name}'s settings "
-                        f"({' '.join(reason)[:200]}); delete it to refit") from None
+                        f"({one_line(e, chain=True)}); delete it to refit") from None
     problem = sampler.problem()
     if problem:
         sampler.load_state_dict(backup)

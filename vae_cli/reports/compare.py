@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import write_text
 
 RESULTS = ["epochs", "best_val_loss", "final_val_loss", "test_nll", "test_bpd", "test_ppl",
@@ -121,7 +121,7 @@ def _read(path: Path, parse):
         return parse(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, csv.Error,
             yaml.YAMLError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        reason = one_line(e)
         raise RunFileError(f"{path} is unreadable ({reason})") from None
 
 

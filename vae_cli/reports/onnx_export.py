@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.objective.model import VAE
 from vae_cli.reports.export import Exported, describe, write_json
 from vae_cli.runtime.files import atomic_write
@@ -178,10 +178,6 @@ def check(graph: nn.Module, onnx: bytes, inputs: torch.Tensor, what: str) -> flo
                                  "nothing written")
         worst = max(worst, diff)
     return worst
-
-
-def one_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _tensor(name: str, shape: tuple[int, ...], meaning: str) -> dict[str, Any]:

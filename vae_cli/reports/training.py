@@ -12,6 +12,7 @@ import torch
 
 from vae_cli.data.base import Splits
 from vae_cli.data.batching import as_input
+from vae_cli.errors import one_line
 from vae_cli.objective.model import VAE
 from vae_cli.reports.images import sample_draws, save_reconstructions, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
@@ -115,7 +116,7 @@ class TrainingReports:
             getattr(self.tracker, method)(*args)
         except Exception as e:
             failed, self.tracker = self.tracker, Tracker()
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = one_line(e)
             log.warning("logger=%s failed (%s); training goes on without it",
                         failed.option, reason)
             if method != "close":

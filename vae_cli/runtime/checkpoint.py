@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import atomic_write
 
 FORMAT = "vae_cli.checkpoint/1"
@@ -47,7 +47,7 @@ def load(path: str | Path | None) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse a foreign file means "refuse"
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = one_line(e)
         raise UserError(f"{path} is not a readable vae checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a vae checkpoint (no {FORMAT!r} marker)")

@@ -17,7 +17,7 @@ from datetime import datetime
 import torch
 import torch.distributed as dist
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 
 
 def world() -> int:
@@ -36,7 +36,7 @@ def init() -> None:
     try:
         dist.init_process_group(backend)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"cannot join the torchrun process group ({str(e).splitlines()[0]})"
+        raise UserError(f"cannot join the torchrun process group ({one_line(e)})"
                         ) from None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

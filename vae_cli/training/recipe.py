@@ -18,7 +18,7 @@ from vae_cli.config.build import build_objective, build_optimizer, optimizer_set
 from vae_cli.config.components import instantiate
 from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.model import Shard
@@ -155,7 +155,7 @@ def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSche
         set_rng_state(ckpt["rng"])
         order.set_state(ckpt["rng"]["order"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = one_line(e)
         raise UserError(f"the checkpoint cannot be resumed: its training state does not "
                         f"fit this run ({reason})") from None
     override_settings(stepper.opt, cfg.optim, ckpt, scheduled=schedule.scheduler is not None)

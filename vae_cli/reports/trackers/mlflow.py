@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.reports.trackers.base import (
     Status,
     Tracker,
@@ -64,7 +64,7 @@ class MLflow(Tracker):
             self.save({"run_id": self.run_id})
             self.log_config(config, run.data.params)
         except error as e:
-            raise UserError(f"logger=mlflow: {str(e).splitlines()[0][:300]}") from None
+            raise UserError(f"logger=mlflow: {one_line(e)}") from None
         return continued
 
     def store_uri(self) -> str:

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 from typing import Any, Literal
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 from vae_cli.reports.trackers.base import (
     Status,
     Tracker,
@@ -45,7 +45,7 @@ class WandB(Tracker):
                 resume="allow" if run_id else None,
                 settings=self.wandb.Settings(console="off"))
         except self.wandb.errors.Error as e:
-            raise UserError(f"logger=wandb: {str(e).splitlines()[0][:300]}") from None
+            raise UserError(f"logger=wandb: {one_line(e)}") from None
         if run_id:  # a resumed run keeps its id; its config is the latest start's
             self.run.config.update(config, allow_val_change=True)
         self.save({"id": self.run.id})
