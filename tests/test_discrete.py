@@ -336,7 +336,7 @@ def test_compare_shows_codebook_use_and_the_frechet_distance_where_runs_have_the
 def test_learned_prior_bound_of_a_vq_model_is_recon_plus_the_codes_nll(tmp_path):
     """q(z|x) is a point mass: log p(x) >= log p(x|z_q) + log p_prior(codes), exactly what
     iwae_bound gives with the fitted prior's log_prob (any k), checked term by term."""
-    from vae_cli.objective.pixelcnn import PixelCNNSampler
+    from vae_cli.samplers.pixelcnn import PixelCNNSampler
 
     torch.manual_seed(10)
     cfg = OmegaConf.create({

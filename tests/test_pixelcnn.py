@@ -17,10 +17,10 @@ from torch import nn
 from vae_cli.config.components import instantiate
 from vae_cli.config.schemas import check_sampler
 from vae_cli.errors import UserError
-from vae_cli.evaluation.sampling import load_state
 from vae_cli.objective.discrete import GumbelSoftmax, UniformPrior, VectorQuantizer
-from vae_cli.objective.pixelcnn import GatedPixelCNN, PixelCNNSampler, split
 from vae_cli.objective.priors import NormalPrior
+from vae_cli.samplers.fitted import load_state
+from vae_cli.samplers.pixelcnn import GatedPixelCNN, PixelCNNSampler, split
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sampler" / "pixelcnn.yaml"
 
@@ -178,7 +178,7 @@ def test_fit_keeps_the_best_held_out_epoch_logs_it_and_leaves_the_callers_stream
                               lr=2e-2, val_fraction=0.5, seed=3,
                               latent_dim=prior.latent_dim, prior=prior)
     torch.manual_seed(7)
-    with caplog.at_level(logging.INFO, logger="vae_cli.objective.pixelcnn"):
+    with caplog.at_level(logging.INFO, logger="vae_cli.samplers.pixelcnn"):
         sampler.fit(prior.embed(idx), torch.zeros(len(idx), prior.latent_dim))
     after = torch.rand(3)
     torch.manual_seed(7)

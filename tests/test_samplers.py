@@ -14,8 +14,9 @@ from vae_cli.data.shapes import shapes
 from vae_cli.errors import UserError
 from vae_cli.evaluation.features import Extractor, cut_last_linear, torchvision_extractor
 from vae_cli.evaluation.frechet import fd_score, frechet_distance, frechet_of
-from vae_cli.evaluation.sampling import FORMAT, fitted_sampler, sampler_path
-from vae_cli.objective.samplers import GaussianMixture, TwoStage
+from vae_cli.samplers.fitted import FORMAT, fitted_sampler, sampler_path
+from vae_cli.samplers.gmm import GaussianMixture
+from vae_cli.samplers.two_stage import TwoStage
 
 
 def _cov(a: float, b: float, c: float) -> torch.Tensor:

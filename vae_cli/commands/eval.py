@@ -21,11 +21,11 @@ from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.evaluation.features import extractor
 from vae_cli.evaluation.frechet import fd_score
 from vae_cli.evaluation.likelihood import iwae_bound
-from vae_cli.evaluation.sampling import fitted_sampler
 from vae_cli.objective.model import VAE
 from vae_cli.reports.tables import table, write_report
 from vae_cli.runtime import checkpoint
 from vae_cli.runtime.device import resolve_device
+from vae_cli.samplers.fitted import fitted_sampler
 
 log = logging.getLogger(__name__)
 MAX_LOGITS = 2**26  # floats of decoder output held at once by `vae eval` (256 MB)

@@ -4,16 +4,15 @@ with a model card (README.md), in a folder `huggingface_hub.upload_folder` takes
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from vae_cli.config.build import load_trained
-from vae_cli.config.registry import COMPONENTS, config_dir, option_target, registry, upgrade
+from vae_cli.config.registry import option_names, upgrade
 from vae_cli.config.schemas import check_out_dir, validate_export
-from vae_cli.reports.export import Exported, require_safetensors, write_safetensors
-from vae_cli.reports.model_card import write_card
+from vae_cli.export.card import write_card
+from vae_cli.export.weights import Exported, require_safetensors, write_safetensors
 from vae_cli.runtime import checkpoint
 from vae_cli.runtime.device import resolve_device
 
@@ -21,7 +20,7 @@ from vae_cli.runtime.device import resolve_device
 def run(cfg: DictConfig) -> Path:
     cfg = validate_export(cfg)
     if cfg.format == "onnx":
-        from vae_cli.reports.onnx_export import require_onnx
+        from vae_cli.export.onnx_graphs import require_onnx
 
         require_onnx()  # before the checkpoint is read: a missing extra is known at once
     else:
@@ -38,7 +37,7 @@ def run(cfg: DictConfig) -> Path:
                    rows=list(state.get("rows", [])))
     notes: list[str] = []
     if cfg.format == "onnx":
-        from vae_cli.reports.onnx_export import CHECK_BATCH, write_onnx
+        from vae_cli.export.onnx_graphs import CHECK_BATCH, write_onnx
 
         files, diffs = write_onnx(src, out_dir)
         checked = ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
@@ -51,20 +50,3 @@ def run(cfg: DictConfig) -> Path:
     card = write_card(src, cfg.format, files, run_dir, out_dir, notes)
     print("wrote " + ", ".join(str(out_dir / name) for name in files) + f", {card}")
     return out_dir
-
-
-def option_names(config: dict) -> dict[str, str]:
-    """group -> the option a config's component came from (model: mlp), read from the config
-    tree by its _target_; the target's last part when no option names it."""
-    names = {}
-    for group in COMPONENTS:
-        target = (config.get(group) or {}).get("_target_")
-        target = registry()[group].get(target, target)
-        names[group] = _options(group).get(target) or str(target).rpartition(".")[2]
-    return names
-
-
-@functools.cache
-def _options(group: str) -> dict[str, str]:
-    return {option_target(group, p): p.stem
-            for p in sorted((config_dir() / group).glob("*.yaml"))}

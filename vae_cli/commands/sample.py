@@ -20,7 +20,6 @@ from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
 from vae_cli.evaluation.features import extractor
 from vae_cli.evaluation.frechet import fd_score
-from vae_cli.evaluation.sampling import fitted_sampler
 from vae_cli.objective.model import VAE
 from vae_cli.reports.images import sample_draws, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
@@ -28,6 +27,7 @@ from vae_cli.reports.text import sample_text
 from vae_cli.runtime import checkpoint
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.files import write_text
+from vae_cli.samplers.fitted import fitted_sampler
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from vae_cli.objective.hierarchy import TwoLevel, TwoLevelPrior
 from vae_cli.objective.model import VAE
 from vae_cli.objective.posteriors import DiagonalGaussian, Posterior
 from vae_cli.objective.priors import VampPrior
-from vae_cli.objective.samplers import Sampler
 from vae_cli.runtime import checkpoint
+from vae_cli.samplers.base import Sampler
 
 LABELLED = ("mnist, fashion_mnist, binarized_mnist, cifar10, shapes, dsprites, or folder "
             "with one sub-folder per class")

@@ -106,6 +106,23 @@ def option_target(group: str, path: Path) -> Any:
     return node.get("_target_") or (node.get(group) or {}).get("_target_")
 
 
+def option_names(config: dict) -> dict[str, str]:
+    """group -> the option a config's component came from (model: mlp), found in the config
+    tree by its _target_; the target's last part when no option names it."""
+    names = {}
+    for group in COMPONENTS:
+        target = (config.get(group) or {}).get("_target_")
+        target = registry()[group].get(target, target)
+        names[group] = _options(group).get(target) or str(target).rpartition(".")[2]
+    return names
+
+
+@functools.cache
+def _options(group: str) -> dict[str, str]:
+    return {option_target(group, p): p.stem
+            for p in sorted((config_dir() / group).glob("*.yaml"))}
+
+
 def _optimizers() -> list[str]:
     import torch
 

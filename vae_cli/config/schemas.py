@@ -110,7 +110,7 @@ class FrechetConfig:
 
 
 def prior_sampler() -> dict[str, Any]:
-    return {"_target_": "vae_cli.objective.samplers.PriorSampler"}
+    return {"_target_": "vae_cli.samplers.base.PriorSampler"}
 
 
 def dataset_overrides() -> dict[str, Any]:

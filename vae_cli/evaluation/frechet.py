@@ -10,11 +10,20 @@ published Inception FIDs.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from vae_cli.evaluation.features import Extractor
 from vae_cli.objective.model import VAE
-from vae_cli.objective.samplers import Sampler
+
+
+class Draws(Protocol):
+    """What a sample score needs of a sampler (samplers/ build them; this module only draws)."""
+
+    name: str
+
+    def sample(self, n: int) -> torch.Tensor: ...
 
 
 def gaussian_fit(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +62,7 @@ def frechet_of(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def generate(model: VAE, sampler: Sampler, n: int, batch: int,
+def generate(model: VAE, sampler: Draws, n: int, batch: int,
              labels: torch.Tensor | None = None) -> torch.Tensor:
     """n images decoded from the sampler's draws (a conditional model decodes each under a
     class drawn from ``labels``, the training labels, so the class mix matches the data)."""
@@ -68,7 +77,7 @@ def generate(model: VAE, sampler: Sampler, n: int, batch: int,
 
 
 @torch.no_grad()
-def fd_score(model: VAE, sampler: Sampler, real: torch.Tensor, extractor: Extractor,
+def fd_score(model: VAE, sampler: Draws, real: torch.Tensor, extractor: Extractor,
              n: int, batch: int = 500, labels: torch.Tensor | None = None) -> dict:
     """The Fréchet distance between ``n`` generated images and the real images given
     (uint8, as the dataset holds them), under the extractor's features, with what it is."""

@@ -23,8 +23,8 @@ from vae_cli.data.base import Splits
 from vae_cli.errors import UserError, one_line
 from vae_cli.evaluation.diagnostics import encode_all
 from vae_cli.objective.model import VAE
-from vae_cli.objective.samplers import Sampler
 from vae_cli.runtime.files import save_cache
+from vae_cli.samplers.base import Sampler
 
 log = logging.getLogger(__name__)
 

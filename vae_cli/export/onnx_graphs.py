@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError, one_line
+from vae_cli.export.weights import Exported, describe, write_json
 from vae_cli.objective.model import VAE
-from vae_cli.reports.export import Exported, describe, write_json
 from vae_cli.runtime.files import atomic_write
 
 ONNX_EXTRA = "pip install 'vae-cli[onnx]'"

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from vae_cli.reports.export import Exported
+from vae_cli.export.weights import Exported
 from vae_cli.runtime.files import write_text
 
 log = logging.getLogger(__name__)

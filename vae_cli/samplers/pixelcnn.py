@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.errors import UserError
-from vae_cli.objective.samplers import Sampler, _check
+from vae_cli.samplers.base import Sampler, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class PixelCNNSampler(Sampler):
                  val_fraction: float = 0.05, seed: int = 0, *, latent_dim: int = 1,
                  prior: Any = None):
         super().__init__(latent_dim)
-        _check(seed, channels=channels, layers=layers, epochs=epochs, batch_size=batch_size,
+        check_settings(seed, channels=channels, layers=layers, epochs=epochs, batch_size=batch_size,
                lr=lr, temperature=temperature)
         for key, value in (("lr", lr), ("temperature", temperature)):
             if not math.isfinite(value):

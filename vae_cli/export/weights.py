@@ -1,7 +1,7 @@
 """`vae export`'s files: what a trained model is (shared by every format), and the
 safetensors format (the weights of any model, text models included).
 
-ONNX graphs are in ``onnx_export.py`` and the model card in ``model_card.py``. Every file is
+ONNX graphs are in ``onnx_graphs.py`` and the model card in ``card.py``. Every file is
 written atomically; files of the folder that are not the export's own are left alone.
 """
 
