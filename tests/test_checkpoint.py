@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from vae_cli.errors import UserError
 from vae_cli.runtime import checkpoint
+from vae_cli.runtime.run_folder import RunFolder
 
 MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "vae-cli-pwned"
 
@@ -109,5 +110,5 @@ def test_missing_and_unset_paths(tmp_path):
 
 
 def test_run_dir_of(tmp_path):
-    assert checkpoint.run_dir_of(tmp_path / "run/checkpoints/best.pt") == tmp_path / "run"
-    assert checkpoint.run_dir_of(tmp_path / "elsewhere/x.pt") == tmp_path / "elsewhere"
+    assert RunFolder.of_checkpoint(tmp_path / "run/checkpoints/best.pt").path == tmp_path / "run"
+    assert RunFolder.of_checkpoint(tmp_path / "elsewhere/x.pt").path == tmp_path / "elsewhere"

@@ -11,7 +11,7 @@ import torch
 from test_cli import DATA
 
 from vae_cli.config.schemas import validate_train
-from vae_cli.training.metrics import read_metrics
+from vae_cli.runtime.run_folder import read_metrics
 from vae_cli.training.recipe import fit, setup
 
 STEPS = [*DATA, "dataset.n_train=128", "trainer.epochs=1", "model.hidden=[32]",

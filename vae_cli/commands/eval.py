@@ -23,8 +23,8 @@ from vae_cli.evaluation.frechet import fd_score
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.objective.model import VAE
 from vae_cli.reports.tables import table, write_report
-from vae_cli.runtime import checkpoint
 from vae_cli.runtime.device import resolve_device
+from vae_cli.runtime.run_folder import RunFolder
 from vae_cli.samplers.fitted import fitted_sampler
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:
         result.update(disentanglement(cfg, model, data, encoded[0], factors))
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else RunFolder.of_checkpoint(cfg.ckpt).path
     sampler, settings = build_sampler(cfg.sampler, model)
     fd = bool(cfg.fd.samples and data.vocab is None)  # images only
     if fd or (e.iw_samples and sampler.density):
@@ -87,8 +87,7 @@ def run(cfg: DictConfig) -> dict:
                        f"bpd_iwae_{sampler.name}": bound.get("bpd_iwae")})
     if fd:
         result.update(frechet(cfg, model, data, x, sampler, ckpt))
-    name = "eval.json" if e.split == "test" else f"eval_{e.split}.json"
-    path = write_report(result, out_dir / name)
+    path = write_report(result, RunFolder(out_dir).eval_json(e.split))
     print(table(result))
     log.info("wrote %s", path)
     return result

@@ -13,8 +13,8 @@ from vae_cli.config.registry import option_names, upgrade
 from vae_cli.config.schemas import check_out_dir, validate_export
 from vae_cli.export.card import write_card
 from vae_cli.export.weights import Exported, require_safetensors, write_safetensors
-from vae_cli.runtime import checkpoint
 from vae_cli.runtime.device import resolve_device
+from vae_cli.runtime.run_folder import RunFolder
 
 
 def run(cfg: DictConfig) -> Path:
@@ -26,8 +26,8 @@ def run(cfg: DictConfig) -> Path:
     else:
         require_safetensors()
     objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
-    run_dir = checkpoint.run_dir_of(cfg.ckpt)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "export" / cfg.format
+    run_dir = RunFolder.of_checkpoint(cfg.ckpt).path
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else RunFolder(run_dir).export(cfg.format)
     check_out_dir(str(out_dir))
     config = upgrade(ckpt["config"])
     state = ckpt.get("state") or {}

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vae_cli import errors
 from vae_cli.config.registry import check_retired, config_dir
 from vae_cli.errors import UserError
+from vae_cli.runtime.run_folder import RunFolder, in_run_folder
 from vae_cli.training.signals import Signalled, raise_on_signals
 
 log = logging.getLogger("vae_cli")
@@ -52,9 +53,9 @@ def _command(name: str) -> Callable[[DictConfig], object]:
 def _run_dir(ckpt: str | None, default: str) -> str:
     """Resuming from ckpt=<run>/checkpoints/x.pt writes back into <run>; a checkpoint kept
     anywhere else starts a new run folder rather than filling the one it sits in."""
-    if not ckpt or Path(ckpt).resolve().parent.name != "checkpoints":
+    if not ckpt or not in_run_folder(ckpt):
         return default
-    return str(Path(ckpt).resolve().parent.parent)
+    return str(RunFolder.of_checkpoint(ckpt).path)
 
 
 def _output_subdir(run_dir: str) -> str:

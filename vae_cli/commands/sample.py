@@ -24,9 +24,9 @@ from vae_cli.objective.model import VAE
 from vae_cli.reports.images import sample_draws, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
 from vae_cli.reports.text import sample_text
-from vae_cli.runtime import checkpoint
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.files import write_text
+from vae_cli.runtime.run_folder import RunFolder
 from vae_cli.samplers.fitted import fitted_sampler
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"fd.samples={cfg.fd.samples}: the Fréchet distance scores images, "
                         "and this is a text model; leave fd.samples=0")
     sampler, settings = build_sampler(cfg.sampler, model)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else checkpoint.run_dir_of(cfg.ckpt)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else RunFolder.of_checkpoint(cfg.ckpt).path
     data = None
     if sampler.needs_fit or cfg.fd.samples:  # both need the data; without it, one line
         data = load_data(ckpt, cfg.dataset, next(model.parameters()).device)
@@ -97,7 +97,7 @@ def pictures(cfg: DictConfig, model: VAE, ckpt: dict, data: Splits | None,
         log.warning("samples only; data pictures skipped: %s", e)
     else:
         written += write_data_pictures(model, data, cfg.split, out_dir)
-    curves = write_curves(checkpoint.run_dir_of(cfg.ckpt))
+    curves = write_curves(RunFolder.of_checkpoint(cfg.ckpt).path)
     return written + ([curves] if curves else [])
 
 

@@ -15,11 +15,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vae_cli.runtime.files import write_text
-from vae_cli.training.resume import MARKER
+from vae_cli.runtime.run_folder import HYDRA, RunFolder
 
 
 def mark_failed(job_dir: Path, message: str) -> None:
-    write_text(job_dir / MARKER, message + "\n")
+    write_text(RunFolder(job_dir).failed, message + "\n")
 
 
 @dataclass
@@ -34,7 +34,7 @@ REPORT = Outcome()
 class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()] if sweep.is_dir() else []
+        jobs = [p for p in sweep.iterdir() if (p / HYDRA).is_dir()] if sweep.is_dir() else []
         REPORT.jobs = len(jobs)
         REPORT.failed = sorted((p / f"{config.hydra.job.name}.log" for p in jobs
-                                if (p / MARKER).is_file()), key=str)
+                                if RunFolder(p).failed.is_file()), key=str)

@@ -3,8 +3,6 @@ what the model is, its final metrics, the files, how to load them, and the confi
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,36 +11,30 @@ from omegaconf import OmegaConf
 
 from vae_cli.export.weights import Exported
 from vae_cli.runtime.files import write_text
+from vae_cli.runtime.run_folder import RunFileError, RunFolder, read_eval, read_metrics
 
 log = logging.getLogger(__name__)
 
 
-def read_metrics(run_dir: Path, src: Exported) -> tuple[str, list[dict[str, Any]]]:
+def rows_shown(run_dir: Path, src: Exported) -> tuple[str, list[dict[str, Any]]]:
     """The run's metrics.csv rows (values as written), else the rows the checkpoint carries
     (a checkpoint copied away from its run folder); with where they came from."""
-    path = run_dir / "metrics.csv"
-    if path.is_file():
-        try:
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-            if rows and "epoch" in rows[0]:
-                return "`metrics.csv`", rows
-            log.warning("%s has no epoch column; the checkpoint's rows are shown", path)
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            log.warning("%s cannot be read (%s); the checkpoint's rows are shown", path, e)
+    try:
+        rows = read_metrics(RunFolder(run_dir).metrics)
+    except RunFileError as e:
+        log.warning("%s; the checkpoint's rows are shown", e)
+        return "the checkpoint (no readable metrics.csv beside it)", src.rows
+    if rows:
+        return "`metrics.csv`", rows
     return "the checkpoint (no metrics.csv beside it)", src.rows
 
 
-def read_eval(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "eval.json"
-    if not path.is_file():
-        return None
+def eval_shown(run_dir: Path) -> dict[str, Any] | None:
     try:
-        result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        log.warning("%s cannot be read (%s); the card leaves it out", path, e)
+        return read_eval(RunFolder(run_dir).eval_json())
+    except RunFileError as e:
+        log.warning("%s; the card leaves it out", e)
         return None
-    return result if isinstance(result, dict) else None
 
 
 def cell(text: str) -> str:
@@ -57,7 +49,7 @@ def _number(v: Any) -> str:
 def metrics_section(src: Exported, run_dir: Path) -> list[str]:
     """The final row of the run's metrics, beside the checkpoint's own epoch when that is
     an earlier one (best.pt), then eval.json's numbers."""
-    where, rows = read_metrics(run_dir, src)
+    where, rows = rows_shown(run_dir, src)
     out = ["## Metrics", ""]
     if rows:
         final = rows[-1]
@@ -73,7 +65,7 @@ def metrics_section(src: Exported, run_dir: Path) -> list[str]:
                 for k in final if k != "epoch"]
     else:
         out.append("No training metrics were found.")
-    result = read_eval(run_dir)
+    result = eval_shown(run_dir)
     if result:
         scalars = {k: v for k, v in result.items() if k not in ("epoch", "examples")
                    and isinstance(v, int | float) and not isinstance(v, bool)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,14 @@ import yaml
 
 from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import write_text
+from vae_cli.runtime.run_folder import (
+    LOG,
+    METRICS,
+    RunFileError,
+    RunFolder,
+    read_eval,
+    read_metrics,
+)
 
 RESULTS = ["epochs", "best_val_loss", "final_val_loss", "test_nll", "test_bpd", "test_ppl",
            "active_units", "mig"]
@@ -38,8 +45,8 @@ def find_runs(paths: list[str]) -> list[Path]:
             raise UserError(f"{p} is not a folder; pass run or multirun folders")
         # a sweep job that failed before its first epoch has a log but no metrics: listed
         # with 0 epochs, so a sweep's table shows every job
-        found = [p] if (p / "metrics.csv").exists() else sorted(
-            {m.parent for pattern in ("metrics.csv", "train.log") for m in p.rglob(pattern)},
+        found = [p] if RunFolder(p).metrics.exists() else sorted(
+            {m.parent for pattern in (METRICS, LOG) for m in p.rglob(pattern)},
             key=lambda r: str(r))
         runs += found
     if not runs:
@@ -56,34 +63,31 @@ def _override_list(text: str) -> dict[str, str]:
 
 
 def _overrides(run: Path) -> dict[str, str]:
-    path = run / ".hydra" / "overrides.yaml"
-    return _read(path, _override_list) if path.exists() else {}
+    path = RunFolder(run).overrides
+    if not path.exists():
+        return {}
+    try:
+        return _override_list(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise RunFileError(f"{path} is unreadable ({one_line(e)})") from None
 
 
-def _val_losses(text: str) -> tuple[list[float], int]:
-    rows = list(csv.DictReader(io.StringIO(text)))
-    if rows and "epoch" not in rows[0]:
-        raise ValueError("no epoch column: not a vae metrics.csv")
-    return [float(r["val_loss"]) for r in rows if r.get("val_loss")], len(rows)
-
-
-def _eval(text: str) -> dict:
-    e = json.loads(text)
-    if not isinstance(e, dict):
-        raise ValueError("not a JSON object")
-    return e
+def _val_losses(path: Path) -> tuple[list[float], int]:
+    rows = read_metrics(path)
+    try:
+        return [float(r["val_loss"]) for r in rows if r.get("val_loss")], len(rows)
+    except (ValueError, TypeError) as e:
+        raise RunFileError(f"{path} is unreadable ({one_line(e)})") from None
 
 
 def collect(run: Path) -> dict:
-    val, epochs = [], 0
-    if (run / "metrics.csv").exists():
-        val, epochs = _read(run / "metrics.csv", _val_losses)
+    folder = RunFolder(run)
+    val, epochs = _val_losses(folder.metrics)
     row: dict = {"run": str(run), "epochs": epochs,
                  "best_val_loss": min(val) if val else math.nan,
                  "final_val_loss": val[-1] if val else math.nan}
-    ev = run / "eval.json"
-    if ev.exists():
-        e = _read(ev, _eval)
+    e = read_eval(folder.eval_json())
+    if e is not None:
         row["test_nll"] = e.get("nll_iwae", e.get("nelbo", math.nan))
         row["test_bpd"] = e.get("bpd_iwae", e.get("bpd", math.nan))
         row["test_ppl"] = e.get("ppl_iwae", e.get("ppl", math.nan))  # text models
@@ -110,19 +114,6 @@ def readable(runs: list[Path], warn) -> list[Path]:
     if not good:
         raise UserError("no readable runs left to compare")
     return good
-
-
-class RunFileError(Exception):
-    """A run's file that cannot be read as what it should be."""
-
-
-def _read(path: Path, parse):
-    try:
-        return parse(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, csv.Error,
-            yaml.YAMLError) as e:
-        reason = one_line(e)
-        raise RunFileError(f"{path} is unreadable ({reason})") from None
 
 
 def build_table(runs: list[Path], sort: str | None = None,

@@ -13,6 +13,7 @@ from vae_cli.objective.model import VAE
 from vae_cli.reports.images import save_interpolations, save_reconstructions, save_traversals
 from vae_cli.reports.plots import plot_curves, plot_scatter
 from vae_cli.reports.text import write_text_pictures
+from vae_cli.runtime.run_folder import RunFileError, RunFolder, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,5 +58,11 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
 
 
 def write_curves(run_dir: Path) -> Path | None:
-    metrics = Path(run_dir) / "metrics.csv"
-    return plot_curves(metrics, Path(run_dir) / "curves.png") if metrics.exists() else None
+    """curves.png from the run's metrics.csv; a file that cannot be read is skipped with a
+    warning (the pictures are a view of the run, not the run)."""
+    try:
+        rows = read_metrics(RunFolder(Path(run_dir)).metrics)
+    except RunFileError as e:
+        log.warning("%s; no curves drawn", e)
+        return None
+    return plot_curves(rows, Path(run_dir) / "curves.png")

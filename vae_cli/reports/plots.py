@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
@@ -26,11 +25,9 @@ TERMS = ("loss", "recon", "div", "commit", "perplexity", "usage", "temperature")
 EXTRA = (("lr", "lr"), ("grad norm", "train_grad_norm"))
 
 
-def plot_curves(metrics_csv: Path, path: Path) -> Path | None:
-    """Train/val loss, reconstruction, divergence and a family's own terms against epochs,
-    then the learning rate and gradient norm where logged."""
-    with Path(metrics_csv).open() as f:
-        rows = list(csv.DictReader(f))
+def plot_curves(rows: list[dict[str, str]], path: Path) -> Path | None:
+    """Train/val loss, reconstruction, divergence and a family's own terms against epochs
+    (metrics.csv's rows), then the learning rate and gradient norm where logged."""
     if not rows:
         return None
     plt = _pyplot()

@@ -90,9 +90,3 @@ def _malformed(ckpt: dict) -> str | None:
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"its {key!r} is not a mapping"
     return None
-
-
-def run_dir_of(ckpt_path: str | Path) -> Path:
-    """The run folder a checkpoint belongs to: <run>/checkpoints/x.pt -> <run>."""
-    p = Path(ckpt_path).resolve().parent
-    return p.parent if p.name == "checkpoints" else p

@@ -24,6 +24,7 @@ from vae_cli.errors import UserError, one_line
 from vae_cli.evaluation.diagnostics import encode_all
 from vae_cli.objective.model import VAE
 from vae_cli.runtime.files import save_cache
+from vae_cli.runtime.run_folder import RunFolder
 from vae_cli.samplers.base import Sampler
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def checkpoint_identity(path: str | Path, ckpt: dict) -> dict[str, Any]:
 
 def sampler_path(folder: Path, sampler: Sampler, ckpt_path: str | Path) -> Path:
     """best.pt and last.pt of one run each keep their own fitted sampler."""
-    return Path(folder) / "samplers" / f"{sampler.name}_{Path(ckpt_path).stem}.pt"
+    return RunFolder(Path(folder)).samplers() / f"{sampler.name}_{Path(ckpt_path).stem}.pt"
 
 
 def fitted_sampler(sampler: Sampler, settings: dict, model: VAE, data: Splits | None,

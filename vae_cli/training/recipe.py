@@ -27,10 +27,10 @@ from vae_cli.reports.training import TrainingReports
 from vae_cli.runtime import checkpoint, distributed
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.rng import rng_state, seed_all, set_rng_state
+from vae_cli.runtime.run_folder import RunFolder, read_metrics, write_metrics
 from vae_cli.training.ema import WeightAverage
 from vae_cli.training.loop import StopRequested, train_epoch
 from vae_cli.training.lr_schedules import LRSchedule
-from vae_cli.training.metrics import read_metrics, write_metrics
 from vae_cli.training.signals import Interrupted, Signalled, StopFlag
 from vae_cli.training.state import TrainState
 from vae_cli.training.step import Stepper
@@ -54,8 +54,8 @@ class Run:
     tracker: Tracker = field(default_factory=Tracker)  # logger=; rank 0's, csv elsewhere
 
     @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
 
     def weights_shown(self) -> contextlib.AbstractContextManager:
         """The weights validation, pictures and evaluation use: the EMA when kept."""
@@ -217,13 +217,12 @@ def check_compilable(objective: Objective, device: torch.device) -> None:
                         "fails or trains wrongly); use trainer.compile=false")
 
 
-def save_checkpoint(run: Run, name: str) -> Path:
+def save_checkpoint(run: Run, path: Path) -> Path:
     """Everything a resume needs, written atomically by rank 0."""
-    path = run.ckpt_dir / name
     if not run.writer:
         return path
     check_run_dir(run)
-    run.ckpt_dir.mkdir(exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     stepper, vocab = run.stepper, run.data.vocab
     config = OmegaConf.to_container(run.cfg, resolve=True)
     # how this start was launched is not part of the run: the same run, however often
@@ -260,10 +259,10 @@ def fit(run: Run) -> dict:
                 with run.weights_shown():
                     reports.final(state.step)
             if agreed_signal(run, stop):  # during the final validation or pictures
-                raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
+                raise Interrupted(stop.signum, state.step, run.folder.last)
             if reports:
-                best = run.ckpt_dir / "best.pt"
-                reports.finish(best if best.is_file() else run.ckpt_dir / "last.pt")
+                best = run.folder.best
+                reports.finish(best if best.is_file() else run.folder.last)
             status = "finished"
         except (Interrupted, Signalled):
             status = "interrupted"
@@ -301,17 +300,17 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
     while state.epoch < t.epochs:
         epoch_start = time.monotonic()
         row, improved = run_epoch(run, stop)
-        save_checkpoint(run, "last.pt")
+        save_checkpoint(run, run.folder.last)
         if run.writer:
             check_run_dir(run)
-            write_metrics(run.run_dir / "metrics.csv", state.rows)
+            write_metrics(run.folder.metrics, state.rows)
             if improved:  # the same bytes: copy them rather than serialise twice
-                checkpoint.copy(run.ckpt_dir / "last.pt", run.ckpt_dir / "best.pt")
+                checkpoint.copy(run.folder.last, run.folder.best)
             with run.weights_shown():
                 reports.epoch(state.epoch, state.step, row,
                               state.epoch % t.image_every == 0 or state.epoch == t.epochs)
         if agreed_signal(run, stop) and state.epoch < t.epochs:
-            raise Interrupted(stop.signum, state.step, run.ckpt_dir / "last.pt")
+            raise Interrupted(stop.signum, state.step, run.folder.last)
         if t.patience and state.bad_epochs >= t.patience:
             log.info("early stop: no val improvement in %d epochs", t.patience)
             break
@@ -346,9 +345,9 @@ def reconcile(run: Run) -> None:
     left them one epoch behind."""
     state = run.state
     if not state.rows and state.epoch:  # a checkpoint from before rows were kept in it
-        state.rows = read_metrics(run.run_dir / "metrics.csv")[: state.epoch]
-    write_metrics(run.run_dir / "metrics.csv", state.rows)
-    best = run.ckpt_dir / "best.pt"
+        state.rows = read_metrics(run.folder.metrics)[: state.epoch]
+    write_metrics(run.folder.metrics, state.rows)
+    best = run.folder.best
     source = run.resumed_from
     if (source is not None and state.progress is None and state.epoch > 0
             and state.best_epoch == state.epoch and source.resolve() != best.resolve()):
@@ -370,7 +369,7 @@ def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
         tr = train_epoch(run.stepper, run.data, t, run.order, state, stop,
                          f"epoch {epoch}/{t.epochs}")
     except StopRequested:
-        raise Interrupted(stop.signum, state.step, save_checkpoint(run, "last.pt")) from None
+        raise Interrupted(stop.signum, state.step, save_checkpoint(run, run.folder.last)) from None
     distributed.check_replicas(run.objective)
     lr = run.lr_schedule.lr  # the epoch's (a per-step schedule's: its last step's)
     labels = run.data.labels_for("val") if run.objective.model.conditional else None

@@ -8,14 +8,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.config.registry import COMPONENTS, SWAPPABLE
 from vae_cli.errors import UserError
-from vae_cli.runtime.checkpoint import run_dir_of
-
-MARKER = "FAILED"  # left in a sweep job's folder when the job failed (commands/sweeps.py)
-
+from vae_cli.runtime.run_folder import FAILED, HYDRA, LOG, RunFolder
 
 # What a run folder may hold before a run starts in it: Hydra's record of this start, its
 # log, a failed sweep job's marker. Anything else belongs to another run.
-OWN = {".hydra", "train.log", MARKER}
+OWN = {HYDRA, LOG, FAILED}
 
 
 def another_run(run_dir: Path) -> list[str]:
@@ -23,7 +20,7 @@ def another_run(run_dir: Path) -> list[str]:
     checkpoint yet (a start killed while writing its first one)."""
     if not run_dir.is_dir():
         return []
-    ckpts = run_dir / "checkpoints"
+    ckpts = RunFolder(run_dir).checkpoints
     empty = ckpts.is_dir() and not any(ckpts.glob("*.pt"))
     return sorted(p.name for p in run_dir.iterdir()
                   if p.name not in OWN and not (p == ckpts and empty))
@@ -33,11 +30,11 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue from: ckpt=..., or last.pt when trainer.resume=true (or
     auto and it exists). A run folder is written only when it is empty, absent, or the
     resumed run's own: never mixed with another run's files."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunFolder(run_dir).last
     others = another_run(run_dir)
     if cfg.get("ckpt"):
         path = Path(cfg.ckpt)
-        if others and run_dir_of(path) != run_dir.resolve():
+        if others and RunFolder.of_checkpoint(path).path != run_dir.resolve():
             raise UserError(f"{run_dir} holds another run ({', '.join(others[:3])}); "
                             f"ckpt={path} continues in its own run folder or an empty one")
         return path

@@ -1,0 +1,127 @@
+"""A run folder's layout, and the one reader and writer of each file in it.
+
+    <run>/
+      .hydra/            Hydra's record of the config and overrides of each start
+      train.log          the log
+      checkpoints/       last.pt (each epoch and each stop), best.pt (lowest validation loss)
+      metrics.csv        one row per epoch (no wall time in it: same seed, same file)
+      eval.json          `vae eval` on the test split (eval_<split>.json on another split)
+      samplers/          samplers fitted to a checkpoint's codes (samplers/fitted.py)
+      export/<format>/   `vae export`
+      FAILED             a failed sweep job's message
+
+Every reader of a file here that a person may have edited, truncated or replaced says so
+with a ``RunFileError`` naming the file: a ``UserError``, so a command that cannot go on
+without the file stops with that one line, and one that can (compare, a model card) skips it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vae_cli.errors import UserError, one_line
+from vae_cli.runtime.files import write_text
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.csv"
+LOG = "train.log"
+HYDRA = ".hydra"
+FAILED = "FAILED"
+
+
+class RunFileError(UserError):
+    """A run's file that cannot be read as what it should be."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    @classmethod
+    def of_checkpoint(cls, ckpt_path: str | Path) -> RunFolder:
+        """The run folder a checkpoint belongs to: <run>/checkpoints/x.pt -> <run>; a
+        checkpoint kept anywhere else: the folder it sits in."""
+        p = Path(ckpt_path).resolve().parent
+        return cls(p.parent if p.name == CHECKPOINTS else p)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def failed(self) -> Path:
+        return self.path / FAILED
+
+    @property
+    def overrides(self) -> Path:
+        return self.path / HYDRA / "overrides.yaml"
+
+    def eval_json(self, split: str = "test") -> Path:
+        return self.path / ("eval.json" if split == "test" else f"eval_{split}.json")
+
+    def samplers(self) -> Path:
+        return self.path / "samplers"
+
+    def export(self, fmt: str) -> Path:
+        return self.path / "export" / fmt
+
+
+def in_run_folder(ckpt_path: str | Path) -> bool:
+    """Whether a checkpoint sits in a run folder's checkpoints/ (a resume writes back there)."""
+    return Path(ckpt_path).resolve().parent.name == CHECKPOINTS
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows, values as written; [] when there is no file."""
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise RunFileError(f"{path} is unreadable ({one_line(e)})") from None
+    if rows and "epoch" not in rows[0]:
+        raise RunFileError(f"{path} is unreadable (no epoch column: not a vae metrics.csv)")
+    return rows
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """The rows, whole and atomically: floats to 6 significant digits."""
+    if not rows:
+        return
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    write_text(path, buf.getvalue())
+
+
+def read_eval(path: Path) -> dict[str, Any] | None:
+    """eval.json's results; None when there is no file."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunFileError(f"{path} is unreadable ({one_line(e)})") from None
+    if not isinstance(result, dict):
+        raise RunFileError(f"{path} is unreadable (not a JSON object)")
+    return result
