@@ -134,8 +134,10 @@ def test_the_fused_update_is_the_same_optimizer_and_a_resume_keeps_its_own(compo
 
 
 def test_impossible_analytic_estimator_is_refused():
+    from vae_cli.objective import rules
     from vae_cli.objective.divergences import KL
     from vae_cli.objective.priors import Prior
+    from vae_cli.objective.rules import Design
 
     class Odd(Prior):  # a mixture: no closed-form KL from a Gaussian
         def dist(self):
@@ -145,9 +147,9 @@ def test_impossible_analytic_estimator_is_refused():
             return MixtureSameFamily(Categorical(logits=torch.zeros(3)), comp)
 
     with pytest.raises(UserError, match="estimator=mc"):
-        KL(estimator="analytic").check(Odd(2))
+        rules.check(Design(prior=Odd(2), divergence=KL(estimator="analytic")))
     kl = KL(estimator="auto")
-    kl.check(Odd(2))
+    kl.bind(Odd(2))
     assert kl._analytic is False
 
 

@@ -12,6 +12,7 @@ from torch.distributions import Independent, Normal
 
 from vae_cli.errors import UserError
 from vae_cli.nets import mlp
+from vae_cli.objective import rules
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import (
     DIP,
@@ -28,6 +29,7 @@ from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
 from vae_cli.objective.posteriors import DiagonalGaussian, Planar
 from vae_cli.objective.priors import LearnedPrior, MixturePrior, NormalPrior, Prior, VampPrior
+from vae_cli.objective.rules import Design
 from vae_cli.training.step import Stepper, auxiliary_step
 
 
@@ -93,26 +95,27 @@ def _vamp(d=3):
 ])
 def test_auto_estimator_picks_closed_form_only_where_one_exists(prior, analytic):
     kl = KL()
-    kl.check(prior())
+    kl.bind(prior())
     assert kl._analytic is analytic
 
 
 def test_mc_estimator_is_forced_even_with_a_closed_form():
     kl = KL(estimator="mc")
-    kl.check(NormalPrior(latent_dim=3))
+    kl.bind(NormalPrior(latent_dim=3))
     assert kl._analytic is False
 
 
 def test_analytic_estimator_refuses_a_mixture():
     with pytest.raises(UserError, match="analytic"):
-        KL(estimator="analytic").check(MixturePrior(components=2, latent_dim=3))
+        rules.check(Design(prior=MixturePrior(components=2, latent_dim=3),
+                            divergence=KL(estimator="analytic")))
 
 
 def test_analytic_kl_against_learned_prior_matches_closed_form():
     prior = _randomised(LearnedPrior(latent_dim=3))
     q = _posterior()
     kl = KL()
-    kl.check(prior)
+    kl.bind(prior)
     torch.manual_seed(0)
     out = kl(q, q.rsample(), prior)["div"]
     p_std = torch.exp(0.5 * prior.logvar)
@@ -126,7 +129,7 @@ def test_mc_kl_against_one_component_mixture_converges_to_closed_form():
     prior = _randomised(MixturePrior(components=1, latent_dim=3))
     q = _posterior(b=4)
     kl = KL()
-    kl.check(prior)
+    kl.bind(prior)
     assert kl._analytic is False
     torch.manual_seed(1)
     z = q.sample((25000,))  # [S, B, D]: forward averages log q - log p over all of them
@@ -139,7 +142,7 @@ def test_mc_kl_against_mixture_matches_an_independent_estimate():
     prior = _randomised(MixturePrior(components=3, init_spread=2.0, latent_dim=2))
     q = _posterior(b=4, d=2)
     kl = KL()
-    kl.check(prior)
+    kl.bind(prior)
     torch.manual_seed(2)
     mc = kl(q, q.sample((20000,)), prior)["div"]
     # Independent estimate: other draws, hand-written log q and mixture logsumexp.
@@ -163,7 +166,7 @@ def test_free_bits_floors_each_dimension_and_reports_the_true_kl():
     q = Independent(Normal(mu, std), 1)
     prior = NormalPrior(latent_dim=3)
     kl = KL(free_bits=0.5)
-    kl.check(prior)
+    kl.bind(prior)
     torch.manual_seed(31)  # the analytic KL ignores z, but draw it reproducibly anyway
     out = kl(q, q.rsample(), prior)
     per_dim = _gauss_kl(mu, std, torch.zeros(3), torch.ones(3)).mean(0)
@@ -171,7 +174,7 @@ def test_free_bits_floors_each_dimension_and_reports_the_true_kl():
     assert torch.allclose(out["div"], torch.clamp(per_dim, min=0.5).sum(), atol=1e-5)
     assert torch.allclose(out["kl"], per_dim.sum(), atol=1e-5)
     plain = KL()
-    plain.check(prior)
+    plain.bind(prior)
     assert torch.allclose(out["kl"], plain(q, q.rsample(), prior)["div"], atol=1e-5)
     # The floor takes the gradient away from the dims under it, and only from them.
     out["div"].backward()
@@ -183,7 +186,7 @@ def test_free_bits_with_learned_prior():
     prior = _randomised(LearnedPrior(latent_dim=3))
     q = _posterior()
     kl = KL(free_bits=1.0)
-    kl.check(prior)
+    kl.bind(prior)
     out = kl(q, q.mean, prior)
     per_dim = _gauss_kl(q.mean, q.stddev, prior.loc, torch.exp(0.5 * prior.logvar)).mean(0)
     assert torch.allclose(out["div"], per_dim.clamp(min=1.0).sum(), atol=1e-5)
@@ -196,7 +199,7 @@ def test_free_bits_with_learned_prior():
 ])
 def test_free_bits_needs_a_per_dimension_kl(estimator, prior):
     with pytest.raises(UserError, match="free_bits"):
-        KL(free_bits=0.5, estimator=estimator).check(prior())
+        rules.check(Design(prior=prior(), divergence=KL(free_bits=0.5, estimator=estimator)))
 
 
 def test_free_bits_must_be_non_negative():
@@ -626,7 +629,7 @@ def test_factorvae_div_is_kl_plus_gamma_tc():
     q, prior = _posterior(b=16), NormalPrior(latent_dim=3)
     z = q.rsample()
     div = _factorvae(beta=2.0, gamma=7.0)
-    div.check(prior)
+    div.bind(prior)
     out = div(q, z, prior)
     assert torch.allclose(out["kl"], KL()(q, z, prior)["div"])
     assert torch.allclose(out["tc"], div.discriminator.log_ratio(z).mean())
@@ -686,7 +689,7 @@ def test_only_the_discriminator_step_trains_d_and_it_leaves_the_vae_alone():
 def test_factorvae_with_a_mixture_prior_takes_the_monte_carlo_kl():
     prior = MixturePrior(components=3, latent_dim=3)
     div = _factorvae()
-    div.check(prior)
+    div.bind(prior)
     assert div.kl._analytic is False
 
 
@@ -712,7 +715,8 @@ def test_factorvae_rejects_bad_options(kw, fragment):
 
 def test_factorvae_refuses_iwae_and_tiny_batches():
     with pytest.raises(UserError, match="divergence=factorvae") as e:
-        _objective(_factorvae(), iw_samples=4)
+        rules.check(Design(prior=NormalPrior(latent_dim=3), divergence=_factorvae(),
+                           iw_samples=4))
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="batch_size >= 4"):
         _factorvae().auxiliary_loss(torch.randn(3, 3), NormalPrior(latent_dim=3))
@@ -745,7 +749,7 @@ def test_dip_penalty_matches_a_hand_computation(kind, lambda_od, lambda_d):
     div = DIP(type=kind, lambda_od=lambda_od, lambda_d=lambda_d)
     assert torch.allclose(div.covariance(q).double(), c, atol=1e-5)
     prior = NormalPrior(latent_dim=3)
-    div.check(prior)
+    div.bind(prior)
     out = div(q, q.rsample(), prior)
     assert out["dip"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(out["div"], out["kl"] + out["dip"])
@@ -780,15 +784,15 @@ def test_dip_is_zero_penalty_for_whitened_means():
 ])
 def test_dip_refuses_priors_other_than_the_standard_normal(prior):
     with pytest.raises(UserError, match="prior=normal") as e:
-        DIP().check(prior())
+        rules.check(Design(prior=prior(), divergence=DIP()))
     assert "\n" not in str(e.value)
 
 
 def test_dip_refuses_flow_posteriors():
     with pytest.raises(UserError, match="posterior=gaussian") as e:
-        DIP().check_posterior(Planar(steps=2))
+        rules.check(Design(Planar(steps=2), NormalPrior(latent_dim=3), DIP()))
     assert "\n" not in str(e.value)
-    DIP().check_posterior(DiagonalGaussian())
+    rules.check(Design(DiagonalGaussian(), NormalPrior(latent_dim=3), DIP()))
 
 
 def test_dip_refuses_bad_options_iwae_and_single_examples():
@@ -797,7 +801,7 @@ def test_dip_refuses_bad_options_iwae_and_single_examples():
     with pytest.raises(UserError, match="lambda"):
         DIP(lambda_od=-1.0)
     with pytest.raises(UserError, match="divergence=dip"):
-        DIP().iw_weight()
+        rules.check(Design(prior=NormalPrior(latent_dim=3), divergence=DIP(), iw_samples=2))
     q = _posterior(b=1)
     with pytest.raises(UserError, match="batch_size >= 2"):
         DIP()(q, q.mean, NormalPrior(latent_dim=3))

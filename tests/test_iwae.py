@@ -9,13 +9,15 @@ from torch.distributions import kl_divergence
 
 from vae_cli.errors import UserError
 from vae_cli.nets import mlp
+from vae_cli.objective import rules
 from vae_cli.objective.bounds import Objective, log_weights
 from vae_cli.objective.divergences import KL, TotalCorrelation
 from vae_cli.objective.likelihoods import Bernoulli
 from vae_cli.objective.model import VAE
 from vae_cli.objective.posteriors import DiagonalGaussian
 from vae_cli.objective.priors import NormalPrior
-from vae_cli.objective.schedules import Capacity, Linear
+from vae_cli.objective.rules import Design
+from vae_cli.objective.schedules import Capacity, Constant, Linear
 
 LATENT, SHAPE, B = 3, (1, 4, 4), 8
 
@@ -136,8 +138,12 @@ def test_training_with_iw_samples_gives_a_finite_loss_with_gradients():
 
 
 def _with(divergence, schedule=None, iw_samples=4):
+    """The objective, after the rules every built objective passes."""
     nets = mlp.build(latent_dim=LATENT, shape=SHAPE, hidden=[8])
-    model = VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=LATENT), Bernoulli(), LATENT)
+    prior = NormalPrior(latent_dim=LATENT)
+    rules.check(Design(DiagonalGaussian(), prior, divergence, schedule or Constant(),
+                       iw_samples=iw_samples))
+    model = VAE(nets, DiagonalGaussian(), prior, Bernoulli(), LATENT)
     return Objective(model, divergence, schedule, iw_samples)
 
 

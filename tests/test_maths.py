@@ -27,7 +27,7 @@ def test_analytic_kl_matches_closed_form():
     closed = 0.5 * (mu.pow(2) + var - 1 - var.log()).sum(1).mean()
     kl = KL(estimator="analytic")
     prior = NormalPrior(latent_dim=5)
-    kl.check(prior)
+    kl.bind(prior)
     out = kl(q, q.rsample(), prior)["div"]
     assert torch.allclose(out, closed, atol=1e-5)
 
@@ -37,7 +37,7 @@ def test_analytic_kl_matches_monte_carlo():
     q = _posterior(b=8)
     prior = NormalPrior(latent_dim=5)
     analytic, mc = KL(estimator="analytic"), KL(estimator="mc")
-    analytic.check(prior), mc.check(prior)
+    analytic.bind(prior), mc.bind(prior)
     z = q.rsample((20000,))  # [S, B, D]: MC average over S per example
     mc_value = (q.log_prob(z) - prior.log_prob(z)).mean(0).mean()
     exact = analytic(q, z[0], prior)["div"]
@@ -50,7 +50,7 @@ def test_analytic_kl_matches_monte_carlo():
 def test_kl_is_zero_for_posterior_equal_to_prior():
     q = Independent(Normal(torch.zeros(4, 3), torch.ones(4, 3)), 1)
     kl = KL()
-    kl.check(NormalPrior(latent_dim=3))
+    kl.bind(NormalPrior(latent_dim=3))
     assert kl(q, q.rsample(), NormalPrior(latent_dim=3))["div"].abs().item() < 1e-6
 
 

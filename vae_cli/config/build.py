@@ -16,32 +16,25 @@ from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError, one_line
 from vae_cli.nets import Networks
+from vae_cli.objective import rules
 from vae_cli.objective.bounds import Objective
-from vae_cli.objective.divergences import KL
 from vae_cli.objective.hierarchy import TwoLevel, TwoLevelPrior
 from vae_cli.objective.model import VAE
-from vae_cli.objective.posteriors import DiagonalGaussian, Posterior
-from vae_cli.objective.priors import VampPrior
+from vae_cli.objective.posteriors import Posterior
+from vae_cli.objective.rules import Design
 from vae_cli.runtime import checkpoint
 from vae_cli.samplers.base import Sampler
-
-LABELLED = ("mnist, fashion_mnist, binarized_mnist, cifar10, shapes, dsprites, or folder "
-            "with one sub-folder per class")
 
 
 def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
                     vocab_size: int | None = None, num_classes: int | None = None
                     ) -> Objective:
-    """Instantiate the components and check, before any work, that they fit together.
-    ``shape`` is (C, H, W) for images and (L,) for token sequences of a ``vocab_size``;
-    ``num_classes`` the classes of the data's labels (None: unlabelled), which a
-    conditional model reads."""
+    """Instantiate the components, have rules.py judge the combination before any work,
+    then compose them. ``shape`` is (C, H, W) for images and (L,) for token sequences of a
+    ``vocab_size``; ``num_classes`` the classes of the data's labels (None: unlabelled),
+    which a conditional model reads."""
     shape = tuple(shape)
     conditional = bool(cfg.model.get("conditional", False))
-    if conditional and not num_classes and len(shape) == 3:
-        name = str(cfg.dataset.get("_target_", "")).rpartition(".")[2] or "this dataset"
-        raise UserError(f"model.conditional=true needs class labels, and dataset={name} has "
-                        f"none; use a labelled dataset ({LABELLED})")
     runtime = {"shape": shape, "latent_dim": int(cfg.model.latent_dim),
                "dataset_size": int(dataset_size), "vocab_size": vocab_size,
                "num_classes": num_classes if conditional else None}
@@ -50,55 +43,42 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
     nets = instantiate("model", cfg.model, out_mult=likelihood.out_mult,
                        posterior_outputs=family.outputs(runtime["latent_dim"]),
                        spatial=family.spatial, **runtime)
-    if family.spatial:  # posterior=vq: z is the encoder's map [D, H, W], flattened
-        runtime = spatial_latent(family, nets, runtime)
-    if nets.hierarchy is not None:  # model=hvae: z = [z1, z2], p(z2) the configured prior
-        family, runtime = two_level(family, nets.hierarchy, runtime)
-    if len(shape) == 1 and not likelihood.tokens:
-        raise UserError(f"loss={type(likelihood).__name__.lower()} scores images; token "
-                        "sequences need loss=categorical")
-    # A VampPrior's pseudo-inputs live where the encoder reads continuous input: pixels in
-    # [0, 1], or, for a sequence encoder, unbounded embedded sequences.
-    soft = {"shape": nets.soft_shape, "bounded": False} if nets.soft_shape else {}
-    if nets.hierarchy is None:
-        prior = instantiate("prior", cfg.prior, **{**runtime, **soft})
-    else:
-        top = {**runtime, "latent_dim": nets.hierarchy.top_dim}
-        prior = TwoLevelPrior(instantiate("prior", cfg.prior, **top), family)
-    if isinstance(prior, VampPrior) and not family.closed_form:
-        raise UserError(f"prior=vamp is a mixture of posteriors q(z|u_k), whose density "
-                        f"posterior={family.option} knows only at its own "
-                        "samples; use posterior=gaussian with prior=vamp, or another prior")
-    model = VAE(nets, family, prior, likelihood, runtime["latent_dim"])
+    prior = instantiate("prior", cfg.prior, **prior_arguments(family, nets, runtime))
+    runtime = {**runtime, "latent_dim": latent_dim(family, nets, runtime["latent_dim"])}
     divergence = instantiate("divergence", cfg.divergence, **runtime)
-    if family.discrete and not isinstance(divergence, KL):
-        raise UserError(f"posterior={family.option} has a discrete latent, "
-                        "whose KL to prior=uniform is exact: use divergence=kl")
-    return Objective(model, divergence, instantiate("schedule", cfg.schedule, **runtime),
-                     int(cfg.trainer.iw_samples))
+    schedule = instantiate("schedule", cfg.schedule, **runtime)
+    dataset = str((cfg.get("dataset") or {}).get("_target_", "")).rpartition(".")[2]
+    rules.check(Design(family, prior, divergence, schedule, likelihood, nets, shape,
+                       conditional, num_classes, dataset or "this dataset",
+                       int(cfg.trainer.iw_samples)))
+    if family.spatial:  # posterior=vq: z is the encoder's map [D, H, W], flattened
+        family.hw = nets.grid
+    if nets.hierarchy is not None:  # model=hvae: z = [z1, z2], p(z2) the configured prior
+        family = TwoLevel(nets.hierarchy, family.bounds)
+        prior = TwoLevelPrior(prior, family)
+    model = VAE(nets, family, prior, likelihood, runtime["latent_dim"])
+    return Objective(model, divergence, schedule, int(cfg.trainer.iw_samples))
 
 
-def spatial_latent(family: Posterior, nets: Networks,
-                   runtime: dict[str, Any]) -> dict[str, Any]:
-    """A family that reads the encoder's map learns the map's grid; the latent the rest of
-    the model sees is the map flattened."""
-    if nets.grid is None:
-        raise UserError(f"posterior={family.option} quantises the encoder's "
-                        "feature map: use model=conv or model=resnet")
-    family.hw = nets.grid
-    return {**runtime, "latent_dim": runtime["latent_dim"] * nets.grid[0] * nets.grid[1]}
+def latent_dim(family: Posterior, nets: Networks, width: int) -> int:
+    """The size of z that divergences and schedules see: a spatial family's map flattened
+    [D x H x W]; model=hvae's z = [z1, z2]."""
+    if family.spatial and nets.grid is not None:
+        return width * nets.grid[0] * nets.grid[1]
+    if nets.hierarchy is not None:
+        return nets.hierarchy.latent_dim + nets.hierarchy.top_dim
+    return width
 
 
-def two_level(family: Posterior, hierarchy: torch.nn.Module,
-              runtime: dict[str, Any]) -> tuple[TwoLevel, dict[str, Any]]:
-    """model=hvae's posterior q(z1|x, z2) q(z2|x), and the runtime arguments with the latent
-    that divergences see, z = [z1, z2]."""
-    if type(family) is not DiagonalGaussian:
-        raise UserError(f"model=hvae has Gaussian layers; posterior="
-                        f"{family.option} is not available for it, use "
-                        "posterior=gaussian (its logvar bounds apply to every layer)")
-    d = hierarchy.latent_dim + hierarchy.top_dim
-    return TwoLevel(hierarchy, family.bounds), {**runtime, "latent_dim": d}
+def prior_arguments(family: Posterior, nets: Networks, runtime: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The configured prior's arguments: over z (model=hvae: over its top layer z2). A
+    VampPrior's pseudo-inputs live where the encoder reads continuous input: pixels in
+    [0, 1], or, for a sequence encoder, unbounded embedded sequences."""
+    if nets.hierarchy is not None:
+        return {**runtime, "latent_dim": nets.hierarchy.top_dim}
+    soft = {"shape": nets.soft_shape, "bounded": False} if nets.soft_shape else {}
+    return {**runtime, "latent_dim": latent_dim(family, nets, runtime["latent_dim"]), **soft}
 
 
 def optimizer_settings(cfg: DictConfig) -> dict[str, Any]:

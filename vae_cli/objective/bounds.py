@@ -9,7 +9,7 @@ schedule how much it weighs at a training step. From these:
   weight w = schedule factor x beta scales log p(z) - log q(z|x) inside every importance
   weight: -log (1/k) sum_i p(x|z_i) (p(z_i)/q(z_i|x))^w. At k = 1 that is the weighted ELBO
   with a Monte Carlo KL. Options with no such form (capacity's |KL - C|, tc's three
-  weights, free bits) are refused at start-up;
+  weights, free bits) are refused at start-up by rules.py, which judges every combination;
 - the negative ELBO reported by evaluation, recon + KL whatever weight trained the model;
 - the importance-weighted log-likelihood estimate (``log_weights``, k samples);
 - the KL of each latent dimension (``kl_per_dim``).
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal
 
-from vae_cli.errors import UserError
 from vae_cli.objective.divergences import Divergence
 from vae_cli.objective.model import VAE, WHOLE, Shard
 from vae_cli.objective.schedules import Constant, Schedule
@@ -58,17 +57,6 @@ def log_weights(model: VAE, x: torch.Tensor, k: int, shard: Shard = WHOLE,
     return LogWeights(model.log_px(z, x, y), pz, q.log_prob(z))
 
 
-def check_iw(divergence: Divergence, schedule: Schedule, iw_samples: int) -> None:
-    """Refuse, with one line, settings an importance-weighted bound cannot honour."""
-    if iw_samples == 1:
-        return
-    divergence.iw_weight()  # raises where the divergence has no importance-weighted form
-    if not schedule.multiplicative:
-        raise UserError(f"schedule={type(schedule).__name__.lower()} is not a factor on the "
-                        f"divergence, so trainer.iw_samples={iw_samples} cannot apply it; use "
-                        "schedule=constant, linear or cyclical, or trainer.iw_samples=1")
-
-
 class Objective(nn.Module):
     """The loss of a batch: model + divergence + schedule (+ k importance samples).
 
@@ -82,13 +70,7 @@ class Objective(nn.Module):
                  iw_samples: int = 1):
         super().__init__()
         schedule = schedule or Constant()
-        check_iw(divergence, schedule, iw_samples)
-        if iw_samples > 1 and model.family.discrete:
-            raise UserError(f"posterior={model.family.option} trains on relaxed "
-                            "or straight-through samples, which have no importance weights: "
-                            "use trainer.iw_samples=1 (vae eval still reports the bound)")
-        divergence.check(model.prior)
-        divergence.check_posterior(model.family)
+        divergence.bind(model.prior, model.family)
         self.model, self.divergence = model, divergence
         self.schedule, self.iw_samples = schedule, iw_samples
 

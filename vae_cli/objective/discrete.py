@@ -386,9 +386,6 @@ class UniformPrior(Prior):
         self.__dict__["family"] = None  # the posterior's, not a submodule of the prior
 
     def attach(self, family: Posterior) -> None:
-        if not getattr(family, "discrete", False):
-            raise UserError(f"prior=uniform is the prior of a discrete latent (posterior=vq or "
-                            f"gumbel), not of posterior={family.option}")
         self.__dict__["family"] = family
 
     def dist(self) -> Distribution:

@@ -3,8 +3,9 @@
 Protocol: ``forward(q, z, prior)`` gets the posterior distribution, the sample z used for
 the reconstruction and the prior module, and returns a dict of batch-level scalars whose
 "div" entry enters the loss; other entries are logged as extra metric columns.
-``check(prior)`` runs at start-up and refuses impossible combinations with one line.
-``iw_weight()`` says how the divergence enters an importance-weighted bound, or refuses.
+``bind(prior, family)`` runs once when the model is composed (a KL decides there whether it
+is analytic); which combinations are refused is objective/rules.py's. ``iw_weight()`` says
+how the divergence enters an importance-weighted bound (None: it has no such form).
 Sample-based divergences (mmd, sliced, adversarial) compare the batch of z, i.e. the
 aggregate posterior, with as many prior samples: they need a batch of at least 2.
 A divergence that trains a network of its own (the adversarial critic, FactorVAE's
@@ -25,7 +26,7 @@ from torch.distributions import Distribution, Normal, kl_divergence
 from vae_cli.errors import UserError
 from vae_cli.objective.critics import Critic, Discriminator
 from vae_cli.objective.posteriors import Posterior
-from vae_cli.objective.priors import NormalPrior, Prior, diagonal_normal
+from vae_cli.objective.priors import Prior
 
 ESTIMATORS = ("auto", "analytic", "mc")
 KERNELS = ("imq", "rbf")
@@ -44,23 +45,19 @@ class Divergence(nn.Module):
             raise UserError(f"divergence.beta={beta} must be >= 0")
         self.beta = float(beta)
 
-    def check(self, prior: Prior) -> None:
-        """Refuse a prior this divergence cannot handle (called once before training)."""
-
-    def check_posterior(self, family: Posterior) -> None:
-        """Refuse a posterior family this divergence cannot handle (after ``check``)."""
+    def bind(self, prior: Prior, family: Posterior | None = None) -> None:
+        """Called once with the model's prior and posterior family (rules.py has judged
+        them already)."""
 
     def weight(self) -> float:
         """The factor on div in the objective (before any schedule)."""
         return self.beta
 
-    def iw_weight(self) -> float:
+    def iw_weight(self) -> float | None:
         """The exponent w in the importance-weighted bound log (1/k) sum_i p(x|z_i)
-        (p(z_i) / q(z_i|x))^w, which is this divergence's objective at k = 1; refused where
-        the divergence has no such form."""
-        raise UserError(f"trainer.iw_samples>1 needs a KL-type divergence; divergence="
-                        f"{type(self).__name__.lower()} has no importance-weighted form: use "
-                        "divergence=kl or trainer.iw_samples=1")
+        (p(z_i) / q(z_i|x))^w, which is this divergence's objective at k = 1; None where the
+        divergence has no such form."""
+        return None
 
     # A network of the divergence's own (a critic) trained by auxiliary_loss with
     # auxiliary_optimizer, auxiliary_steps times after each training step; 0: none.
@@ -82,18 +79,6 @@ class Divergence(nn.Module):
         raise NotImplementedError
 
 
-def _probe(latent_dim: int) -> Distribution:
-    return diagonal_normal(torch.zeros(1, latent_dim), torch.ones(1, latent_dim))
-
-
-def _has_closed_form(q: Distribution, p: Distribution) -> bool:
-    try:
-        kl_divergence(q, p)
-    except NotImplementedError:
-        return False
-    return True
-
-
 class KL(Divergence):
     """KL(q(z|x) || p(z)): closed form when torch.distributions has one, else Monte Carlo.
 
@@ -113,34 +98,18 @@ class KL(Divergence):
         self.estimator, self.free_bits = estimator, float(free_bits)
         self._analytic: bool | None = None
 
-    def check(self, prior: Prior) -> None:
-        if getattr(prior, "discrete", False):  # analytic over codes: relaxed z has no density
-            if self.estimator == "mc" or self.free_bits:
-                raise UserError("a discrete latent's KL is exact: use divergence.estimator=auto "
-                                "and divergence.free_bits=0")
+    def bind(self, prior: Prior, family: Posterior | None = None) -> None:
+        """Analytic where torch.distributions has the closed form and q has a density
+        everywhere (a discrete latent's KL over its codes is exact); else Monte Carlo."""
+        if getattr(prior, "discrete", False):
             self._analytic = True
             return
-        closed = _has_closed_form(_probe(prior.latent_dim), prior.dist())
-        if self.estimator == "analytic" and not closed:
-            raise UserError(f"divergence.estimator=analytic has no closed form against "
-                            f"{type(prior).__name__}; use divergence.estimator=mc or auto")
-        self._analytic = closed and self.estimator != "mc"
-        if self.free_bits and not self._analytic:
-            raise UserError("divergence.free_bits needs a per-dimension KL, i.e. a diagonal "
-                            "Gaussian prior (prior=normal or learned) and estimator auto")
-
-    def check_posterior(self, family: Posterior) -> None:
-        if family.closed_form or family.discrete:
-            return
-        name = family.option
-        if self.estimator == "analytic" or self.free_bits:
-            raise UserError(f"posterior={name} has no closed-form or per-dimension KL; use "
-                            "divergence.estimator=auto (Monte Carlo) and divergence.free_bits=0")
-        self._analytic = False  # log q(z|x) - log p(z) at the training sample
+        dense = family is None or family.closed_form
+        self._analytic = dense and self.estimator != "mc" and prior.kl_closed_form()
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         if self._analytic is None:
-            self.check(prior)
+            self.bind(prior)
         p = prior.dist()
         if not self._analytic:
             return {"div": (q.log_prob(z) - p.log_prob(z)).mean()}
@@ -151,12 +120,8 @@ class KL(Divergence):
         # The floor changes only the gradient: logged "kl" stays the true value.
         return {"div": per_dim.clamp(min=self.free_bits).sum(), "kl": kl}
 
-    def iw_weight(self) -> float:
-        if self.free_bits:
-            raise UserError("divergence.free_bits floors the KL of each latent dimension, which "
-                            "an importance-weighted bound does not have: set "
-                            "divergence.free_bits=0 or trainer.iw_samples=1")
-        return self.beta
+    def iw_weight(self) -> float | None:
+        return None if self.free_bits else self.beta
 
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -290,12 +255,6 @@ class TotalCorrelation(Divergence):
         self.alpha, self.gamma, self.estimator = alpha, gamma, estimator
         self.dataset_size = dataset_size
 
-    def check_posterior(self, family: Posterior) -> None:
-        if not family.closed_form:
-            raise UserError(f"divergence=tc needs q(z_i|x_j) for every pair in the batch, which "
-                            f"posterior={family.option} does not give (a flow's "
-                            "density is known at its own samples only); use posterior=gaussian")
-
     def log_weights(self, b: int, device: torch.device) -> torch.Tensor:
         """[b, b] log importance weights of q(z_i | x_j) in the estimate of q(z_i)."""
         n = self.dataset_size
@@ -330,11 +289,6 @@ class TotalCorrelation(Divergence):
 
     def weight(self) -> float:
         return 1.0  # the weights are inside div
-
-    def iw_weight(self) -> float:
-        raise UserError("divergence=tc weights MI, TC and dimension-wise KL apart (alpha, beta, "
-                        "gamma), which an importance-weighted bound cannot: use divergence=kl "
-                        "with divergence.beta, or trainer.iw_samples=1")
 
 
 def permute_dims(z: torch.Tensor) -> torch.Tensor:
@@ -382,19 +336,11 @@ class FactorVAE(Divergence):
         self.discriminator.requires_grad_(False)  # trained by the auxiliary step only
         self.auxiliary_steps = discriminator_steps
 
-    def check(self, prior: Prior) -> None:
-        self.kl.check(prior)
-
-    def check_posterior(self, family: Posterior) -> None:
-        self.kl.check_posterior(family)  # a flow: Monte Carlo KL; D needs only samples of z
+    def bind(self, prior: Prior, family: Posterior | None = None) -> None:
+        self.kl.bind(prior, family)  # a flow: Monte Carlo KL; D needs only samples of z
 
     def weight(self) -> float:
         return 1.0  # beta and gamma are inside div
-
-    def iw_weight(self) -> float:
-        raise UserError("divergence=factorvae adds a discriminator's total-correlation "
-                        "estimate, which no importance-weighted bound has: use divergence=kl, "
-                        "or trainer.iw_samples=1")
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         kl = self.kl(q, z, prior)["div"]
@@ -447,25 +393,11 @@ class DIP(Divergence):
         self.type, self.lambda_od, self.lambda_d = type, float(lambda_od), float(lambda_d)
         self.kl = KL()
 
-    def check(self, prior: Prior) -> None:
-        if type(prior) is not NormalPrior:
-            raise UserError(f"divergence=dip pulls the covariance of q(z) towards the identity, "
-                            f"prior=normal's, not {type(prior).__name__}'s: use prior=normal")
-        self.kl.check(prior)
-
-    def check_posterior(self, family: Posterior) -> None:
-        if not family.closed_form:
-            raise UserError(f"divergence=dip penalises the covariance of the encoder's Gaussian "
-                            f"means and variances, which posterior={family.option}"
-                            " pushes through a flow; use posterior=gaussian")
+    def bind(self, prior: Prior, family: Posterior | None = None) -> None:
+        self.kl.bind(prior, family)
 
     def weight(self) -> float:
         return 1.0  # beta and the lambdas are inside div
-
-    def iw_weight(self) -> float:
-        raise UserError("divergence=dip adds a penalty on the batch's covariance, which no "
-                        "importance-weighted bound has: use divergence=kl, or "
-                        "trainer.iw_samples=1")
 
     def covariance(self, q: Distribution) -> torch.Tensor:
         """C [D, D] over the batch: Cov[mu] (i), plus the mean posterior variance (ii)."""

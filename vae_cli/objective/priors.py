@@ -14,7 +14,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Normal,
+    kl_divergence,
+)
 
 from vae_cli.errors import UserError
 
@@ -34,17 +41,23 @@ class Prior(nn.Module):
     def dist(self) -> Distribution:
         raise NotImplementedError
 
+    def kl_closed_form(self) -> bool:
+        """Whether torch.distributions knows KL(diagonal Gaussian || this prior) in closed
+        form (asked before the prior is bound to a model)."""
+        d = self.latent_dim
+        try:
+            kl_divergence(diagonal_normal(torch.zeros(1, d), torch.ones(1, d)), self.dist())
+        except NotImplementedError:
+            return False
+        return True
+
     def bind(self, posterior: Callable[..., Distribution]) -> None:
         """Called once by the VAE with its posterior q(z|x) (q(z|x, y) for a conditional
         model); only the VampPrior needs it."""
 
     def attach(self, family: nn.Module) -> None:
         """Called once by the VAE with its posterior family; only a prior over a discrete
-        family's codes needs it (and a discrete family needs such a prior)."""
-        if getattr(family, "discrete", False):
-            raise UserError(f"posterior={family.option} has a discrete latent, "
-                            "whose prior is prior=uniform (a learned prior over its codes is "
-                            "fitted after training: vae sample sampler=pixelcnn)")
+        family's codes needs it (rules.py pairs the two)."""
 
     def sample(self, n: int) -> torch.Tensor:
         """Reparameterised where possible, so sample-based divergences train the prior too:
@@ -162,6 +175,9 @@ class VampPrior(Prior):
     def soft_labels(self) -> torch.Tensor | None:
         """The pseudo-inputs' class probabilities [K, C] (None for an unconditional encoder)."""
         return None if self.label_logits is None else torch.softmax(self.label_logits, -1)
+
+    def kl_closed_form(self) -> bool:
+        return False  # a mixture of the encoder's posteriors, known once bound to it
 
     def dist(self) -> Distribution:
         if self._posterior is None:
