@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> dict:
     model = objective.model
     data = load_data(ckpt, cfg.dataset, next(objective.parameters()).device)
     x, factors = data.split(e.split), data.factors.get(e.split)
-    labels = data.labels_for(e.split) if model.conditional else None
+    labels = data.labels_for(e.split, model.conditional)
     if e.max_examples:
         x = x[: e.max_examples]
         factors = None if factors is None else factors[: e.max_examples]
@@ -97,7 +97,7 @@ def frechet(cfg: DictConfig, model, data, x: torch.Tensor, sampler, ckpt: dict) 
     """The Fréchet distance of fd.samples draws of the chosen (fitted) sampler to the
     evaluated images."""
     torch.manual_seed(cfg.seed)
-    labels = data.labels_for("train") if model.conditional else None
+    labels = data.labels_for("train", model.conditional)
     return fd_score(model, sampler, x[: cfg.fd.samples],
                     extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset)),
                     cfg.fd.samples, cfg.eval.batch_size, labels)

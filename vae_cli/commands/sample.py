@@ -75,7 +75,7 @@ def score(cfg: DictConfig, model: VAE, sampler, data: Splits, ckpt: dict, path: 
     """The Fréchet distance of fd.samples draws to the split's images, printed and written
     beside the samples."""
     torch.manual_seed(cfg.seed)
-    labels = data.labels_for("train") if model.conditional else None
+    labels = data.labels_for("train", model.conditional)
     result = fd_score(model, sampler, data.split(cfg.split)[: max(cfg.fd.samples, 1)],
                       extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset)),
                       cfg.fd.samples, labels=labels)

@@ -71,8 +71,11 @@ class Splits:
             return None
         return max(int(self.labels[s].max()) + 1 for s in SPLITS if len(self.labels[s]))
 
-    def labels_for(self, name: str) -> torch.Tensor:
-        """A split's class ids, for a conditional model: one line where there are none."""
+    def labels_for(self, name: str, conditional: bool = True) -> torch.Tensor | None:
+        """What a model reads besides a split's examples: the class ids for a conditional
+        model (one line where there are none), None for an unconditional one."""
+        if not conditional:
+            return None
         labels = self.labels.get(name)
         if labels is None:
             raise UserError(f"{self.name} has no class labels for its {name} split; a "

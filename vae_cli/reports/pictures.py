@@ -31,7 +31,7 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     x_all = data.split(split)
     x = to_unit(x_all[:count])
     # a conditional model reads each example's own label wherever the example goes
-    y_all = data.labels_for(split) if model.conditional else None
+    y_all = data.labels_for(split, model.conditional)
     y, y_stats = (None, None) if y_all is None else (y_all[:count], y_all[:max_points])
     written = [save_reconstructions(model, x, out_dir / "reconstructions.png", labels=y)]
     if len(x) >= 2:  # interpolations need a pair of examples

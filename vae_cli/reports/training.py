@@ -38,7 +38,8 @@ class TrainingReports:
         self.model, self.data, self.run_dir, self.seed = model, data, run_dir, seed
         self.show, self.num_images = as_input(data.val[:num_images]), num_images
         # the shown examples' own labels, for a conditional model
-        self.labels = data.labels_for("val")[:num_images] if model.conditional else None
+        labels = data.labels_for("val", model.conditional)
+        self.labels = None if labels is None else labels[:num_images]
         self.tracker = tracker or Tracker()
 
     def start(self, config: dict, resumed_at: int | None, rows: list[dict]) -> None:

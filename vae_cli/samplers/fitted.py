@@ -72,7 +72,7 @@ def fitted_sampler(sampler: Sampler, settings: dict, model: VAE, data: Splits | 
     if data is None:
         raise UserError(f"sampler={sampler.name} is fitted to the training split, and its "
                         "data cannot be loaded")
-    labels = data.labels_for("train") if model.conditional else None
+    labels = data.labels_for("train", model.conditional)
     mu, std = encode_all(model, data.train, batch_size, labels)
     log.info("sampler=%s: fitting to %d training codes", sampler.name, len(mu))
     sampler.fit(mu, std)

@@ -40,7 +40,7 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
     stepper.objective.train()
     shard = stepper.shard
     # a conditional model reads each example's class; an unconditional one gets None
-    labels = data.labels_for("train") if stepper.objective.model.conditional else None
+    labels = data.labels_for("train", stepper.objective.model.conditional)
     batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard, labels,
                        t.bucket)
     for i, (xb, yb) in enumerate(batches, start=first):

@@ -372,7 +372,7 @@ def run_epoch(run: Run, stop: StopFlag) -> tuple[dict, bool]:
         raise Interrupted(stop.signum, state.step, save_checkpoint(run, run.folder.last)) from None
     distributed.check_replicas(run.objective)
     lr = run.lr_schedule.lr  # the epoch's (a per-step schedule's: its last step's)
-    labels = run.data.labels_for("val") if run.objective.model.conditional else None
+    labels = run.data.labels_for("val", run.objective.model.conditional)
     with run.weights_shown():  # every rank scores the whole split; rank 0's numbers decide
         va = distributed.broadcast(evaluate(run.objective, run.data.val, t.batch_size,
                                             t.precision, labels))
