@@ -148,7 +148,7 @@ def test_shapes_unwritable_root_skips_cache(tmp_path, caplog):
     blocker.write_text("")
     d = shapes(root=str(blocker), **SMALL)
     assert len(d.train) == 300
-    assert "could not write dataset cache" in caplog.text
+    assert "could not save the dataset cache" in caplog.text
 
 
 def test_shapes_classes_differ():

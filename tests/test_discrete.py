@@ -318,7 +318,7 @@ def test_gumbel_training_logs_its_annealed_temperature(tmp_path):
 
 
 def test_compare_shows_codebook_use_and_the_frechet_distance_where_runs_have_them(tmp_path):
-    from vae_cli.reports.compare import build_table
+    from vae_cli.reports.comparison import build_table
 
     evals = {"vq": {"nelbo": 1.0, "perplexity": 40.5, "usage": 0.8,
                     "fd_shapes_features": 0.2, "fd_features": "what the score is"},

@@ -25,7 +25,7 @@ from vae_cli.evaluation.disentanglement.mig import mig
 from vae_cli.evaluation.disentanglement.modularity import modularity
 from vae_cli.evaluation.disentanglement.sap import sap, score_matrix
 from vae_cli.evaluation.disentanglement.suite import METRICS, Intervention, score, train_test
-from vae_cli.reports.compare import build_table
+from vae_cli.reports.comparison import build_table
 
 SIZES = (3, 5, 8)
 SMALL = {  # sizes that keep each test well under a second or two
@@ -337,7 +337,8 @@ def test_vae_eval_reports_all_six_with_their_settings(tmp_path, compose_cfg, cap
                        "model.hidden=[16]", "model.latent_dim=3", "trainer.batch_size=64",
                        "trainer.device=cpu"])
     (tmp_path / "run").mkdir()
-    save_checkpoint(setup(validate_train(cfg), tmp_path / "run"), "last.pt")
+    run = setup(validate_train(cfg), tmp_path / "run")
+    save_checkpoint(run, run.folder.last)
     small = ["eval.iw_samples=2", "eval.disentanglement.beta_vae.batch_size=4",
              "eval.disentanglement.beta_vae.train_points=40",
              "eval.disentanglement.beta_vae.test_points=20",

@@ -12,9 +12,9 @@ from vae_cli.errors import UserError
 from vae_cli.objective.likelihoods import (
     Bernoulli,
     Categorical,
+    DiscretizedLogistic,
     Gaussian,
     Laplace,
-    Logistic,
     SquaredError,
 )
 
@@ -148,7 +148,7 @@ def _logistic_params(n, seed):
 def _logistic_nll_per_level(loc, log_scale, levels):
     """nll of one pixel per row: out is [N, 2, 1, 1] (loc, log-scale), x is [N, 1, 1, 1]."""
     out = torch.stack([loc, log_scale], 1).view(-1, 2, 1, 1)
-    return Logistic().nll(out, (levels.float() / 255).view(-1, 1, 1, 1))
+    return DiscretizedLogistic().nll(out, (levels.float() / 255).view(-1, 1, 1, 1))
 
 
 def test_logistic_probabilities_over_all_levels_sum_to_one():
@@ -230,7 +230,7 @@ def test_logistic_channel_layout_is_loc_then_log_scale():
     levels, x = _grid(12, shape=(2, C, 3, 3))
     g = torch.Generator().manual_seed(13)
     loc, log_scale = torch.randn(2, C, 3, 3, generator=g), torch.randn(2, C, 3, 3, generator=g) - 2
-    got = Logistic().nll(torch.cat([loc, log_scale], 1), x)
+    got = DiscretizedLogistic().nll(torch.cat([loc, log_scale], 1), x)
     per_pixel = _logistic_nll_per_level(loc.flatten(), log_scale.flatten(), levels.flatten())
     assert torch.allclose(got, per_pixel.view(2, -1).sum(1), rtol=1e-5)
 
@@ -244,7 +244,7 @@ LIKELIHOODS = {
     "laplace": Laplace,
     "mse": SquaredError,
     "categorical": Categorical,
-    "logistic": Logistic,
+    "logistic": DiscretizedLogistic,
 }
 
 

@@ -109,7 +109,8 @@ def test_normal_prior_sample_and_log_prob():
     assert torch.allclose(p.log_prob(z), expected)
 
 
-@pytest.mark.parametrize("name", ["Bernoulli", "Gaussian", "Laplace", "Categorical", "Logistic"])
+@pytest.mark.parametrize("name", ["Bernoulli", "Gaussian", "Laplace", "Categorical",
+                                  "DiscretizedLogistic"])
 def test_nll_broadcasts_over_leading_samples(name):
     """IWAE decodes k samples and lets x broadcast: each slice must equal the plain call."""
     import vae_cli.objective.likelihoods as L

@@ -15,8 +15,8 @@ from vae_cli.objective.posteriors import (
     IAF,
     MADE,
     DiagonalGaussian,
-    FlowPosterior,
     Planar,
+    PushedGaussian,
     Radial,
     base_of,
     iaf_step,
@@ -127,7 +127,7 @@ def test_flows_train_on_the_elbo_and_the_iwae_bound(compose_cfg, posterior):
                                       f"posterior={posterior}", "trainer.iw_samples=4"]))
     objective = build_objective(cfg, (1, 8, 8), 100)
     x = (torch.rand(6, 1, 8, 8) > 0.5).float()
-    assert isinstance(objective.model.posterior(x), FlowPosterior)
+    assert isinstance(objective.model.posterior(x), PushedGaussian)
     for iw in (4, 1):
         objective.iw_samples = iw
         terms, _ = objective(x, step=0)

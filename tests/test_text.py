@@ -23,7 +23,7 @@ from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.likelihoods import Categorical, sequence_nll
-from vae_cli.reports.text import homotopy, lines
+from vae_cli.reports.text_outputs import homotopy, lines
 from vae_cli.tokens import BOS, EOS, PAD, SPECIALS, UNK, lengths, trim
 from vae_cli.training.recipe import check_position, setup
 

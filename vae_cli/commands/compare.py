@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from vae_cli.errors import UserError
-from vae_cli.reports.compare import build_table, find_runs, readable, render, write_tables
+from vae_cli.reports.comparison import build_table, find_runs, readable, render, write_tables
 
 
 class Parser(argparse.ArgumentParser):

@@ -23,7 +23,7 @@ from vae_cli.evaluation.frechet import fd_score
 from vae_cli.objective.model import VAE
 from vae_cli.reports.images import sample_draws, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
-from vae_cli.reports.text import sample_text
+from vae_cli.reports.text_outputs import sample_text
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.files import write_text
 from vae_cli.runtime.run_folder import RunFolder

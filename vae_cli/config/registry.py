@@ -30,6 +30,9 @@ RETIRED = {"trainer.tensorboard": "logger=tensorboard"}
 # Modules whose components moved: their old paths stay valid in saved checkpoints.
 MOVED = {f"vae_cli.{m}": f"vae_cli.objective.{m}"
          for m in ("divergences", "priors", "likelihoods", "schedules")}
+# Components renamed: a saved config's old name builds the new one.
+RENAMED = {"vae_cli.objective.likelihoods.Logistic":
+           "vae_cli.objective.likelihoods.DiscretizedLogistic"}
 
 
 def upgrade(config: dict) -> dict:
@@ -37,7 +40,7 @@ def upgrade(config: dict) -> dict:
     named the optimizer by ``optim.name`` (adam | adamw); before the logger group they had
     ``trainer.tensorboard`` (true: logger=tensorboard) and no logger; before lr_scheduler,
     none (the optimizer's lr throughout); before the posterior group, the Gaussian with
-    the bounds it always had."""
+    the bounds it always had; renamed components, today's names."""
     optim = config.get("optim")
     if isinstance(optim, dict) and "_target_" not in optim and "name" in optim:
         names = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
@@ -54,6 +57,10 @@ def upgrade(config: dict) -> dict:
         config = {**config, "lr_scheduler": option("lr_scheduler", "none")}
     if "posterior" not in config:
         config = {**config, "posterior": option("posterior", "gaussian")}
+    for group in COMPONENTS:  # a renamed component: today's name
+        node = config.get(group)
+        if isinstance(node, dict) and node.get("_target_") in RENAMED:
+            config = {**config, group: {**node, "_target_": RENAMED[node["_target_"]]}}
     return config
 
 
@@ -91,12 +98,19 @@ def registry() -> dict[str, dict[str, str]]:
         for path in sorted((config_dir() / group).glob("*.yaml")):
             target = option_target(group, path)
             if isinstance(target, str):
-                table[group][target] = target
-                module, _, name = target.rpartition(".")
-                old = next((o for o, new in MOVED.items() if new == module), None)
-                if old:
-                    table[group][f"{old}.{name}"] = target
+                for alias in _aliases(target):
+                    table[group][alias] = target
     return table
+
+
+def _aliases(target: str) -> list[str]:
+    """A target and the names older checkpoints used for it (moved modules, renames)."""
+    names = [target, *(old for old, new in RENAMED.items() if new == target)]
+    out = []
+    for name in names:
+        module, _, cls = name.rpartition(".")
+        out += [name, *(f"{old}.{cls}" for old, new in MOVED.items() if new == module)]
+    return out
 
 
 def option_target(group: str, path: Path) -> Any:

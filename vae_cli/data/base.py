@@ -16,7 +16,6 @@ import torch
 
 from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
-from vae_cli.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +151,7 @@ def check_positive(**kwargs: int | float) -> None:
 
 
 def load_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """A dataset's decoded tensors saved by an earlier run (runtime.files.save_cache)."""
     if not path.is_file():
         return None
     try:
@@ -159,13 +159,3 @@ def load_cache(path: Path) -> dict[str, torch.Tensor] | None:
     except Exception as e:  # a truncated or foreign file: rebuild rather than fail
         log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, type(e).__name__)
         return None
-
-
-def save_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomic so an interrupted run never leaves a half-written cache that a later run would
-    trust; an unwritable location only costs the speed-up."""
-    try:
-        with atomic_write(path) as f:
-            torch.save(tensors, f)
-    except OSError as e:
-        log.warning("could not write dataset cache %s (%s); continuing without it", path, e)

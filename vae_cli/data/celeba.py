@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.data.base import ImageData, load_cache, save_cache
+from vae_cli.data.base import ImageData, load_cache
 from vae_cli.data.standard import brief, open_torchvision
 from vae_cli.errors import UserError
+from vae_cli.runtime.files import save_cache
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def celeba(root: str = "data", download: bool = False, image_size: int = 64) -> 
         for k, ds in sets.items():
             data[k] = _decode(folder, list(ds.filename), image_size)
             data[f"attr_{k}"] = ds.attr.float()
-        save_cache(path, data)
+        save_cache(path, data, "the dataset cache", "continuing without it")
     return ImageData(
         name="celeba", train=data["train"], val=data["val"], test=data["test"],
         factors={k: data[f"attr_{k}"] for k in _SPLITS}, factor_names=data["attr_names"],

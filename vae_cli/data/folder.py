@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.data.base import ImageData, load_cache, save_cache, seeded_split
+from vae_cli.data.base import ImageData, load_cache, seeded_split
 from vae_cli.errors import UserError, one_line
+from vae_cli.runtime.files import save_cache
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def folder(
         log.info("decoding %d images from %s", n, base)
         data = {"images": _load(files, channels, image_size)}
         if cache:
-            save_cache(cache_path, data)
+            save_cache(cache_path, data, "the dataset cache", "continuing without it")
     images = data["images"]
     train_idx, val_idx, test_idx = seeded_split(n, [-1, n_val, n_test], split_seed)
     y = class_labels(base, files)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.data.base import ImageData, check_positive, load_cache, save_cache
+from vae_cli.data.base import ImageData, check_positive, load_cache
 from vae_cli.errors import UserError
+from vae_cli.runtime.files import save_cache
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def shapes(
     if data is None or set(data) != {"images", "factors"} or len(data["images"]) != n_total:
         data = _generate(image_size, n_total, seed)
         if cache:
-            save_cache(path, data)
+            save_cache(path, data, "the dataset cache", "continuing without it")
     else:
         log.info("loaded cached shapes from %s", path)
     images, factors = data["images"], data["factors"]

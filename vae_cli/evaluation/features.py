@@ -89,7 +89,7 @@ def own_extractor(data: Splits, cache: Path | None, epochs: int, seed: int,
     if state is None or not _loads(net, state):
         log.info("training the %s of %s's features (%d epochs, once)", kind, data.name, epochs)
         train_own(net.to(x.device), x, labels, epochs, seed, batch)
-        save_cached(path, net)
+        save_feature_net(path, net)
     net = net.to(x.device).eval()
     return Extractor(net.body, f"fd_{data.name}_features",
                      f"Fréchet distance on vae's own {data.name} {kind} features "
@@ -155,7 +155,7 @@ def _loads(net: nn.Module, state: object) -> bool:
     return True
 
 
-def save_cached(path: Path | None, net: nn.Module) -> None:
+def save_feature_net(path: Path | None, net: nn.Module) -> None:
     if path is None:
         return
     save_cache(path, {"format": FORMAT, "state": {k: v.cpu() for k, v in

@@ -43,8 +43,8 @@ MEANS = {  # what `params` is, per likelihood, and how `mean` follows from it
                "weights); mean = clip(params, 0, 1)",
     "Categorical": "logits over K levels per channel, channel c's at c*K .. c*K+K-1; "
                    "mean = sum_k softmax(logits)_k * k / (K - 1)",
-    "Logistic": "C channels of location then C of log-scale of a discretized logistic on "
-                "[-1, 1]; mean = clip((location + 1) / 2, 0, 1)",
+    "DiscretizedLogistic": "C channels of location then C of log-scale of a discretized "
+                           "logistic on [-1, 1]; mean = clip((location + 1) / 2, 0, 1)",
 }
 
 

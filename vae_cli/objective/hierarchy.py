@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.distributions import Distribution, Independent
 
-from vae_cli.objective.posteriors import FlowPosterior, Posterior, bounded_gaussian
+from vae_cli.objective.posteriors import Posterior, PushedGaussian, bounded_gaussian
 from vae_cli.objective.priors import Prior
 
 
@@ -34,7 +34,7 @@ class TwoLevel(Posterior):
         return TwoLevelPosterior(self.gaussian(h, d2), h[..., 2 * d2:], self)
 
 
-class TwoLevelPosterior(FlowPosterior):
+class TwoLevelPosterior(PushedGaussian):
     """base: q(z2|x); ``push(z2)`` draws z1 ~ q(z1|x, z2) and returns [z1, z2]."""
 
     def __init__(self, top: Independent, hx: torch.Tensor, family: TwoLevel):

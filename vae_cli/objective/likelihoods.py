@@ -25,6 +25,7 @@ def _per_example(t: torch.Tensor) -> torch.Tensor:
 
 
 class Likelihood(nn.Module):
+    option = "likelihood"  # its name in the loss group, for messages
     out_mult: int = 1
     tokens: bool = False
 
@@ -41,6 +42,8 @@ class Bernoulli(Likelihood):
     On grey-level targets in [0, 1] this is the cross-entropy used by pytorch/examples;
     it is a probability in nats only on binary data (dataset=binarized_mnist, shapes).
     """
+
+    option = "bernoulli"
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = out.float()
@@ -72,6 +75,8 @@ class _Scaled(Likelihood):
 class Gaussian(_Scaled):
     """-log N(x | decoder mean, sigma^2)."""
 
+    option = "gaussian"
+
     def __init__(self, sigma: float = 0.1, learn_sigma: bool = False):
         super().__init__(sigma, learn_sigma, "sigma")
 
@@ -86,6 +91,8 @@ class SquaredError(Likelihood):
     -log N(x | x_hat, 1/2) up to the constant D/2 log(pi) (D values per example), so
     loss=gaussian with sigma s scores mse / (2 s^2) + D (log s + log(2 pi) / 2) nats."""
 
+    option = "mse"
+
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return _per_example((x - out.float()).pow(2))
 
@@ -95,6 +102,8 @@ class SquaredError(Likelihood):
 
 class Laplace(_Scaled):
     """-log Laplace(x | decoder location, b): an L1 reconstruction with a proper scale."""
+
+    option = "laplace"
 
     def __init__(self, scale: float = 0.1, learn_scale: bool = False):
         super().__init__(scale, learn_scale, "scale")
@@ -112,6 +121,8 @@ def _levels(x: torch.Tensor, bins: int) -> torch.Tensor:
 class Categorical(Likelihood):
     """A softmax over 256 levels per sub-pixel: a discrete likelihood of 8-bit images; on
     token sequences, a softmax over the vocabulary per position, <pad> never scored."""
+
+    option = "categorical"
 
     tokens = True
 
@@ -151,9 +162,11 @@ def sequence_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mask, nll).sum(-1)
 
 
-class Logistic(Likelihood):
+class DiscretizedLogistic(Likelihood):
     """Discretized logistic (Salimans et al. 2017, one component): the probability mass of
     the bin [x - 1/255, x + 1/255] in [-1, 1] coordinates, edges open to +-infinity."""
+
+    option = "logistic"
 
     out_mult = 2
 

@@ -116,9 +116,11 @@ class LatentDistribution(Distribution):
         raise NotImplementedError
 
 
-class FlowPosterior(LatentDistribution):
-    """z = f_K(...f_1(z0)), z0 ~ ``base``; ``steps`` map z [..., B, D] to (z', log|det|
-    [..., B]). The log-density is cached for the last sample drawn."""
+class PushedGaussian(LatentDistribution):
+    """A Gaussian pushed through a map, so its density is known only at its own samples:
+    z = f_K(...f_1(z0)), z0 ~ ``base``; ``steps`` map z [..., B, D] to (z', log|det|
+    [..., B]) (a flow's steps; model=hvae's layer z1 drawn given z2). The log-density is
+    cached for the last sample drawn."""
 
     arg_constraints: dict = {}
     has_rsample = True
@@ -170,7 +172,7 @@ class FlowPosterior(LatentDistribution):
 
 def base_of(q: Distribution) -> Normal:
     """The diagonal Gaussian a posterior starts from: loc and scale [B, D]."""
-    return (q.base if isinstance(q, FlowPosterior) else q).base_dist
+    return (q.base if isinstance(q, PushedGaussian) else q).base_dist
 
 
 def scale_of(q: Distribution) -> torch.Tensor:
@@ -209,7 +211,7 @@ class Flow(Posterior):
     def forward(self, h: torch.Tensor) -> Distribution:
         d = self.latent(h)
         base = self.gaussian(h, d)
-        return FlowPosterior(base, self.build(h[..., 2 * d:].float(), d))
+        return PushedGaussian(base, self.build(h[..., 2 * d:].float(), d))
 
     def build(self, params: torch.Tensor, d: int) -> list:
         raise NotImplementedError

@@ -98,7 +98,7 @@ def hierarchy_needs_gaussian_layers(d: Design) -> str | None:
 
 def sequences_need_categorical(d: Design) -> str | None:
     if len(d.shape) == 1 and d.likelihood is not None and not d.likelihood.tokens:
-        return (f"loss={type(d.likelihood).__name__.lower()} scores images; token sequences "
+        return (f"loss={d.likelihood.option} scores images; token sequences "
                 "need loss=categorical")
     return None
 

@@ -12,7 +12,7 @@ from vae_cli.evaluation.diagnostics import encode_all, posterior_stats
 from vae_cli.objective.model import VAE
 from vae_cli.reports.images import save_interpolations, save_reconstructions, save_traversals
 from vae_cli.reports.plots import plot_curves, plot_scatter
-from vae_cli.reports.text import write_text_pictures
+from vae_cli.reports.text_outputs import write_text_pictures
 from vae_cli.runtime.run_folder import RunFileError, RunFolder, read_metrics
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from vae_cli.errors import one_line
 from vae_cli.objective.model import VAE
 from vae_cli.reports.images import sample_draws, save_reconstructions, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
-from vae_cli.reports.text import epoch_text
+from vae_cli.reports.text_outputs import epoch_text
 from vae_cli.reports.trackers import Status, Tracker
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ def standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class Logistic:
+class LogisticRegression:
     weight: torch.Tensor  # [F, C], on standardised features
     bias: torch.Tensor  # [C]
     mean: torch.Tensor  # [F], the training features' standardisation
@@ -31,7 +31,7 @@ class Logistic:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, c: float = 1.0,
-                 max_iter: int = 100) -> Logistic:
+                 max_iter: int = 100) -> LogisticRegression:
     """Multinomial logistic regression of labels y (0..classes-1) on features x [N, F],
     standardised with their own mean and std. Minimises c * sum of cross-entropies +
     ||W||^2 / 2 (scikit-learn's C convention; the bias is not penalised), by L-BFGS with a
@@ -55,7 +55,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, c: float = 1.0,
 
     with torch.enable_grad():
         opt.step(closure)
-    return Logistic(weight.detach(), bias.detach(), mean, std)
+    return LogisticRegression(weight.detach(), bias.detach(), mean, std)
 
 
 def lasso(x: torch.Tensor, y: torch.Tensor, alpha: float, max_iter: int = 1000,
