@@ -24,7 +24,7 @@ from vae_cli.objective.discrete import (
     UniformCodes,
     VectorQuantizer,
 )
-from vae_cli.objective.model import Shard
+from vae_cli.objective.parallel import Shard
 
 VQ = ["model=conv", "model.channels=8", "model.latent_dim=4", "posterior=vq",
       "posterior.codes=16", "prior=uniform"]

@@ -29,7 +29,8 @@ from torch import nn
 from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal
 
 from vae_cli.objective.divergences import Divergence
-from vae_cli.objective.model import VAE, WHOLE, Shard
+from vae_cli.objective.model import VAE
+from vae_cli.objective.parallel import WHOLE, Shard
 from vae_cli.objective.schedules import Constant, Schedule
 
 

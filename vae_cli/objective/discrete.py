@@ -38,7 +38,8 @@ from torch import nn
 from torch.distributions import Distribution, register_kl
 
 from vae_cli.errors import UserError
-from vae_cli.objective.posteriors import LatentDistribution, Noise, Posterior
+from vae_cli.objective.parallel import AllSum, Noise
+from vae_cli.objective.posteriors import LatentDistribution, Posterior
 from vae_cli.objective.priors import Prior
 
 
@@ -281,7 +282,7 @@ class VectorQuantizer(Discrete):
         self.hw: tuple[int, int] = (1, 1)  # the encoder's map, set by the model's builder
         self.all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
-    def distribute(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def distribute(self, all_sum: AllSum) -> None:
         self.all_sum = all_sum
 
     def outputs(self, latent_dim: int) -> int:

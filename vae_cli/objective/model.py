@@ -11,8 +11,6 @@ unconditional model takes ``y=None`` and runs exactly the code it always ran.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,18 +18,9 @@ from torch.distributions import Distribution
 
 from vae_cli.nets import Networks
 from vae_cli.objective.likelihoods import Likelihood
+from vae_cli.objective.parallel import WHOLE, Shard, global_noise
 from vae_cli.objective.posteriors import LatentDistribution, Posterior, mean_of
 from vae_cli.objective.priors import Prior
-
-
-class Shard(NamedTuple):
-    """This process's slice of a global batch under data parallelism: (rank, world)."""
-
-    rank: int = 0
-    world: int = 1
-
-
-WHOLE = Shard()
 
 
 class VAE(nn.Module):
@@ -78,12 +67,8 @@ class VAE(nn.Module):
         ranks use exactly the noise one process would, and the random streams stay in
         step."""
         lead = () if k is None else (k,)
-        rows = q.batch_shape[0]
         device = q.device if isinstance(q, LatentDistribution) else q.base_dist.loc.device
-
-        def noise(draw, *event: int) -> torch.Tensor:
-            eps = draw(*lead, shard.world * rows, *event, device=device)
-            return eps.narrow(len(lead), shard.rank * rows, rows)
+        noise = global_noise(shard, lead, q.batch_shape[0], device)
 
         if isinstance(q, LatentDistribution):
             return q.draw(noise, lead, step)

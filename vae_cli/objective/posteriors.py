@@ -26,19 +26,14 @@ those families at start-up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
 from vae_cli.errors import UserError
+from vae_cli.objective.parallel import AllSum, Noise
 from vae_cli.objective.priors import diagonal_normal
-
-# noise(draw, *event): this rank's rows [*lead, B, *event] of noise drawn by ``draw``
-# (torch.randn, torch.rand) for the whole global batch (see VAE.rsample).
-Noise = Callable[..., torch.Tensor]
 
 
 class Posterior(nn.Module):
@@ -76,7 +71,7 @@ class Posterior(nn.Module):
         """z made a latent the decoder was trained on (VQ: the nearest codes)."""
         return z
 
-    def distribute(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def distribute(self, all_sum: AllSum) -> None:
         """Under data parallelism: how to sum a tensor over ranks, for statistics of the
         global batch that a family keeps (VQ's moving averages)."""
 

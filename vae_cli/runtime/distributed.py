@@ -5,7 +5,7 @@ WORLD_SIZE and LOCAL_RANK set. Every rank holds the whole dataset on its device 
 the same permutation; global batch t is split into N disjoint slices, one per rank. Gradients
 are averaged by DistributedDataParallel, so N ranks take exactly the step one process would
 take on the global batch (trainer.batch_size stays the global batch; the posterior noise is
-drawn for the global batch on every rank and sliced, see objective.model.Shard). Rank 0
+drawn for the global batch on every rank and sliced, see objective/parallel.py). Rank 0
 alone writes.
 """
 

@@ -21,7 +21,7 @@ from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError, one_line
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.objective.bounds import Objective
-from vae_cli.objective.model import Shard
+from vae_cli.objective.parallel import Shard
 from vae_cli.reports.trackers import Tracker
 from vae_cli.reports.training import TrainingReports
 from vae_cli.runtime import checkpoint, distributed

@@ -16,7 +16,7 @@ from torch import nn
 
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import Divergence
-from vae_cli.objective.model import Shard
+from vae_cli.objective.parallel import Shard
 from vae_cli.objective.priors import Prior
 from vae_cli.runtime.device import autocast
 
