@@ -16,9 +16,10 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from vae_cli.config.build import build_objective, build_optimizer
+from vae_cli.config.build import build_objective
 from vae_cli.config.registry import config_dir
 from vae_cli.config.schemas import validate_train
+from vae_cli.training.optimizers import build_optimizer
 from vae_cli.training.recipe import training_net
 from vae_cli.training.step import Stepper
 

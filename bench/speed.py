@@ -51,12 +51,13 @@ sys.path.insert(0, _vae_root())
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from vae_cli.commands.main import register_resolvers  # noqa: E402
-from vae_cli.config.build import build_objective, build_optimizer  # noqa: E402
+from vae_cli.config.build import build_objective  # noqa: E402
 from vae_cli.config.registry import config_dir  # noqa: E402
 from vae_cli.config.schemas import validate_train  # noqa: E402
 from vae_cli.data.base import ImageData, Splits  # noqa: E402
 from vae_cli.tokens import BOS, PAD  # noqa: E402
 from vae_cli.training.loop import train_epoch  # noqa: E402
+from vae_cli.training.optimizers import build_optimizer  # noqa: E402
 from vae_cli.training.recipe import training_net  # noqa: E402
 from vae_cli.training.state import TrainState  # noqa: E402
 from vae_cli.training.step import Stepper  # noqa: E402

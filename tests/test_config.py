@@ -2,10 +2,11 @@
 
 import pytest
 
-from vae_cli.config.build import build_objective, build_optimizer
+from vae_cli.config.build import build_objective
 from vae_cli.config.registry import check_targets, locate, registry
 from vae_cli.config.schemas import validate_train as validate
 from vae_cli.errors import UserError
+from vae_cli.training.optimizers import build_optimizer
 
 
 def test_default_config_validates_and_builds(compose_cfg):

@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 from test_cli import vae
 from test_data import make_mnist
 
-from vae_cli.config.build import build_objective, build_optimizer
+from vae_cli.config.build import build_objective
 from vae_cli.config.registry import config_dir
 from vae_cli.config.schemas import validate_train as validate
+from vae_cli.training.optimizers import build_optimizer
 from vae_cli.training.step import Stepper
 
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))

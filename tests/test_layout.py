@@ -6,7 +6,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import yaml
+
 PACKAGE = Path(__file__).resolve().parents[1] / "vae_cli"
+CONFIGS = PACKAGE.parent / "configs"
 # Each folder and the folders it may import from (besides itself, errors and tokens).
 # Maths and networks sit at the bottom; commands at the top.
 ALLOWED = {
@@ -63,6 +66,50 @@ def test_folders_import_only_what_sits_below_them():
     assert not bad, bad
     assert set(ALLOWED) | {"configs"} >= {p.name for p in PACKAGE.iterdir()
                                           if p.is_dir() and p.name != "__pycache__"}
+
+
+def _yaml_targets(node) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["_target_"]} if isinstance(node.get("_target_"), str) else set()
+        return found.union(*(_yaml_targets(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_yaml_targets(v) for v in node))
+    return set()
+
+
+def _group_targets(group: str) -> set[str]:
+    """The vae_cli targets a config group's options name."""
+    found: set[str] = set()
+    for path in sorted((CONFIGS / group).glob("*.yaml")):
+        found |= _yaml_targets(yaml.safe_load(path.read_text()))
+    return {t for t in found if t.startswith("vae_cli.")}
+
+
+def _instantiated_groups(tree: ast.Module) -> set[str]:
+    """Groups a module builds from config: instantiate("<group>", ...) calls."""
+    groups = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and node.args
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                and getattr(node.func, "id", getattr(node.func, "attr", None)) == "instantiate"):
+            groups.add(node.args[0].value)
+    return groups
+
+
+def test_yaml_targets_are_built_only_where_their_folder_may_be_imported():
+    """Building a component from its YAML _target_ is an import at run time: the module that
+    instantiates a group must sit where it may import every target of that group."""
+    bad, seen = [], set()
+    for path, tree in _modules():
+        here = _folder(path)
+        for group in _instantiated_groups(tree):
+            seen.add(group)
+            for target in _group_targets(group):
+                there = target.split(".")[1]
+                if here in ALLOWED and there not in ALLOWED[here] | {here, "errors", "tokens"}:
+                    bad.append(f"{path.relative_to(PACKAGE)} builds {group}: {target}")
+    assert not bad, bad
+    assert {"dataset", "model", "prior", "logger", "lr_scheduler", "optim", "sampler"} <= seen
 
 
 def test_only_commands_know_hydra_apps_and_exit_codes():

@@ -3,7 +3,6 @@ divergence, schedule), the optimizer, and a trained model with its data from a c
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -79,30 +78,6 @@ def prior_arguments(family: Posterior, nets: Networks, runtime: dict[str, Any]
         return {**runtime, "latent_dim": nets.hierarchy.top_dim}
     soft = {"shape": nets.soft_shape, "bounded": False} if nets.soft_shape else {}
     return {**runtime, "latent_dim": latent_dim(family, nets, runtime["latent_dim"]), **soft}
-
-
-def optimizer_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The optimizer's hyperparameters from its config (betas as the tuple torch keeps)."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k != "_target_"}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
-def build_optimizer(cfg: DictConfig, params: list, compiled: bool = True
-                    ) -> torch.optim.Optimizer:
-    """A torch.optim optimizer named by ``optim._target_`` (allow-listed to torch.optim).
-
-    For an eager step (``compiled=False``), torch's one-kernel update where the optimizer,
-    the device and this torch have one: the per-tensor loop it replaces took a quarter of a
-    small MLP's eager CPU step; same maths. A compiled step fuses the loop itself."""
-    node = OmegaConf.create({"_target_": cfg._target_, **optimizer_settings(cfg)})
-    try:
-        if not compiled:
-            with contextlib.suppress(RuntimeError):  # no fused kernel for these parameters
-                return instantiate("optim", node, params, fused=True)
-        return instantiate("optim", node, params)
-    except ValueError as e:  # torch's own range checks (momentum < 0, ...)
-        raise UserError(f"optim: {e}") from None
 
 
 def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:

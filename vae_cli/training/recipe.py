@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.config.build import build_objective, build_optimizer, optimizer_settings
+from vae_cli.config.build import build_objective
 from vae_cli.config.components import instantiate
 from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
@@ -31,6 +31,7 @@ from vae_cli.runtime.run_folder import RunFolder, read_metrics, write_metrics
 from vae_cli.training.ema import WeightAverage
 from vae_cli.training.loop import StopRequested, train_epoch
 from vae_cli.training.lr_schedules import LRSchedule
+from vae_cli.training.optimizers import build_optimizer, optimizer_settings
 from vae_cli.training.signals import Interrupted, Signalled, StopFlag
 from vae_cli.training.state import TrainState
 from vae_cli.training.step import Stepper
