@@ -52,8 +52,7 @@ def build(latent_dim: int = 10, channels: int = 32, max_channels: int = 256,
         if not last:
             dec.append(nn.ReLU())
     if spatial:
-        return spatial_networks(enc, dec, widths[-1], sizes[-1], posterior_outputs,
-                                conditional)
+        return spatial_networks(enc, dec, widths[-1], sizes[-1], posterior_outputs)
     flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
     head = nn.Linear(fc_hidden, posterior_outputs or 2 * latent_dim)
     encoder = joined([*enc, nn.Flatten()], [nn.Linear(flat + k, fc_hidden), nn.ReLU(), head], k)
@@ -78,12 +77,10 @@ def plan(size: int, halvings: int | None, model: str) -> list[int]:
 
 
 def spatial_networks(enc: list[nn.Module], dec: list[nn.Module], width: int, size: int,
-                     channels: int | None, conditional: bool) -> Networks:
+                     channels: int | None) -> Networks:
     """Networks around a latent map [channels, size, size]: the conv stacks ``enc`` (ending
-    in ``width`` channels) and ``dec`` (starting from them), joined to the map by convs."""
-    if conditional:
-        raise UserError("a quantised latent (posterior=vq) has no conditional form: "
-                        "model.conditional=false")
+    in ``width`` channels) and ``dec`` (starting from them), joined to the map by convs.
+    They read no class (rules.py refuses a conditional quantised latent)."""
     if not channels:
         raise ValueError("a spatial latent needs its number of channels")
     encoder = nn.Sequential(*enc, nn.Conv2d(width, channels, 1))

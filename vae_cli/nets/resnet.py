@@ -61,7 +61,7 @@ def build(latent_dim: int = 32, channels: int = 64, max_channels: int = 256, blo
     dec += [nn.SiLU(), nn.Conv2d(widths[0], c * out_mult, 3, padding=1)]
     if spatial:
         return spatial_networks([*enc, nn.SiLU()], dec, widths[-1], sizes[-1],
-                                posterior_outputs, conditional)
+                                posterior_outputs)
     flat, k = widths[-1] * sizes[-1] ** 2, label_classes(conditional, num_classes)
     head = nn.Linear(flat + k, posterior_outputs or 2 * latent_dim)
     encoder = joined([*enc, nn.SiLU(), nn.Flatten()], [head], k)

@@ -88,6 +88,13 @@ def quantiser_needs_a_feature_map(d: Design) -> str | None:
     return None
 
 
+def quantised_latents_are_unconditional(d: Design) -> str | None:
+    if d.family.spatial and d.conditional:
+        return (f"a quantised latent (posterior={d.family.option}) has no conditional form: "
+                "model.conditional=false")
+    return None
+
+
 def hierarchy_needs_gaussian_layers(d: Design) -> str | None:
     if d.hierarchy and type(d.family) is not DiagonalGaussian:
         return (f"model=hvae has Gaussian layers; posterior={d.family.option} is not "
@@ -224,6 +231,7 @@ def dip_needs_the_normal_prior(d: Design) -> str | None:
 RULES: tuple[Callable[[Design], str | None], ...] = (
     conditional_needs_labels,
     quantiser_needs_a_feature_map,
+    quantised_latents_are_unconditional,
     hierarchy_needs_gaussian_layers,
     sequences_need_categorical,
     vamp_needs_densities,
