@@ -31,24 +31,23 @@ def plot_curves(rows: list[dict[str, str]], path: Path) -> Path | None:
     if not rows:
         return None
     plt = _pyplot()
-    epochs = [int(r["epoch"]) for r in rows]
     panels = curve_panels(rows)
     # a constant lr (no schedule) says nothing a panel should show
-    extra = [(title, col) for title, col in EXTRA if rows[0].get(col)
-             and (col != "lr" or len({r.get(col) for r in rows}) > 1)]
+    extra = [(title, col) for title, col in EXTRA if series(rows, col)[0]
+             and (col != "lr" or len(set(series(rows, col)[1])) > 1)]
     n = len(panels) + len(extra)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
     for ax, key in zip(axes[0], panels, strict=False):
         for split, style in (("train", "-"), ("val", "--")):
-            col = f"{split}_{key}"
-            if col in rows[0]:
-                ax.plot(epochs, [float(r[col]) for r in rows], style, label=split)
+            xs, ys = series(rows, f"{split}_{key}")
+            if xs:
+                ax.plot(xs, ys, style, label=split)
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.legend()
     for ax, (title, col) in zip(axes[0][len(panels):], extra, strict=True):
-        values = [float(r[col]) for r in rows]
-        ax.plot(epochs, values, "-")
+        xs, values = series(rows, col)
+        ax.plot(xs, values, "-")
         if min(values) > 0 and max(values) > min(values):
             ax.set_yscale("log")
         ax.set_title(title)
@@ -59,10 +58,17 @@ def plot_curves(rows: list[dict[str, str]], path: Path) -> Path | None:
     return Path(path)
 
 
+def series(rows: list[dict], col: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of a column where its cells are filled: a resume may have added or
+    dropped it (metrics.csv's columns are every row's)."""
+    filled = [r for r in rows if r.get(col) not in (None, "")]
+    return [int(r["epoch"]) for r in filled], [float(r[col]) for r in filled]
+
+
 def curve_panels(rows: list[dict]) -> list[str]:
     """The TERMS that get a train/val panel: loss and recon always, the others where they
     were logged and move."""
-    return [k for k in TERMS if f"train_{k}" in rows[0]
+    return [k for k in TERMS if series(rows, f"train_{k}")[0]
             and (k in ("loss", "recon") or moves(rows, k))]
 
 

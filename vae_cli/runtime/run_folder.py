@@ -103,11 +103,14 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
-    """The rows, whole and atomically: floats to 6 significant digits."""
+    """The rows, whole and atomically: floats to 6 significant digits. The columns are every
+    row's, in the order they first appear (a resume may add or drop a logged term, e.g.
+    trainer.grad_clip's gradient norm): a row without one leaves its cell empty."""
     if not rows:
         return
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns)
     w.writeheader()
     for row in rows:
         w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})

@@ -22,6 +22,8 @@ class LRSchedule:
     """No schedule: the optimizer's lr throughout (``lr_scheduler=none``)."""
 
     per: Per = "epoch"
+    # Laid over the whole run (trainer.epochs x steps per epoch): a resume must keep both.
+    spans_run = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, /, *, steps_per_epoch: int = 1,
                  epochs: int = 1):
@@ -56,6 +58,7 @@ class Cosine(LRSchedule):
     last step of the run; advanced per optimizer step."""
 
     per: Per = "step"
+    spans_run = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, /, warmup_epochs: float = 1.0,
                  min_lr: float = 0.0, *, steps_per_epoch: int = 1, epochs: int = 1):

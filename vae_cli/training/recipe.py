@@ -99,6 +99,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     state, order = TrainState(), torch.Generator().manual_seed(cfg.seed)
     if ckpt is not None:
         check_position(ckpt, cfg)
+        check_schedule_span(ckpt, cfg, schedule)
         state = restore(ckpt, objective, stepper, schedule, ema, cfg, order)
     stepper.hooks.after_update.append(lambda step: schedule.advance("step"))
     if ema:
@@ -134,6 +135,21 @@ def check_position(ckpt: dict, cfg: DictConfig) -> None:
             raise UserError(f"trainer.{key}={now} differs from the interrupted epoch's "
                             f"({then}); resume with trainer.{key}={then}, the epoch's "
                             "position depends on it")
+
+
+def check_schedule_span(ckpt: dict, cfg: DictConfig, schedule: LRSchedule) -> None:
+    """A schedule laid over the whole run (cosine) continues only over that run: changing
+    its length on resume would bend the curve it is half-way along."""
+    if not schedule.spans_run:
+        return
+    saved = ckpt["config"].get("trainer") or {}
+    name = str(cfg.lr_scheduler._target_).rpartition(".")[2].lower()
+    for key in ("epochs", "batch_size"):
+        now, then = cfg.trainer[key], saved.get(key)
+        if then is not None and now != then:
+            raise UserError(f"trainer.{key}={now} differs from the checkpoint's ({then}), and "
+                            f"lr_scheduler={name} anneals over the run it was set for; resume "
+                            f"with trainer.{key}={then}, or start a new run")
 
 
 def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSchedule,

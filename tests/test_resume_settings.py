@@ -1,0 +1,61 @@
+"""What a resume may change in the trainer's settings, checked in-process on tiny runs:
+a logged term that comes or goes (trainer.grad_clip's gradient norm) leaves empty cells that
+every reader of metrics.csv copes with; a schedule laid over the whole run (cosine) refuses a
+new length in one line instead of bending its curve."""
+
+import csv
+
+import pytest
+
+from vae_cli.commands.train import train
+from vae_cli.config.schemas import validate_train
+from vae_cli.errors import UserError
+from vae_cli.reports.comparison import build_table
+from vae_cli.runtime.run_folder import read_metrics, write_metrics
+
+
+def _tiny(tmp):
+    return [f"dataset.root={tmp / 'data'}", "dataset.image_size=16", "dataset.n_train=64",
+            "dataset.n_val=16", "dataset.n_test=16", "model.hidden=[16]", "model.latent_dim=2",
+            "trainer.batch_size=32", "trainer.device=cpu", "trainer.num_images=4"]
+
+
+def _train(compose, tmp, *extra):
+    overrides = [*_tiny(tmp), *extra]
+    return train(validate_train(compose(overrides)), tmp / "run", overrides)
+
+
+def test_metrics_columns_are_every_rows_in_order_of_appearance(tmp_path):
+    path = tmp_path / "metrics.csv"
+    write_metrics(path, [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5, "grad": 0.25},
+                         {"epoch": 3, "loss": 1.0}])
+    with path.open(newline="") as f:
+        assert next(csv.reader(f)) == ["epoch", "loss", "grad"]
+    assert [r["grad"] for r in read_metrics(path)] == ["", "0.25", ""]
+
+
+def test_a_resume_may_add_and_drop_grad_clip_and_every_reader_copes(tmp_path, compose_cfg):
+    _train(compose_cfg, tmp_path, "trainer.epochs=1")
+    _train(compose_cfg, tmp_path, "trainer.epochs=2", "trainer.grad_clip=1.0",
+           "trainer.resume=true")
+    curves = tmp_path / "run" / "curves.png"
+    curves.unlink()
+    _train(compose_cfg, tmp_path, "trainer.epochs=3", "trainer.grad_clip=null",
+           "trainer.resume=true")
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    filled = [bool(r["train_grad_norm"]) for r in rows]
+    assert filled == [False, True, False]  # logged from epoch 2, dropped at 3
+    assert curves.is_file()  # drawn from the rows with their empty cell
+    _, table = build_table([tmp_path / "run"])
+    assert table[0]["epochs"] == 3
+
+
+def test_a_cosine_schedule_refuses_a_new_length_on_resume(tmp_path, compose_cfg):
+    cosine = ["lr_scheduler=cosine", "lr_scheduler.warmup_epochs=0"]
+    _train(compose_cfg, tmp_path, "trainer.epochs=1", *cosine)
+    with pytest.raises(UserError, match="lr_scheduler=cosine anneals") as e:
+        _train(compose_cfg, tmp_path, "trainer.epochs=3", *cosine, "trainer.resume=true")
+    assert "trainer.epochs=3" in str(e.value) and "\n" not in str(e.value)
+    # the same length continues (here: nothing left to train)
+    _train(compose_cfg, tmp_path, "trainer.epochs=1", *cosine, "trainer.resume=true")
