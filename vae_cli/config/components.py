@@ -16,7 +16,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_cli.config.registry import locate
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 
 
 def _type_ok(value: Any, ann: Any) -> bool:
@@ -79,5 +79,8 @@ def instantiate(group: str, node: DictConfig, *args: Any, **runtime: Any) -> Any
     kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
               if k != "_target_"}
     params = inspect.signature(fn).parameters
-    return fn(*args, **kwargs,
-              **{k: v for k, v in runtime.items() if k in params and k not in kwargs})
+    try:
+        return fn(*args, **kwargs,
+                  **{k: v for k, v in runtime.items() if k in params and k not in kwargs})
+    except ValueError as e:  # a library's own range check (torch's schedulers, optimizers)
+        raise UserError(f"{group}: {one_line(e)}") from None

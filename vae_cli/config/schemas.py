@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from vae_cli.config.components import check_component, instantiate
 from vae_cli.config.registry import COMPONENTS, check_targets
 from vae_cli.errors import UserError, one_line
+from vae_cli.runtime.files import unwritable
+from vae_cli.runtime.run_folder import RunFolder
 
 
 @dataclasses.dataclass
@@ -199,16 +200,19 @@ def check_seed(seed: Any) -> None:
         raise UserError(f"seed={seed!r} must be an integer in [0, 2^63)")
 
 
-def check_out_dir(out_dir: str | None) -> None:
-    """A folder given for the outputs must be one we can write, known before the work."""
-    if not out_dir:
-        return
-    path = Path(out_dir)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"out_dir={out_dir} cannot be written ({path} is not a writable "
-                        "folder)")
+def check_out_dir(out_dir: str | None, ckpt: str | None = None) -> None:
+    """The folder the outputs go to must be one we can write, known before the work: the
+    out_dir given, else the run folder of the checkpoint read."""
+    if out_dir:
+        reason = unwritable(out_dir)
+        if reason:
+            raise UserError(f"out_dir={out_dir} cannot be written ({reason})")
+    elif ckpt and Path(ckpt).is_file():
+        folder = RunFolder.of_checkpoint(ckpt).path
+        reason = unwritable(folder)
+        if reason:
+            raise UserError(f"the run folder {folder} of ckpt={ckpt} cannot be written "
+                            f"({reason}); set out_dir=<a writable folder>")
 
 
 def check_device(key: str, device: str) -> None:
@@ -265,7 +269,7 @@ def reader_command(cfg: DictConfig, schema: type) -> DictConfig:
     cfg = typed(cfg, schema, "")
     finite(cfg)
     check_seed(cfg.seed)
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, cfg.ckpt)
     check_device("device", cfg.device)
     check_sampler(cfg.sampler)
     check_fd(cfg.fd)
@@ -347,6 +351,6 @@ def validate_export(cfg: DictConfig) -> DictConfig:
     cfg = typed(cfg, ExportCommand, "")
     if cfg.format not in EXPORT_FORMATS:
         raise UserError(f"format={cfg.format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    check_out_dir(cfg.out_dir)
+    check_out_dir(cfg.out_dir, cfg.ckpt)
     check_device("device", cfg.device)
     return cfg

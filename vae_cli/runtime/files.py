@@ -91,3 +91,20 @@ def save_cache(path: Path, payload: dict, what: str, consequence: str) -> bool:
                                             consequence)
         return False
     return True
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be made in ``folder`` (or in the nearest existing folder above it,
+    where it would be made), or None: found by making one, which also catches read-only
+    file systems and what os.access cannot see for root."""
+    path = Path(folder).expanduser()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"{path}: {e.strerror or type(e).__name__}"
+    return None

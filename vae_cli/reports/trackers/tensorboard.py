@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vae_cli.errors import UserError
 from vae_cli.reports.trackers.base import (
     Status,
     Tracker,
@@ -12,6 +13,7 @@ from vae_cli.reports.trackers.base import (
     indent,
     need,
 )
+from vae_cli.runtime.files import unwritable
 
 
 class TensorBoard(Tracker):
@@ -22,6 +24,8 @@ class TensorBoard(Tracker):
     option = "tensorboard"
 
     def __init__(self, log_dir: str | None = None):
+        if log_dir and (reason := unwritable(log_dir)):
+            raise UserError(f"logger.log_dir={log_dir} cannot be written ({reason})")
         self.log_dir = log_dir
         self.board = need("torch.utils.tensorboard", self.option, "tensorboard")
         self.writer: Any = None

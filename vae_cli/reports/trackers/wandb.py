@@ -13,6 +13,7 @@ from vae_cli.reports.trackers.base import (
     need,
     run_label,
 )
+from vae_cli.runtime.files import unwritable
 
 
 class WandB(Tracker):
@@ -26,6 +27,8 @@ class WandB(Tracker):
     def __init__(self, project: str = "vae", entity: str | None = None,
                  mode: Literal["offline", "online"] = "offline", dir: str | None = None,
                  name: str | None = None, tags: list[str] | None = None):
+        if dir and (reason := unwritable(dir)):
+            raise UserError(f"logger.dir={dir} cannot be written ({reason})")
         self.wandb = need("wandb", self.option)
         self.project, self.entity, self.mode, self.dir = project, entity, mode, dir
         self.name, self.tags = name, list(tags or [])
