@@ -50,3 +50,90 @@ def test_a_tracker_folder_that_cannot_be_written_is_refused_when_built(target, k
     node = OmegaConf.create({"_target_": target, key: str(blocked)})
     with pytest.raises(UserError, match=f"logger.{key}=.* cannot be written"):
         instantiate("logger", node)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, compose_cfg_module):
+    """A real checkpoint of an untrained tiny model (setup + save, no training)."""
+    from vae_cli.config.schemas import validate_train
+    from vae_cli.training.recipe import save_checkpoint, setup
+
+    tmp = tmp_path_factory.mktemp("saved")
+    cfg = compose_cfg_module([f"dataset.root={tmp / 'data'}", "dataset.image_size=16",
+                              "dataset.n_train=64", "dataset.n_val=16", "dataset.n_test=16",
+                              "model.hidden=[8]", "model.latent_dim=2", "trainer.device=cpu",
+                              "trainer.batch_size=32"])
+    (tmp / "run").mkdir()
+    run = setup(validate_train(cfg), tmp / "run")
+    return save_checkpoint(run, run.folder.last)
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused_by_every_reader(saved, tmp_path):
+    from vae_cli.config.build import load_trained
+    from vae_cli.runtime import checkpoint
+
+    ckpt = checkpoint.load(saved)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name][...] = float("nan")
+    checkpoint.save(tmp_path / "nan.pt", ckpt)
+    load_trained(str(saved), torch.device("cpu"))  # the healthy one loads
+    with pytest.raises(UserError, match=f"non-finite weights \\({name}\\)"):
+        load_trained(str(tmp_path / "nan.pt"), torch.device("cpu"))
+
+
+def test_a_reader_may_move_the_data_but_not_change_what_it_is(saved, tmp_path):
+    from vae_cli.config.build import load_data
+    from vae_cli.runtime import checkpoint
+
+    ckpt = checkpoint.load(saved)
+    root = ckpt["config"]["dataset"]["root"]
+    load_data(ckpt, OmegaConf.create({"root": root, "image_size": None}), torch.device("cpu"))
+    with pytest.raises(UserError, match=r"dataset.image_size=8 differs from the checkpoint's"):
+        load_data(ckpt, OmegaConf.create({"image_size": 8}), torch.device("cpu"))
+
+
+def test_eval_json_stays_valid_json_whatever_the_numbers(tmp_path):
+    import json
+
+    from vae_cli.runtime.run_folder import read_eval, write_eval
+
+    def strict(text):  # Python's json reads NaN; JSON, and every other reader, does not
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"wrote {c}"))
+
+    path = write_eval(tmp_path / "eval.json",
+                      {"nelbo": float("nan"), "kl": [1.0, float("inf")], "units": 3})
+    assert strict(path.read_text()) == {"nelbo": None, "kl": [1.0, None], "units": 3}
+    assert read_eval(path)["units"] == 3
+
+
+def test_a_deeply_nested_eval_json_is_an_unreadable_file_not_a_recursion_error(tmp_path):
+    from vae_cli.runtime.run_folder import RunFileError, read_eval
+
+    path = tmp_path / "eval.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(RunFileError, match="is unreadable"):
+        read_eval(path)
+
+
+def test_conditional_labels_must_be_the_class_ids_0_to_c_minus_1():
+    from vae_cli.data.base import ImageData
+
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+
+    def data(train_labels):
+        labels = {"train": torch.tensor(train_labels), "val": torch.tensor([0, 1, 2, 0]),
+                  "test": torch.tensor([1, 2, 0, 1])}
+        return ImageData("toy", images, images, images, labels=labels)
+
+    data([0, 1, 2, 2]).check_class_ids()
+    with pytest.raises(UserError, match="4 class ids from 0 to 255"):
+        data([0, 1, 2, 255]).check_class_ids()
+
+
+def test_files_a_run_writes_follow_the_umask(tmp_path):
+    import os
+
+    from vae_cli.runtime import files
+
+    path = files.write_text(tmp_path / "a.txt", "x")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~files.UMASK

@@ -22,9 +22,9 @@ from vae_cli.evaluation.features import extractor
 from vae_cli.evaluation.frechet import fd_score
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.objective.model import VAE
-from vae_cli.reports.tables import table, write_report
+from vae_cli.reports.tables import table
 from vae_cli.runtime.device import resolve_device
-from vae_cli.runtime.run_folder import RunFolder
+from vae_cli.runtime.run_folder import RunFolder, write_eval
 from vae_cli.samplers.fitted import fitted_sampler
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
                        f"bpd_iwae_{sampler.name}": bound.get("bpd_iwae")})
     if fd:
         result.update(frechet(cfg, model, data, x, sampler, ckpt))
-    path = write_report(result, RunFolder(out_dir).eval_json(e.split))
+    path = write_eval(RunFolder(out_dir).eval_json(e.split), result)
     print(table(result))
     log.info("wrote %s", path)
     return result

@@ -92,12 +92,22 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
         raise UserError(f"{path} is a conditional model without its number of classes")
     objective = build_objective(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
                                 len(vocab) if vocab else None, ckpt.get("num_classes"))
+    weights = ckpt.get("ema") or ckpt["model"]
     try:
-        objective.model.load_state_dict(ckpt.get("ema") or ckpt["model"])
+        objective.model.load_state_dict(weights)
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} does not match its own config: {one_line(e)}") from None
+    bad = next((k for k, v in weights.items() if v.is_floating_point()
+                and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path} holds non-finite weights ({bad}); a model of NaN or inf "
+                        "cannot be scored, sampled or exported: use an earlier checkpoint")
     return objective.to(device).eval(), ckpt
+
+
+# The dataset keys that say where the data is, not what it is: a reader may move them.
+WHERE = ("root", "download", "path", "val_path", "test_path")
 
 
 def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device) -> Splits:
@@ -107,8 +117,14 @@ def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device) ->
     check_saved(ckpt["config"]["dataset"], "dataset")
     node = OmegaConf.create(ckpt["config"]["dataset"])
     for key, value in (overrides or {}).items():
-        if value is not None:
-            node[key] = value
+        if value is None:
+            continue
+        if key not in WHERE and value != node.get(key):
+            raise UserError(f"dataset.{key}={value} differs from the checkpoint's "
+                            f"({node.get(key)}): a model is scored on data prepared as it was "
+                            "trained on; only where the data is (dataset.root, dataset.path) "
+                            "may change")
+        node[key] = value
     check_targets(node, "dataset")
     check_component("dataset", node)
     vocab = Vocab.from_state(ckpt.get("vocab"))

@@ -70,6 +70,16 @@ class Splits:
             return None
         return max(int(self.labels[s].max()) + 1 for s in SPLITS if len(self.labels[s]))
 
+    def check_class_ids(self) -> None:
+        """Labels a conditional model is built on name classes 0..C-1, each seen somewhere:
+        a stray id (255 in an IDX file) would silently add the classes before it."""
+        ids = torch.cat([self.labels[s].flatten() for s in SPLITS]).unique()
+        if len(ids) and (int(ids.min()) < 0 or len(ids) != int(ids.max()) + 1):
+            raise UserError(f"{self.name}'s labels are {len(ids)} class ids from "
+                            f"{int(ids.min())} to {int(ids.max())}, not 0..{len(ids) - 1}: a "
+                            "conditional model would learn classes no example has; fix the "
+                            "labels")
+
     def labels_for(self, name: str, conditional: bool = True) -> torch.Tensor | None:
         """What a model reads besides a split's examples: the class ids for a conditional
         model (one line where there are none), None for an unconditional one."""

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from vae_cli.runtime.files import write_text
-
 SHOWN = ("split", "examples", "epoch", "likelihood", "loss", "recon", "div", "nelbo", "bpd",
          "nll_token", "ppl", "nll_iwae", "bpd_iwae", "nll_token_iwae", "ppl_iwae", "iw_samples",
          "active_units", "kl_per_dim",
@@ -19,10 +14,6 @@ SHOWN = ("split", "examples", "epoch", "likelihood", "loss", "recon", "div", "ne
          "dci_informativeness_per_factor", "dci_settings",
          "modularity", "modularity_settings", "disentanglement_skipped",
          "fd_sampler", "fd_samples", "fd_features")
-
-
-def write_report(result: dict, path: Path) -> Path:
-    return write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def _fmt(v) -> str:

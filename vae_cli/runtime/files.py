@@ -14,6 +14,17 @@ from typing import BinaryIO
 from vae_cli.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The process's umask, read once: every file a run writes gets the mode the user's umask
+# gives a new file.
+UMASK = _umask()
+
+
 @contextmanager
 def atomic_write(path: str | Path, make_parents: bool = True) -> Iterator[BinaryIO]:
     """A binary handle whose content becomes ``path`` only once complete: a temp file in the
@@ -28,6 +39,7 @@ def atomic_write(path: str | Path, make_parents: bool = True) -> Iterator[Binary
     except OSError as e:
         raise _full(e, path) from None
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would differ from every other file
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

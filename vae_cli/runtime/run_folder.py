@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,13 +118,28 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
+def write_eval(path: Path, result: dict[str, Any]) -> Path:
+    """eval.json: valid JSON whatever the numbers (a non-finite one is written as null)."""
+    return write_text(path, json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def read_eval(path: Path) -> dict[str, Any] | None:
     """eval.json's results; None when there is no file."""
     if not path.is_file():
         return None
     try:
         result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise RunFileError(f"{path} is unreadable ({one_line(e)})") from None
     if not isinstance(result, dict):
         raise RunFileError(f"{path} is unreadable (not a JSON object)")

@@ -84,6 +84,8 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
         raise UserError(f"trainer.bucket=true groups token sequences by length, but "
                         f"{data.name} gives images; leave trainer.bucket=false")
     data = data.to(device)
+    if cfg.model.get("conditional") and data.num_classes:
+        data.check_class_ids()
     objective = build_objective(cfg, data.shape, len(data.train),
                                 data.vocab and len(data.vocab), data.num_classes).to(device)
     opt = build_optimizer(cfg.optim, objective.main_parameters(), t.compile)
