@@ -137,3 +137,30 @@ def test_files_a_run_writes_follow_the_umask(tmp_path):
 
     path = files.write_text(tmp_path / "a.txt", "x")
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~files.UMASK
+
+
+def test_a_vocabulary_holds_only_words_a_model_sees():
+    from vae_cli.data.vocab import Vocab
+
+    v = Vocab.build(["a b c d", "a b"], "word", max_length=2)
+    assert "a" in v.itos and "b" in v.itos and "c" not in v.itos and "d" not in v.itos
+    assert "d" in Vocab.build(["a b c d"], "word").itos
+
+
+def test_text_pictures_of_a_split_of_one_line_skip_the_interpolations(tmp_path):
+    from vae_cli.data.text import encode_splits
+    from vae_cli.nets import rnn
+    from vae_cli.objective.likelihoods import Categorical
+    from vae_cli.objective.model import VAE
+    from vae_cli.objective.posteriors import DiagonalGaussian
+    from vae_cli.objective.priors import NormalPrior
+    from vae_cli.reports.text_outputs import write_text_pictures
+
+    lines = {"train": ["a b c", "b c a", "c a b"], "val": ["a b"], "test": ["b a"]}
+    data = encode_splits("toy", lines, "word", 1, 6)
+    nets = rnn.build(latent_dim=2, shape=tuple(data.shape), vocab_size=len(data.vocab),
+                     embed_dim=4, hidden=8)
+    model = VAE(nets, DiagonalGaussian(), NormalPrior(latent_dim=2),
+                Categorical(classes=len(data.vocab)), 2)
+    written = write_text_pictures(model, data, "val", tmp_path)
+    assert {p.name for p in written} == {"reconstructions.txt", "latent_scatter.png"}

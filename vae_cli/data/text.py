@@ -55,7 +55,7 @@ def encode_splits(name: str, lines: dict[str, list[str]], tokens: str, min_freq:
     if vocab is not None:
         v = Vocab(vocab, tokens)
     else:
-        v = Vocab.build(lines["train"], tokens, min_freq)
+        v = Vocab.build(lines["train"], tokens, min_freq, max_length=max_length)
     encoded = {}
     for s in SPLITS:
         encoded[s], cut = v.encode(lines[s], max_length)

@@ -31,10 +31,11 @@ class Vocab:
 
     @classmethod
     def build(cls, lines: Iterable[str], tokens: str, min_freq: int = 1,
-              max_size: int | None = None) -> Vocab:
+              max_size: int | None = None, max_length: int | None = None) -> Vocab:
         """Tokens seen at least min_freq times, most frequent first (ties alphabetical, so the
-        same text always gives the same ids); the rest map to <unk>."""
-        counts = Counter(t for line in lines for t in split_line(line, tokens))
+        same text always gives the same ids); the rest map to <unk>. Only the first
+        ``max_length`` tokens of a line count: the rest are cut before the model sees them."""
+        counts = Counter(t for line in lines for t in split_line(line, tokens)[:max_length])
         kept = sorted((t for t, c in counts.items() if c >= min_freq and t not in SPECIALS),
                       key=lambda t: (-counts[t], t))
         return cls(SPECIALS + kept[:max_size], tokens)

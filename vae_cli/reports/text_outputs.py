@@ -60,13 +60,15 @@ def write_text_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     text = "\n\n".join(reconstruction_lines(model, vocab, x[:count])) + "\n"
     written = [write_text(out_dir / "reconstructions.txt", text)]
     n, steps = min(pairs, len(x) // 2), 7
-    ends = lines(vocab, x[: 2 * n])
-    paths = lines(vocab, homotopy(model, x[: 2 * n], steps))  # every pair in one decode
-    blocks = []
-    for i in range(n):
-        middle = (f"  {s}" for s in paths[i * steps:(i + 1) * steps])
-        blocks.append("\n".join([f"> {ends[2 * i]}", *middle, f"> {ends[2 * i + 1]}"]))
-    written.append(write_text(out_dir / "interpolations.txt", "\n\n".join(blocks) + "\n"))
+    if n:  # a split of one line has no pair to interpolate between
+        ends = lines(vocab, x[: 2 * n])
+        paths = lines(vocab, homotopy(model, x[: 2 * n], steps))  # every pair in one decode
+        blocks = []
+        for i in range(n):
+            middle = (f"  {s}" for s in paths[i * steps:(i + 1) * steps])
+            blocks.append("\n".join([f"> {ends[2 * i]}", *middle, f"> {ends[2 * i + 1]}"]))
+        written.append(write_text(out_dir / "interpolations.txt",
+                                  "\n\n".join(blocks) + "\n"))
     mu = encode_all(model, x[:max_points], batch_size)[0]
     written.append(plot_scatter(mu, None, "", out_dir / "latent_scatter.png"))
     return written
