@@ -23,6 +23,10 @@ MAP = SimpleNamespace(grid=(2, 2), hierarchy=None)
 HVAE = SimpleNamespace(grid=None, hierarchy=nn.Linear(1, 1))
 
 
+def VQ():  # noqa: N802 (reads as the class it builds)
+    return VectorQuantizer(codes=8, latent_dim=D)
+
+
 def normal():
     return NormalPrior(latent_dim=D)
 
@@ -37,13 +41,13 @@ CASES = [
      Design(prior=normal(), conditional=True, dataset="shapes"), "needs class labels",
      Design(prior=normal(), conditional=True, num_classes=3)),
     (rules.quantiser_needs_a_feature_map,
-     Design(VectorQuantizer(codes=8, latent_dim=D), UniformPrior(latent_dim=D), nets=FLAT),
+     Design(VQ(), UniformPrior(latent_dim=D), nets=FLAT),
      "model=conv or model=resnet",
-     Design(VectorQuantizer(codes=8, latent_dim=D), UniformPrior(latent_dim=D), nets=MAP)),
+     Design(VQ(), UniformPrior(latent_dim=D), nets=MAP)),
     (rules.quantised_latents_are_unconditional,
-     Design(VectorQuantizer(codes=8, latent_dim=D), UniformPrior(latent_dim=D), nets=MAP, conditional=True,
+     Design(VQ(), UniformPrior(latent_dim=D), nets=MAP, conditional=True,
             num_classes=3), "no conditional form",
-     Design(VectorQuantizer(codes=8, latent_dim=D), UniformPrior(latent_dim=D), nets=MAP)),
+     Design(VQ(), UniformPrior(latent_dim=D), nets=MAP)),
     (rules.hierarchy_needs_gaussian_layers,
      Design(Planar(steps=2), normal(), nets=HVAE), "model=hvae has Gaussian layers",
      Design(DiagonalGaussian(), normal(), nets=HVAE)),
