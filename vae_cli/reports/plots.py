@@ -33,7 +33,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path) -> Path | None:
     plt = _pyplot()
     panels = curve_panels(rows)
     # a constant lr (no schedule) says nothing a panel should show
-    extra = [(title, col) for title, col in EXTRA if series(rows, col)[0]
+    extra = [(title, col) for title, col in EXTRA if filled(rows, col)
              and (col != "lr" or len(set(series(rows, col)[1])) > 1)]
     n = len(panels) + len(extra)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
@@ -61,14 +61,18 @@ def plot_curves(rows: list[dict[str, str]], path: Path) -> Path | None:
 def series(rows: list[dict], col: str) -> tuple[list[int], list[float]]:
     """(epochs, values) of a column where its cells are filled: a resume may have added or
     dropped it (metrics.csv's columns are every row's)."""
-    filled = [r for r in rows if r.get(col) not in (None, "")]
-    return [int(r["epoch"]) for r in filled], [float(r[col]) for r in filled]
+    rows = filled(rows, col)
+    return [int(r["epoch"]) for r in rows], [float(r[col]) for r in rows]
+
+
+def filled(rows: list[dict], col: str) -> list[dict]:
+    return [r for r in rows if r.get(col) not in (None, "")]
 
 
 def curve_panels(rows: list[dict]) -> list[str]:
     """The TERMS that get a train/val panel: loss and recon always, the others where they
     were logged and move."""
-    return [k for k in TERMS if series(rows, f"train_{k}")[0]
+    return [k for k in TERMS if filled(rows, f"train_{k}")
             and (k in ("loss", "recon") or moves(rows, k))]
 
 
