@@ -212,12 +212,18 @@ def test_help_and_cfg(tmp_path):
     (["sample", "ckpt=README.md"], "not a readable vae checkpoint"),
     (["bogus"], "unknown command"),
 ])
-def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, fragment):
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, fragment, capsys,
+                                                   monkeypatch):
+    from hostile import dispatch
+
     if args[0] == "sample":
         (tmp_path / "README.md").write_text("not a checkpoint\n")
     if args[0] == "train":
         args = [*args, f"hydra.run.dir={tmp_path / 'run'}", f"dataset.root={tmp_path}"]
-    proc = vae(*args, cwd=tmp_path, check=False)
+    if args[0] == "bogus":  # end to end: the process's exit code and stderr
+        proc = vae(*args, cwd=tmp_path, check=False)
+    else:  # the same dispatcher in this process
+        proc = dispatch(args, tmp_path, capsys, monkeypatch)
     assert proc.returncode == 2
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
