@@ -76,22 +76,24 @@ def _weights(run: Path) -> dict:
     return torch.load(run / "checkpoints/last.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path, sig):
+def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """SIGTERM (a cluster preempting the job) and SIGINT (Ctrl-C), each against the same
+    uninterrupted run (trained once: one test, so one process holds it)."""
     data = f"dataset.root={tmp_path / 'data'}"
-    vae("train", *LONG, data, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    full = tmp_path / "full"
+    vae("train", *LONG, data, f"hydra.run.dir={full}", cwd=tmp_path)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        run = tmp_path / f"cut-{sig.name}"
+        code, line = _interrupt_mid_epoch(["train", *LONG, data, f"hydra.run.dir={run}"],
+                                          tmp_path, sig)
+        assert code == 128 + sig and sig.name in line and "ckpt=" in line, line
+        saved = checkpoint.load(run / "checkpoints/last.pt")
+        assert saved["state"]["epoch"] == 1 and saved["state"]["progress"]["batch"] > 0
 
-    run = tmp_path / "cut"
-    code, line = _interrupt_mid_epoch(["train", *LONG, data, f"hydra.run.dir={run}"],
-                                      tmp_path, sig)
-    assert code == 128 + sig and sig.name in line and "ckpt=" in line, line
-    saved = checkpoint.load(run / "checkpoints/last.pt")
-    assert saved["state"]["epoch"] == 1 and saved["state"]["progress"]["batch"] > 0
-
-    vae("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
-    assert rows(run) == rows(tmp_path / "full")  # bitwise: same floats printed
-    a, b = _weights(tmp_path / "full"), _weights(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        vae("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
+        assert rows(run) == rows(full)  # bitwise: same floats printed
+        a, b = _weights(full), _weights(run)
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 WRITER = """
