@@ -164,3 +164,12 @@ def test_text_pictures_of_a_split_of_one_line_skip_the_interpolations(tmp_path):
                 Categorical(classes=len(data.vocab)), 2)
     written = write_text_pictures(model, data, "val", tmp_path)
     assert {p.name for p in written} == {"reconstructions.txt", "latent_scatter.png"}
+
+
+def test_labels_that_do_not_match_their_images_are_named_not_an_index_error():
+    from vae_cli.data.standard import split_train_val
+
+    x = torch.zeros(10, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(UserError, match="7 training labels for 10 training images"):
+        split_train_val(x, torch.zeros(7, dtype=torch.long), 2, 0, "MNIST")
+    assert len(split_train_val(x, torch.zeros(10, dtype=torch.long), 2, 0, "MNIST")[0]) == 8

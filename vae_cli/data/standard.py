@@ -53,6 +53,9 @@ def open_torchvision(label: str, root: str, download: bool, required: list[str],
 def split_train_val(x: torch.Tensor, y: torch.Tensor, val_size: int, split_seed: int,
                     label: str) -> tuple[torch.Tensor, ...]:
     check_positive(val_size=val_size)
+    if len(y) != len(x):  # an IDX label file whose header disagrees with the image file's
+        raise UserError(f"{label}: {len(y)} training labels for {len(x)} training images; "
+                        "the label file does not belong with the image file")
     if val_size >= len(x):
         raise UserError(f"dataset.val_size={val_size} must be smaller than the {len(x)} "
                         f"{label} training images")
