@@ -59,3 +59,15 @@ def test_a_cosine_schedule_refuses_a_new_length_on_resume(tmp_path, compose_cfg)
     assert "trainer.epochs=3" in str(e.value) and "\n" not in str(e.value)
     # the same length continues (here: nothing left to train)
     _train(compose_cfg, tmp_path, "trainer.epochs=1", *cosine, "trainer.resume=true")
+
+
+def test_a_corrupt_tracker_store_on_resume_is_one_line_before_any_step(tmp_path, compose_cfg):
+    pytest.importorskip("mlflow")
+    _train(compose_cfg, tmp_path, "trainer.epochs=1", "logger=mlflow")
+    store = tmp_path / "run" / "mlflow" / "mlflow.db"
+    store.write_bytes(b"not a database" * 100)
+    with pytest.raises(UserError, match="logger=mlflow") as e:
+        _train(compose_cfg, tmp_path, "trainer.epochs=2", "logger=mlflow",
+               "trainer.resume=true")
+    assert "\n" not in str(e.value)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["1"]

@@ -12,7 +12,7 @@ import torch
 
 from vae_cli.data.base import Splits
 from vae_cli.data.batching import as_input
-from vae_cli.errors import one_line
+from vae_cli.errors import UserError, one_line
 from vae_cli.objective.model import VAE
 from vae_cli.reports.images import sample_draws, save_reconstructions, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
@@ -46,7 +46,14 @@ class TrainingReports:
         """Failing here stops the run before any training (a bad tracking URI...). A
         tracker run started by a resumed run (logger= added on the resume) gets the
         earlier epochs' metrics.csv rows first."""
-        if not self.tracker.start(config, self.run_dir, resumed_at):
+        try:
+            continued = self.tracker.start(config, self.run_dir, resumed_at)
+        except UserError:
+            raise
+        except Exception as e:  # a corrupt store, a server's own error: before any step
+            raise UserError(f"logger={self.tracker.option} could not start "
+                            f"({type(e).__name__}: {one_line(e)})") from None
+        if not continued:
             for row in rows:
                 self.track("log_metrics", self.numbers(row), int(row["step"]))
 
