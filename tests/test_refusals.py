@@ -173,3 +173,18 @@ def test_labels_that_do_not_match_their_images_are_named_not_an_index_error():
     with pytest.raises(UserError, match="7 training labels for 10 training images"):
         split_train_val(x, torch.zeros(7, dtype=torch.long), 2, 0, "MNIST")
     assert len(split_train_val(x, torch.zeros(10, dtype=torch.long), 2, 0, "MNIST")[0]) == 8
+
+
+def test_metrics_named_but_not_computable_are_refused_and_few_examples_said(caplog):
+    from vae_cli.commands.eval import check_metrics
+    from vae_cli.config.schemas import DISENTANGLEMENT_METRICS
+    from vae_cli.evaluation.disentanglement.suite import score
+
+    with pytest.raises(UserError, match=r"metrics=\['mig'\] need ground-truth factors"):
+        check_metrics(["mig"], False, "mnist")
+    check_metrics(list(DISENTANGLEMENT_METRICS), False, "mnist")  # the default: nothing asked
+    check_metrics(["mig"], True, "shapes")
+    z, factors = torch.randn(3, 2), torch.randint(0, 2, (3, 2))
+    settings = {"metrics": ["mig"], "test_fraction": 0.333}
+    score(z, factors, ["a", "b"], settings, 0, 4)
+    assert "on 3 examples are rough estimates" in caplog.text

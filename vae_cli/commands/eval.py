@@ -13,8 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.config.build import build_sampler, dataset_root, load_data, load_trained
-from vae_cli.config.schemas import validate_eval
+from vae_cli.config.schemas import DISENTANGLEMENT_METRICS, validate_eval
 from vae_cli.data.base import Splits
+from vae_cli.errors import UserError
 from vae_cli.evaluation.diagnostics import encode_all, mean_encoder, posterior_stats
 from vae_cli.evaluation.disentanglement.suite import Intervention, score
 from vae_cli.evaluation.evaluate import evaluate
@@ -48,6 +49,14 @@ def disentanglement(cfg: DictConfig, model: VAE, data: Splits, z: torch.Tensor,
                  why)
 
 
+def check_metrics(chosen: list[str], factors: bool, dataset: str) -> None:
+    """Metrics named on the command line (not the default list) that this data cannot give
+    are refused, not left out of eval.json without a word."""
+    if not factors and chosen and chosen != list(DISENTANGLEMENT_METRICS):
+        raise UserError(f"eval.disentanglement.metrics={chosen} need ground-truth factors, "
+                        f"which {dataset} has none of (shapes and dsprites have them)")
+
+
 def run(cfg: DictConfig) -> dict:
     cfg = validate_eval(cfg)
     e = cfg.eval
@@ -55,6 +64,7 @@ def run(cfg: DictConfig) -> dict:
     model = objective.model
     data = load_data(ckpt, cfg.dataset, next(objective.parameters()).device)
     x, factors = data.split(e.split), data.factors.get(e.split)
+    check_metrics(list(e.disentanglement.metrics), factors is not None, data.name)
     labels = data.labels_for(e.split, model.conditional)
     if e.max_examples:
         x = x[: e.max_examples]

@@ -89,6 +89,11 @@ def _observational(chosen: list[str], z: torch.Tensor, factors: torch.Tensor,
     return result, skipped
 
 
+# Below this many examples the metrics' estimates (MIG's histograms, the predictors' splits)
+# say little: said in the log.
+FEW = 500
+
+
 def score(z: torch.Tensor, factors: torch.Tensor, names: list[str], settings: dict[str, Any],
           seed: int, bins: int, intervention: Intervention | None = None,
           no_intervention: str = "no ground-truth oracle") -> dict:
@@ -97,6 +102,9 @@ def score(z: torch.Tensor, factors: torch.Tensor, names: list[str], settings: di
     configs/eval.yaml's eval.disentanglement does. A metric that cannot run is listed under
     disentanglement_skipped with the reason."""
     chosen = list(settings["metrics"])
+    if chosen and len(z) < FEW:
+        log.warning("disentanglement metrics on %d examples are rough estimates (eval.split "
+                    "with at least %d examples, or a larger eval.max_examples)", len(z), FEW)
     start = time.perf_counter()
     result, skipped = _observational(chosen, z, factors, names, settings, seed, bins)
     for name, metric in (("beta_vae", beta_vae), ("factor_vae", factor_vae)):
