@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,7 +16,8 @@ from vae_cli.config.schemas import validate_train
 from vae_cli.errors import UserError
 from vae_cli.runtime import checkpoint, distributed
 from vae_cli.runtime.files import folder_lock
-from vae_cli.training.recipe import fit, setup
+from vae_cli.runtime.run_folder import CHECKPOINTS, HYDRA, LOG, METRICS
+from vae_cli.training.recipe import Run, fit, setup
 from vae_cli.training.resume import find_resume, resume_config
 
 log = logging.getLogger(__name__)
@@ -26,13 +29,27 @@ def run(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     share_cores(hc)
-    cfg = validate_train(cfg)
+    with no_trace_if_refused(hc):
+        cfg = validate_train(cfg)
     # one run per folder: a second process into it is refused (rank 0 holds it for all)
     with folder_lock(run_dir) if distributed.rank() == 0 else nullcontext():
-        return train(cfg, run_dir, list(hc.overrides.task))
+        with no_trace_if_refused(hc):
+            run = prepare(cfg, run_dir, list(hc.overrides.task))
+        summary = fit(run)
+    log.info("best val loss %.4f after %d epochs; outputs in %s", summary["best_val"],
+             summary["epoch"], run_dir)
+    return summary["best_val"]
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
+    """Prepare and fit, as `vae train` does (without Hydra's own folder records)."""
+    summary = fit(prepare(cfg, run_dir, overrides))
+    return summary["best_val"]
+
+
+def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Run:
+    """The run, set up from the config, or from the checkpoint it continues; refusals are
+    raised here, before any work."""
     path = find_resume(cfg, run_dir)
     ckpt = None
     if path is not None:
@@ -42,10 +59,38 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
         saved = upgrade(ckpt["config"])
         check_saved(saved)
         cfg = validate_train(resume_config(saved, cfg, overrides))
-    summary = fit(setup(cfg, run_dir, ckpt, path))
-    log.info("best val loss %.4f after %d epochs; outputs in %s", summary["best_val"],
-             summary["epoch"], run_dir)
-    return summary["best_val"]
+    return setup(cfg, run_dir, ckpt, path)
+
+
+@contextmanager
+def no_trace_if_refused(hc: DictConfig) -> Iterator[None]:
+    """A start refused before any work takes back what Hydra wrote for it: its config
+    record (.hydra, or .hydra/again-<time> beside another run's), an empty log, a folder
+    made for it alone. A sweep's failed job keeps its folder: the sweep reports it."""
+    from hydra.types import RunMode
+
+    try:
+        yield
+    except UserError:
+        if hc.mode != RunMode.MULTIRUN and hc.output_subdir is not None:
+            take_back(Path(hc.runtime.output_dir))
+        raise
+
+
+def take_back(run_dir: Path) -> None:
+    # this start's record: the newest .hydra/again-<time> beside a run's own, else .hydra
+    # (hydra.output_subdir cannot say: it is resolved anew on each access)
+    again = sorted((run_dir / HYDRA).glob("again-*"))
+    if again:
+        shutil.rmtree(again[-1], ignore_errors=True)
+    elif not (run_dir / CHECKPOINTS).exists() and not (run_dir / METRICS).exists():
+        shutil.rmtree(run_dir / HYDRA, ignore_errors=True)
+    log_file = run_dir / LOG
+    if log_file.is_file() and log_file.stat().st_size == 0:
+        log_file.unlink()
+    for folder in (run_dir / HYDRA, run_dir):
+        with suppress(OSError):  # only when nothing else is in it
+            folder.rmdir()
 
 
 def share_cores(hc) -> None:
