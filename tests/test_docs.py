@@ -16,9 +16,10 @@ and ``vae train --cfg job`` run as real processes of the installed ``vae`` scrip
 block is cut before each ``vae train`` that starts a new run, so that the pieces spread
 over the test processes. ``<run>``, ``outputs/<date>/<time>`` and ``<vq run>`` stand for
 the run the piece trained last (or a run trained once per test process when it trained
-none; a resume works on a copy of it), ``multirun/<date>/<time>`` for its last sweep.
-Tiny settings replace the sizes a command gives or add them: one epoch, small splits, few
-samples and importance samples.
+none), ``multirun/<date>/<time>`` for its last sweep. A `vae train` shown on two pages runs
+once per test process; a resume works on a copy of its run. Tiny settings replace the
+sizes a command gives or add them: one epoch, small splits, few samples and importance
+samples.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ PROCESSES = ("vae --help",)
 # Pieces that start processes or load a library's machinery: started first, so that the
 # test processes share the work evenly (pytest-xdist hands out tests in collection order).
 SLOW = ("vae train -m ", "hparams_search=", "logger=mlflow", "logger=wandb", "format=onnx")
+# Runs this test process trained, by their arguments: a page repeating a `vae train`
+# (README and index both show the set-up) reuses the run, the commands after it read it.
+TRAINED: dict[tuple[str, ...], Path] = {}
 LINES = "the fox runs\na dog sleeps\nthe dog runs fast\na fox sleeps\n" * 8
 
 
@@ -279,7 +283,7 @@ class Reader:
         self.folder, self.data, self.shared_run, self.count = folder, data, shared_run, 0
         self.run: Path | None = None
         self.sweep: Path | None = None
-        self.shared = False  # self.run is the test process's run, not this reader's own
+        self.shared = False  # self.run may be read by other tests: a resume takes a copy
         (folder / "lines.txt").write_text(LINES)
 
     def placeholders(self, command: str) -> str:
@@ -341,11 +345,14 @@ class Reader:
                 if "root" in keys:
                     sizes["dataset.root"] = str(self.data)
                 args = with_sizes(args, sizes)
-            args = [*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={sweep}"]
-            code = run_vae(args)
+            if expect == 0 and tuple(args) in TRAINED:  # the same run: trained once
+                self.run, self.shared = TRAINED[tuple(args)], True
+                return
+            code = run_vae([*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={sweep}"])
             assert code == expect, f"{command}: exit {code}"
             if code == 0 and run.is_dir():
-                self.run, self.shared = run, False
+                self.run, self.shared = run, True
+                TRAINED[tuple(args)] = run
             elif code == 0:
                 self.sweep = sweep
             return
