@@ -10,8 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-from hostile import digest, one_line_failure, tiny_run, unchanged
-from test_cli import TINY, rows, vae
+from hostile import copy_run, digest, in_process, one_line_failure, unchanged
+from test_cli import TINY, rows
 from test_reliability import LONG, _popen, _wait_for
 
 
@@ -20,37 +20,41 @@ def test_a_second_process_into_a_running_folder_is_refused(tmp_path):
     first = _popen(["train", *LONG, f"dataset.root={tmp_path / 'data'}",
                     f"hydra.run.dir={run}"], tmp_path)
     _wait_for(run / "train.log", "parameters", first)  # past the lock, training
-    second = vae("train", *LONG, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}",
-                 "trainer.resume=true", cwd=tmp_path, check=False)
+    # the second start from this process (another process than the first's)
+    second = in_process("train", *LONG, f"dataset.root={tmp_path / 'data'}",
+                        f"hydra.run.dir={run}", "trainer.resume=true", cwd=tmp_path,
+                        check=False)
     one_line_failure(second, "in use by another vae train")
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert [r["epoch"] for r in rows(run)] == ["1", "2", "3"]
 
 
-def test_a_checkpoint_does_not_continue_into_another_runs_folder(tmp_path):
-    a, b = tiny_run(tmp_path, "a"), tiny_run(tmp_path, "b")
+def test_a_checkpoint_does_not_continue_into_another_runs_folder(tmp_path, finished_run):
+    a, b = copy_run(finished_run, tmp_path / "a"), copy_run(finished_run, tmp_path / "b")
     before = digest(b)
-    proc = vae("train", f"ckpt={a / 'checkpoints/last.pt'}", f"hydra.run.dir={b}",
-               "trainer.epochs=2", cwd=tmp_path, check=False)
+    proc = in_process("train", f"ckpt={a / 'checkpoints/last.pt'}", f"hydra.run.dir={b}",
+                      "trainer.epochs=2", cwd=tmp_path, check=False)
     one_line_failure(proc, "holds another run")
     assert unchanged(before, b) and len(rows(b)) == 1
 
 
-def test_a_folder_with_another_runs_files_but_no_checkpoint_is_refused(tmp_path):
-    run = tiny_run(tmp_path)
+def test_a_folder_with_another_runs_files_but_no_checkpoint_is_refused(tmp_path,
+                                                                     finished_run):
+    run = copy_run(finished_run, tmp_path / "run")
     shutil.rmtree(run / "checkpoints")
     before = digest(run)
-    proc = vae("train", *TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}",
-               cwd=tmp_path, check=False)
+    proc = in_process("train", *TINY, f"dataset.root={tmp_path / 'data'}",
+                      f"hydra.run.dir={run}", cwd=tmp_path, check=False)
     one_line_failure(proc, "already holds a run")
     assert unchanged(before, run)
 
 
-def test_a_checkpoint_continues_into_an_empty_folder_with_its_history(tmp_path):
-    a = tiny_run(tmp_path, "a")
-    vae("train", f"ckpt={a / 'checkpoints/last.pt'}", f"hydra.run.dir={tmp_path / 'b'}",
-        "trainer.epochs=2", cwd=tmp_path)
+def test_a_checkpoint_continues_into_an_empty_folder_with_its_history(tmp_path,
+                                                                    finished_run):
+    a = copy_run(finished_run, tmp_path / "a")
+    in_process("train", f"ckpt={a / 'checkpoints/last.pt'}", f"hydra.run.dir={tmp_path / 'b'}",
+               "trainer.epochs=2", cwd=tmp_path)
     assert [r["epoch"] for r in rows(tmp_path / "b")] == ["1", "2"]
     assert rows(tmp_path / "b")[0] == rows(a)[0] and len(rows(a)) == 1
 
@@ -68,13 +72,12 @@ def test_a_run_folder_removed_while_training_is_not_recreated(tmp_path):
     assert not run.exists()
 
 
-def test_a_checkpoint_among_other_files_starts_its_own_run_folder(tmp_path):
-    a = tiny_run(tmp_path, "a")
+def test_a_checkpoint_among_other_files_starts_its_own_run_folder(tmp_path, finished_run):
     shelf = tmp_path / "shelf"
     shelf.mkdir()
-    shutil.copy(a / "checkpoints/last.pt", shelf / "model.pt")
+    shutil.copy(finished_run / "checkpoints/last.pt", shelf / "model.pt")
     (shelf / "notes.txt").write_text("mine")
-    vae("train", f"ckpt={shelf / 'model.pt'}", "trainer.epochs=2", cwd=tmp_path)
+    in_process("train", f"ckpt={shelf / 'model.pt'}", "trainer.epochs=2", cwd=tmp_path)
     assert sorted(p.name for p in shelf.iterdir()) == ["model.pt", "notes.txt"]
     (new,) = {m.parent for m in (tmp_path / "outputs").rglob("metrics.csv")}
     assert [r["epoch"] for r in rows(new)] == ["1", "2"]
@@ -87,12 +90,12 @@ def test_a_preset_resumes_with_its_own_command_line_and_a_relative_data_root(tmp
             "dataset.n_val=32", "dataset.n_test=32", "dataset.root=data", "trainer.epochs=1",
             "trainer.device=cpu", "trainer.num_images=4", f"hydra.run.dir={tmp_path / 'run'}",
             "trainer.resume=auto"]
-    vae("train", *args, cwd=tmp_path)
-    vae("train", *args[:-1], "trainer.epochs=2", "trainer.resume=true", cwd=tmp_path)
+    in_process("train", *args, cwd=tmp_path)
+    in_process("train", *args[:-1], "trainer.epochs=2", "trainer.resume=true", cwd=tmp_path)
     with (tmp_path / "run/metrics.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
-    proc = vae("train", *args[1:], "experiment=factorvae_shapes", "trainer.epochs=3",
-               cwd=tmp_path, check=False)
+    proc = in_process("train", *args[1:], "experiment=factorvae_shapes", "trainer.epochs=3",
+                      cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "experiment=factorvae_shapes gives another" in proc.stderr
     table = _repro_table()
     row = table.row(tmp_path / "run")  # the README's Reproductions row of that folder
