@@ -24,11 +24,16 @@ samples.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import io
+import logging
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -258,12 +263,38 @@ def with_sizes(args: list[str], sizes: dict[str, str]) -> list[str]:
     return args
 
 
-def run_vae(args: list[str]) -> int:
-    """The real dispatcher, in this process; Hydra's --help and --cfg end with exit()."""
+def run_vae(args: list[str], cwd: Path) -> tuple[int, str]:
+    """`vae <args>` through the real dispatcher, in this process: the exit code (Hydra's
+    --help and --cfg end with exit()) and what it printed to stderr. What the command
+    changes in this process (directory, argv, signal handlers, the root logger's handlers,
+    which write into the run's train.log) is put back for the tests after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    argv, here = sys.argv, os.getcwd()
+    full_error = os.environ.pop("HYDRA_FULL_ERROR", None)  # one line, not a traceback
+    err = io.StringIO()
     try:
-        return main(args)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+        for s, handler in signals.items():
+            signal.signal(s, handler)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        if full_error is not None:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    sys.stderr.write(err.getvalue())  # pytest shows it with a failure
+    return code, err.getvalue().strip()
 
 
 @functools.cache
@@ -349,8 +380,9 @@ class Reader:
             if expect == 0 and tuple(args) in TRAINED:  # the same run: trained once
                 self.run, self.shared = TRAINED[tuple(args)], True
                 return
-            code = run_vae([*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={sweep}"])
-            assert code == expect, f"{command}: exit {code}"
+            code, err = run_vae([*args, f"hydra.run.dir={run}", f"hydra.sweep.dir={sweep}"],
+                                self.folder)
+            assert code == expect, f"{command}: exit {code}: {err[-800:]}"
             if code == 0 and run.is_dir():
                 self.run, self.shared = run, True
                 TRAINED[tuple(args)] = run
@@ -363,8 +395,8 @@ class Reader:
         sizes = {"eval": EVAL, "sample": SAMPLE}.get(args[0], {})
         sampler = [a.split("=", 1)[1] for a in args if a.startswith("sampler=")]
         sizes = {**sizes, **SAMPLERS.get(sampler[0] if sampler else "", {})}
-        code = run_vae(with_sizes(args, sizes) if expect == 0 else args)
-        assert code == expect, f"{command}: exit {code}"
+        code, err = run_vae(with_sizes(args, sizes) if expect == 0 else args, self.folder)
+        assert code == expect, f"{command}: exit {code}: {err[-800:]}"
 
 
 @pytest.fixture(scope="session")
@@ -381,8 +413,7 @@ def shared_run(tmp_path_factory, data_root):
 
 
 @pytest.mark.parametrize("piece", pieces(), ids=str)
-def test_documented_commands_run(piece, tmp_path, data_root, request, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_documented_commands_run(piece, tmp_path, data_root, request):
     reader = Reader(tmp_path, data_root, lambda: request.getfixturevalue("shared_run"))
     for command in piece.commands:
         reader.type(command, piece.block.exit)
