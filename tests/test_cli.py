@@ -31,6 +31,15 @@ def vae(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
     return proc
 
 
+def in_process(*args: str, cwd: Path, check: bool = True):
+    """`vae <args>` through the same dispatcher in this process (hostile.in_process), for
+    the starts a test needs rather than checks as a process of its own: each test here
+    still runs the real command end to end at least once where that is what it checks."""
+    from hostile import in_process as run  # hostile imports this module
+
+    return run(*args, cwd=cwd, check=check)
+
+
 def rows(run: Path) -> list[dict]:
     with (run / "metrics.csv").open() as f:
         return list(csv.DictReader(f))
@@ -70,8 +79,9 @@ def test_eval_writes_json_and_prints_a_table(trained):
     assert result["fd_shapes_features"] >= 0 and result["fd_sampler"] == "prior"
     assert "not comparable to Inception FID" in result["fd_features"]
     assert "fd_shapes_features" in out.stdout and result["fd_samples"] == 1000
-    vae("eval", f"ckpt={trained / 'checkpoints/best.pt'}", "eval.iw_samples=5",
-        "eval.max_examples=10", MIG, "fd.samples=0", cwd=trained.parent)
+    # in-process from here: the same dispatcher, without another interpreter start
+    in_process("eval", f"ckpt={trained / 'checkpoints/best.pt'}", "eval.iw_samples=5",
+               "eval.max_examples=10", MIG, "fd.samples=0", cwd=trained.parent)
     assert json.loads((trained / "eval.json").read_text())["split"] == "test"
 
 
@@ -90,10 +100,11 @@ def test_fitted_samplers_sample_end_to_end_and_are_scored(trained, compose_cfg):
     from vae_cli.commands import sample
 
     ckpt = f"ckpt={trained / 'checkpoints/best.pt'}"
-    out = vae("sample", ckpt, "sampler=gmm", "sampler.components=3", "num_samples=10",
-              "fd.samples=32", "pictures=false", cwd=trained.parent)
+    # in-process (test_sample_writes_grid_tensor_and_pictures runs a sample process): the
+    # dispatcher for the first, the command's function for the others
+    out = in_process("sample", ckpt, "sampler=gmm", "sampler.components=3", "num_samples=10",
+                     "fd.samples=32", "pictures=false", cwd=trained.parent)
     assert "fitting" in out.stdout and "fd_shapes_features" in out.stdout
-    # in-process from here: the same command, without another interpreter start
     sample.run(compose_cfg([ckpt, "sampler=two_stage", "sampler.steps=50",
                             "sampler.hidden=[16]", "num_samples=10", "fd.samples=32",
                             "pictures=false"], name="sample"))
@@ -112,20 +123,22 @@ def test_fitted_samplers_sample_end_to_end_and_are_scored(trained, compose_cfg):
 
 
 def test_compare_reads_a_multirun(tmp_path):
+    # the sweep and the eval that compare reads run in-process (test_multirun_sweep_gives_
+    # one_folder_per_job runs a sweep as a process); compare itself end to end
     sweep = tmp_path / "sweep"
-    vae("train", "-m", *TINY, "trainer.epochs=1", f"dataset.root={tmp_path / 'data'}",
-        "model.latent_dim=2,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    vae("eval", f"ckpt={sweep / '0/checkpoints/best.pt'}", "eval.iw_samples=2", MIG,
-        cwd=tmp_path)
+    in_process("train", "-m", *TINY, "trainer.epochs=1", f"dataset.root={tmp_path / 'data'}",
+               "model.latent_dim=2,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    in_process("eval", f"ckpt={sweep / '0/checkpoints/best.pt'}", "eval.iw_samples=2", MIG,
+               cwd=tmp_path)
     out = vae("compare", str(sweep), "--sort", "model.latent_dim", "--desc", cwd=tmp_path)
     with (sweep / "compare.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["model.latent_dim"] for r in table] == ["3", "2"]
     assert table[1]["test_nll"] and not table[0]["test_nll"]
     assert "model.latent_dim" in out.stdout and (sweep / "compare.md").is_file()
-    bad = vae("compare", str(sweep), "--sort", "nope", cwd=tmp_path, check=False)
+    bad = in_process("compare", str(sweep), "--sort", "nope", cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "not a column" in bad.stderr
-    empty = vae("compare", str(tmp_path / "data"), cwd=tmp_path, check=False)
+    empty = in_process("compare", str(tmp_path / "data"), cwd=tmp_path, check=False)
     assert empty.returncode == 2 and "no runs" in empty.stderr
 
 
@@ -140,13 +153,14 @@ def test_the_old_tensorboard_flag_names_the_logger_option(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
+    # in-process: what is checked is the runs' files (test_reliability resumes processes)
     data = f"dataset.root={tmp_path / 'data'}"
-    vae("train", *TINY, data, "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'full'}",
-        cwd=tmp_path)
-    vae("train", *TINY, data, f"hydra.run.dir={tmp_path / 'part'}", cwd=tmp_path)
+    in_process("train", *TINY, data, "trainer.epochs=3", f"hydra.run.dir={tmp_path / 'full'}",
+               cwd=tmp_path)
+    in_process("train", *TINY, data, f"hydra.run.dir={tmp_path / 'part'}", cwd=tmp_path)
     original = (tmp_path / "part/.hydra/config.yaml").read_text()
-    vae("train", f"ckpt={tmp_path / 'part/checkpoints/last.pt'}", "trainer.epochs=3",
-        cwd=tmp_path)
+    in_process("train", f"ckpt={tmp_path / 'part/checkpoints/last.pt'}", "trainer.epochs=3",
+               cwd=tmp_path)
     full, part = rows(tmp_path / "full"), rows(tmp_path / "part")
     drop = {"seconds"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in part] == \
@@ -161,13 +175,15 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_resume_flag_and_refusals(tmp_path):
     run = tmp_path / "run"
     base = [*TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}"]
-    vae("train", *base, "trainer.epochs=1", cwd=tmp_path)
-    again = vae("train", *base, cwd=tmp_path, check=False)
+    # in-process: the same dispatcher (test_reliability's battery refuses a second start
+    # into a run as a process of its own)
+    in_process("train", *base, "trainer.epochs=1", cwd=tmp_path)
+    again = in_process("train", *base, cwd=tmp_path, check=False)
     assert again.returncode == 2 and "trainer.resume=true" in again.stderr
-    vae("train", *base, "trainer.resume=true", cwd=tmp_path)
+    in_process("train", *base, "trainer.resume=true", cwd=tmp_path)
     assert len(rows(run)) == 2
-    changed = vae("train", *base, "trainer.resume=true", "trainer.epochs=3",
-                  "model.latent_dim=5", cwd=tmp_path, check=False)
+    changed = in_process("train", *base, "trainer.resume=true", "trainer.epochs=3",
+                         "model.latent_dim=5", cwd=tmp_path, check=False)
     assert changed.returncode == 2 and "model.latent_dim=5" in changed.stderr
     assert len(rows(run)) == 2
 
@@ -177,12 +193,13 @@ def test_a_time_budget_stops_between_epochs_and_the_same_command_continues(tmp_p
     run = tmp_path / "run"
     base = [*TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}",
             "trainer.epochs=3", "trainer.max_minutes=1e-4", "trainer.resume=auto"]
-    first = vae("train", *base, cwd=tmp_path)
+    first = vae("train", *base, cwd=tmp_path)  # a process: how it ends, what it says
     assert "time limit" in first.stderr + first.stdout and len(rows(run)) == 1
     assert torch.load(run / "checkpoints/last.pt", weights_only=True)["state"]["epoch"] == 1
-    vae("train", *base, cwd=tmp_path)
+    again = in_process("train", *base, cwd=tmp_path)  # the same command, in-process
+    assert "time limit" in again.stderr + again.stdout
     assert [r["epoch"] for r in rows(run)] == ["1", "2"]
-    vae("train", *base, "trainer.max_minutes=null", cwd=tmp_path)  # no budget: to the end
+    in_process("train", *base, "trainer.max_minutes=null", cwd=tmp_path)  # to the end
     assert [r["epoch"] for r in rows(run)] == ["1", "2", "3"]
 
 
@@ -198,8 +215,10 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
 
 def test_help_and_cfg(tmp_path):
     assert "train" in vae("--help", cwd=tmp_path).stdout
-    assert "vae train" in vae("train", "--help", cwd=tmp_path).stdout
-    job = vae("train", "--cfg", "job", "model=conv", cwd=tmp_path).stdout
+    # the Hydra app's own flags in-process (test_wheel_ships_the_config_tree runs --cfg job
+    # as a process)
+    assert "vae train" in in_process("train", "--help", cwd=tmp_path).stdout
+    job = in_process("train", "--cfg", "job", "model=conv", cwd=tmp_path).stdout
     assert "vae_cli.nets.conv.build" in job and "latent_dim" in job
 
 
@@ -230,7 +249,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, fragment, cap
 
 
 def test_unknown_group_option_is_refused(tmp_path):
-    proc = vae("train", "model=transformer", cwd=tmp_path, check=False)
+    # in-process; test_reliability's battery runs the same case as a process of its own
+    proc = in_process("train", "model=transformer", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "model/transformer" in proc.stderr
     assert "Traceback" not in proc.stderr
 
