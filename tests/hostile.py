@@ -96,6 +96,69 @@ def in_process(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
     return done
 
 
+# What `vae train` imports before its set-up is done (its "... parameters" log line); a
+# forked start finds them imported (torch._dynamo: building any torch optimizer imports it).
+# What a run imports after set-up (matplotlib, torchvision for its pictures) each start
+# imports itself, as a process of its own does, where a kill can land.
+PRELOAD = ["torch", "torch._dynamo", "hydra", "vae_cli.commands.main",
+           "vae_cli.commands.train", "hostile"]
+
+
+def _forked_vae(args: list[str], cwd: str, output: str) -> None:
+    """The child's life: `python -m vae_cli <args>` but for the imports."""
+    from vae_cli.commands.main import main
+
+    os.chdir(cwd)
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    sys.exit(main(args))
+
+
+class Forked:
+    """`vae <args>` as a process of its own, forked from a server process that imported
+    torch and vae_cli once (multiprocessing's forkserver, started fresh: no threads, no
+    state of this one), so a test that kills many starts does not pay ~4 s of imports for
+    each. Like subprocess.Popen for the calls the tests make: pid, poll, send_signal, wait
+    (a process killed by a signal returns minus its number, as Popen's does). Its stdout
+    and stderr go to ``output`` (appended), or nowhere."""
+
+    def __init__(self, args: list[str], cwd: Path, output: Path | None = None) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        self._process = context.Process(target=_forked_vae, args=(
+            list(args), str(cwd), str(output or os.devnull)))
+        self._process.start()
+        self.pid = self._process.pid
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._process.join(timeout)
+        return self._process.exitcode
+
+    @classmethod
+    def run(cls, *args: str, cwd: Path) -> None:
+        """A start that must succeed (its output in the failure's message if not)."""
+        import tempfile
+
+        handle, output = tempfile.mkstemp(suffix=".out")
+        os.close(handle)
+        try:
+            code = cls(list(args), cwd, Path(output)).wait()
+            assert code == 0, (f"vae {' '.join(args)} exited {code}:\n"
+                               f"{Path(output).read_text()[-3000:]}")
+        finally:
+            os.unlink(output)
+
+
 def copy_run(src: Path, dst: Path) -> Path:
     """A copy of a finished run for a test that changes it (the run folder is found by its
     path: the copy is a run of its own)."""

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
-from hostile import one_line_failure, tiny_run
-from test_cli import TINY, vae
-from test_reliability import LONG, _interrupt_mid_epoch, _popen
+from hostile import Forked, copy_run, in_process, one_line_failure
+from test_cli import TINY
+from test_reliability import LONG, _interrupt_mid_epoch
 from test_text import TINY_RNN, write_corpus
 
 from vae_cli.runtime import checkpoint
 
-# six short epochs (32 steps): kills land in training, validation, saves and pictures
+# six short epochs (32 steps) and pictures every other epoch
 KILLS = [*TINY, "dataset.n_train=1024", "trainer.epochs=6", "trainer.image_every=2"]
 
 
@@ -53,50 +56,82 @@ def _count(path, text: str) -> int:
     return path.read_text().count(text) if path.exists() else 0
 
 
+def _timeline(log: Path) -> tuple[list[float], float]:
+    """Seconds from a start's set-up (its "parameters" line) to each epoch's line (the epoch
+    saved), and to its last line (pictures written, the run done)."""
+    def seconds(line: str) -> float:
+        return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    lines = [x for x in log.read_text().splitlines() if x.startswith("[")]
+    (setup,) = [seconds(x) for x in lines if "parameters" in x]
+    epochs = [seconds(x) - setup for x in lines if re.search(r"- epoch \d+/", x)]
+    return [0.0, *epochs], seconds(lines[-1]) - setup
+
+
 def test_sigkills_at_random_moments_then_resume_match_an_uninterrupted_run(tmp_path):
+    """Twelve moments drawn over the whole uninterrupted run (training, validation, saves,
+    pictures, the end alike), in order: each start is killed at the next one, counted in
+    the run's own time from what it resumed. A start that finishes first completes its
+    run (compared too), and the moments left go to a fresh one. Every start is a process of
+    its own (killed by the kernel, its files as it left them), forked with the imports
+    done: kills land after set-up as before, 4 s sooner each."""
     data = f"dataset.root={tmp_path / 'data'}"
-    vae("train", *KILLS, data, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
-    run, rng, kills = tmp_path / "cut", random.Random(0), 0
-    args = ["train", *KILLS, data, f"hydra.run.dir={run}", "trainer.resume=auto"]
-    while kills < 12:
-        starts = _count(run / "train.log", "parameters")
-        proc = _popen(args, tmp_path)
-        while _count(run / "train.log", "parameters") == starts and proc.poll() is None:
-            time.sleep(0.02)  # this start is set up: the kill lands in its run
-        time.sleep(rng.uniform(0.0, 1.5))
-        if proc.poll() is not None:
-            break  # finished before this kill
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-    vae(*args, cwd=tmp_path)  # the last start runs to the end
-    assert kills >= 6, kills
-    _same_run(run, tmp_path / "full")
+    full = tmp_path / "full"
+    Forked.run("train", *KILLS, data, f"hydra.run.dir={full}", cwd=tmp_path)
+    saved_at, end = _timeline(full / "train.log")
+    rng = random.Random(0)
+    moments = sorted(rng.uniform(0.0, end) for _ in range(12))
+    kills = runs = 0
+    while moments:
+        runs += 1
+        run = tmp_path / f"cut{runs}"
+        args = ["train", *KILLS, data, f"hydra.run.dir={run}", "trainer.resume=auto"]
+        while moments:
+            last = run / "checkpoints/last.pt"  # read back after every kill: never torn
+            epoch = checkpoint.load(last)["state"]["epoch"] if last.exists() else 0
+            starts = _count(run / "train.log", "parameters")
+            proc = Forked(args, tmp_path)
+            while _count(run / "train.log", "parameters") == starts and proc.poll() is None:
+                time.sleep(0.02)  # this start is set up: the kill lands in its run
+            time.sleep(max(0.0, moments.pop(0) - saved_at[epoch]))
+            if proc.poll() is not None:
+                break  # finished before this kill: its run is complete
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        Forked.run(*args, cwd=tmp_path)  # the last start runs to the end
+        _same_run(run, full)
+    assert kills >= 6, (kills, runs)
 
 
-def test_a_kill_between_the_checkpoint_and_the_metrics_row_is_repaired(tmp_path):
+def test_a_kill_between_the_checkpoint_and_the_metrics_row_is_repaired(tmp_path,
+                                                                     finished_run):
     # The state a kill right after saving last.pt leaves: the newest row missing from
-    # metrics.csv and best.pt not yet the improved epoch's.
-    full, cut = tiny_run(tmp_path, "full", "trainer.epochs=2"), tiny_run(tmp_path, "cut")
+    # metrics.csv and best.pt not yet the improved epoch's. (No process is killed here: the
+    # starts run in-process, on a copy of the shared one-epoch run.)
+    data = f"dataset.root={finished_run.parent / 'data'}"
+    full, cut = tmp_path / "full", copy_run(finished_run, tmp_path / "cut")
+    in_process("train", *TINY, "trainer.epochs=2", data, f"hydra.run.dir={full}",
+               cwd=tmp_path)
     stale_best = (cut / "checkpoints/best.pt").read_bytes()
-    vae("train", *TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={cut}",
-        "trainer.resume=true", "trainer.epochs=2", cwd=tmp_path)
+    in_process("train", *TINY, data, f"hydra.run.dir={cut}", "trainer.resume=true",
+               "trainer.epochs=2", cwd=tmp_path)
     text = (cut / "metrics.csv").read_text().splitlines(keepends=True)
     (cut / "metrics.csv").write_text("".join(text[:-1]))
     (cut / "checkpoints/best.pt").write_bytes(stale_best)
-    vae("train", *TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={cut}",
-        "trainer.resume=true", "trainer.epochs=2", cwd=tmp_path)  # nothing left to train
+    in_process("train", *TINY, data, f"hydra.run.dir={cut}", "trainer.resume=true",
+               "trainer.epochs=2", cwd=tmp_path)  # nothing left to train
     _same_run(cut, full)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, finished_run):
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
                       capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        run = tiny_run(tmp_path, "disk/run")
+        run = copy_run(finished_run, disk / "run")
         good = (run / "checkpoints/last.pt").read_bytes()
         filler = disk / "filler"
         with filler.open("wb", buffering=0) as f:  # fill what is left ...
@@ -107,9 +142,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
                 pass
         # ... but for 64 KiB: Hydra's record of the start fits, a checkpoint does not
         os.truncate(filler, filler.stat().st_size - 65536)
-        proc = vae("train", *TINY, f"dataset.root={tmp_path / 'data'}",
-                   f"hydra.run.dir={run}", "trainer.resume=true", "trainer.epochs=2",
-                   cwd=tmp_path, check=False)
+        proc = in_process("train", *TINY, f"dataset.root={finished_run.parent / 'data'}",
+                          f"hydra.run.dir={run}", "trainer.resume=true", "trainer.epochs=2",
+                          cwd=tmp_path, check=False)
         one_line_failure(proc, "the disk is full")
         assert (run / "checkpoints/last.pt").read_bytes() == good
     finally:
@@ -121,8 +156,8 @@ def test_resume_with_another_batch_size_mid_epoch_is_refused(tmp_path):
     _interrupt_mid_epoch(["train", *LONG, f"dataset.root={tmp_path / 'data'}",
                           f"hydra.run.dir={run}"], tmp_path, signal.SIGTERM)
     assert checkpoint.load(run / "checkpoints/last.pt")["state"].get("progress")
-    proc = vae("train", f"ckpt={run / 'checkpoints/last.pt'}", "trainer.batch_size=64",
-               cwd=tmp_path, check=False)
+    proc = in_process("train", f"ckpt={run / 'checkpoints/last.pt'}", "trainer.batch_size=64",
+                      cwd=tmp_path, check=False)
     one_line_failure(proc, "trainer.batch_size=64")
 
 
@@ -131,9 +166,9 @@ def test_a_text_run_resumes_with_its_own_vocabulary(tmp_path):
     run = tmp_path / "run"
     base = ["dataset=text", f"dataset.path={corpus}", *TINY_RNN, "trainer.batch_size=8",
             "trainer.num_images=4", f"hydra.run.dir={run}"]
-    vae("train", *base, "trainer.epochs=1", cwd=tmp_path)
+    in_process("train", *base, "trainer.epochs=1", cwd=tmp_path)
     vocab = checkpoint.load(run / "checkpoints/last.pt")["vocab"]
     with corpus.open("a") as f:  # the file edited since: new words, new frequencies
         f.write("zebra quokka axolotl\n" * 50)
-    vae("train", *base, "trainer.resume=true", "trainer.epochs=2", cwd=tmp_path)
+    in_process("train", *base, "trainer.resume=true", "trainer.epochs=2", cwd=tmp_path)
     assert checkpoint.load(run / "checkpoints/last.pt")["vocab"] == vocab
