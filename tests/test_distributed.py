@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import DATA, vae
+from test_cli import DATA, in_process
 
 # Two optimizer steps of a global batch of 32 (16 per process).
 STEPS = [*DATA, "dataset.n_train=64", "trainer.epochs=1", "model.hidden=[32]",
@@ -42,7 +42,8 @@ def test_two_processes_take_the_step_of_one_with_the_same_global_batch(tmp_path)
     assert len(runs) == 1, runs  # one run folder, whatever the ranks' clocks said
     ddp = runs[0]
     assert (ddp / ".hydra/config.yaml").is_file() and (ddp / "train.log").is_file()
-    vae("train", *STEPS, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    # the single process in-process (the real dispatcher, without a third interpreter start)
+    in_process("train", *STEPS, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     one = tmp_path / "one"
     a, b = weights(ddp), weights(one)
     assert a.keys() == b.keys()
@@ -50,9 +51,10 @@ def test_two_processes_take_the_step_of_one_with_the_same_global_batch(tmp_path)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert train_loss(ddp) == pytest.approx(train_loss(one), rel=1e-5)
     # the checkpoint is an ordinary one: scored and continued by a single process
-    vae("eval", f"ckpt={ddp / 'checkpoints/last.pt'}", "eval.iw_samples=5",
-        "eval.disentanglement.metrics=[mig]", cwd=tmp_path)
-    vae("train", f"ckpt={ddp / 'checkpoints/last.pt'}", "trainer.epochs=2", cwd=tmp_path)
+    in_process("eval", f"ckpt={ddp / 'checkpoints/last.pt'}", "eval.iw_samples=5",
+               "eval.disentanglement.metrics=[mig]", cwd=tmp_path)
+    in_process("train", f"ckpt={ddp / 'checkpoints/last.pt'}", "trainer.epochs=2",
+               cwd=tmp_path)
     with (ddp / "metrics.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
@@ -67,8 +69,9 @@ def test_batch_divergences_keep_replicas_in_step(tmp_path, divergence):
     torchrun(*STEPS, "trainer.epochs=2", f"divergence={divergence}", *extra,
              f"hydra.run.dir={run}", cwd=tmp_path)
     assert len(list((run / "checkpoints").glob("*.pt"))) == 2
-    # resumed on another world size: one process continues the two-process run
-    vae("train", f"ckpt={run / 'checkpoints/last.pt'}", "trainer.epochs=3", cwd=tmp_path)
+    # resumed on another world size: one process (this one) continues the two-process run
+    in_process("train", f"ckpt={run / 'checkpoints/last.pt'}", "trainer.epochs=3",
+               cwd=tmp_path)
 
 
 def test_global_batch_must_divide_among_processes(tmp_path):
@@ -85,7 +88,7 @@ def test_vq_codebook_moving_averages_are_those_of_the_global_batch(tmp_path):
           "model.latent_dim=4", "posterior=vq", "posterior.codes=8", "posterior.restart=0",
           "posterior.decay=0.5", "prior=uniform"]
     torchrun(*vq, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
-    vae("train", *vq, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    in_process("train", *vq, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     assert a["family.ema_count"].sum() > 0
     for k in a:
