@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hostile import in_process
 from omegaconf import OmegaConf
-from test_cli import DATA, vae
+from test_cli import DATA
 
 from vae_cli.config.build import build_objective
 from vae_cli.config.components import instantiate
@@ -352,16 +353,16 @@ def test_model_rnn_alone_chooses_the_sentence_vae_recipe(compose_cfg_module):
     assert compose_cfg_module([]).schedule._target_.endswith("Constant")  # images: as before
 
 
-# --- the command line ---------------------------------------------------------------------
+# --- the command line (the real dispatcher, in this process) -------------------------------
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("textcli")
     corpus = write_corpus(tmp / "corpus.txt")
-    vae("train", "dataset=text", f"dataset.path={corpus}", *TINY_RNN, "trainer.epochs=2",
-        "trainer.batch_size=8", "trainer.num_images=4", "schedule=linear",
-        "schedule.warmup_steps=4", "trainer.bucket=true", f"hydra.run.dir={tmp / 'run'}",
-        cwd=tmp)
+    in_process("train", "dataset=text", f"dataset.path={corpus}", *TINY_RNN,
+               "trainer.epochs=2", "trainer.batch_size=8", "trainer.num_images=4",
+               "schedule=linear", "schedule.warmup_steps=4", "trainer.bucket=true",
+               f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
     return tmp / "run", corpus
 
 
@@ -380,8 +381,8 @@ def test_text_samples_need_no_data_file_and_use_the_training_vocabulary(text_run
     moved = corpus.with_suffix(".away")
     corpus.rename(moved)  # the data file is gone: samples still come from the checkpoint
     try:
-        out = vae("sample", f"ckpt={run / 'checkpoints/best.pt'}", "num_samples=12",
-                  "temperature=1.2", f"out_dir={tmp_path}", cwd=tmp_path)
+        out = in_process("sample", f"ckpt={run / 'checkpoints/best.pt'}", "num_samples=12",
+                         "temperature=1.2", f"out_dir={tmp_path}", cwd=tmp_path)
     finally:
         moved.rename(corpus)
     text_out = (tmp_path / "samples_seed0.txt").read_text()
@@ -408,8 +409,8 @@ def test_a_fitted_sampler_draws_text_and_no_frechet_score(text_run, compose_cfg,
 
 def test_text_eval_reports_perplexity_kl_and_active_units(text_run):
     run, _ = text_run
-    out = vae("eval", f"ckpt={run / 'checkpoints/best.pt'}", "eval.iw_samples=16",
-              cwd=run.parent)
+    out = in_process("eval", f"ckpt={run / 'checkpoints/best.pt'}", "eval.iw_samples=16",
+                     cwd=run.parent)
     result = json.loads((run / "eval.json").read_text())
     for key in ["nll_iwae", "ppl_iwae", "nll_token_iwae", "ppl", "kl_per_dim", "active_units"]:
         assert key in result and key in out.stdout, key
