@@ -11,7 +11,7 @@ import pytest
 import torch
 from cards import load_with_the_card
 from omegaconf import OmegaConf
-from test_cli import DATA, vae
+from test_cli import DATA, in_process, vae
 
 from vae_cli.config.build import build_objective, load_trained
 from vae_cli.config.schemas import validate_train
@@ -265,8 +265,10 @@ def read_rows(path):
 
 def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path, monkeypatch):
     pytest.importorskip("safetensors")
+    # The commands through the real dispatcher in-process, but for the ONNX export's refusal:
+    # its exit code and last stderr line from a process of its own.
     common = [*DATA, *VQ, "dataset.n_train=128"]
-    vae("train", *common, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    in_process("train", *common, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     rows = read_rows(tmp_path / "full/metrics.csv")
     for key in ("train_commit", "train_codebook", "train_perplexity", "train_usage"):
         assert key in rows[0]
@@ -275,15 +277,17 @@ def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path, monkey
     # KL to the uniform prior: 4x4 map (16x16 image, two halvings) x log 16
     assert float(rows[-1]["val_div"]) == pytest.approx(16 * math.log(16), rel=1e-5)
     cut = tmp_path / "cut"
-    vae("train", *common, "trainer.epochs=1", f"hydra.run.dir={cut}", cwd=tmp_path)
-    vae("train", f"ckpt={cut / 'checkpoints/last.pt'}", "trainer.epochs=2", cwd=tmp_path)
+    in_process("train", *common, "trainer.epochs=1", f"hydra.run.dir={cut}", cwd=tmp_path)
+    in_process("train", f"ckpt={cut / 'checkpoints/last.pt'}", "trainer.epochs=2",
+               cwd=tmp_path)
     a = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=True)["model"]
     b = torch.load(cut / "checkpoints/last.pt", weights_only=True)["model"]
     assert "family.codebook" in a and "family.ema_count" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
-    proc = vae("eval", f"ckpt={tmp_path / 'full/checkpoints/last.pt'}", "eval.iw_samples=50",
-               "eval.disentanglement.metrics=[mig]", "fd.samples=0", "sampler=pixelcnn",
-               "sampler.epochs=2", "sampler.channels=8", "sampler.layers=2", cwd=tmp_path)
+    proc = in_process("eval", f"ckpt={tmp_path / 'full/checkpoints/last.pt'}",
+                      "eval.iw_samples=50", "eval.disentanglement.metrics=[mig]",
+                      "fd.samples=0", "sampler=pixelcnn", "sampler.epochs=2",
+                      "sampler.channels=8", "sampler.layers=2", cwd=tmp_path)
     assert "perplexity" in proc.stdout and "nll_iwae" in proc.stdout
     result = json.loads((tmp_path / "full/eval.json").read_text())
     # the bound with the fitted PixelCNN as p(z) in place of the uniform prior (the fit is
@@ -295,7 +299,7 @@ def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path, monkey
     assert not (tmp_path / "full/traversals.png").exists()
     # exported with its codebook, loaded back by the model card's own code
     ckpt = tmp_path / "full/checkpoints/last.pt"
-    vae("export", f"ckpt={ckpt}", "format=safetensors", cwd=tmp_path)
+    in_process("export", f"ckpt={ckpt}", "format=safetensors", cwd=tmp_path)
     proc = vae("export", f"ckpt={ckpt}", "format=onnx", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "posterior=vq" in proc.stderr.strip().splitlines()[-1]
     loaded = load_with_the_card(tmp_path / "full/export/safetensors", monkeypatch)
@@ -307,8 +311,9 @@ def test_vq_run_logs_its_codebook_resumes_exactly_and_evaluates(tmp_path, monkey
 
 def test_gumbel_training_logs_its_annealed_temperature(tmp_path):
     run = tmp_path / "run"
-    vae("train", *DATA, "model.latent_dim=20", "model.hidden=[32]", "posterior=gumbel",
-        "prior=uniform", "posterior.anneal_rate=0.05", f"hydra.run.dir={run}", cwd=tmp_path)
+    in_process("train", *DATA, "model.latent_dim=20", "model.hidden=[32]", "posterior=gumbel",
+               "prior=uniform", "posterior.anneal_rate=0.05", f"hydra.run.dir={run}",
+               cwd=tmp_path)
     rows = read_rows(run / "metrics.csv")
     # 8 steps per epoch: the mean of exp(-0.05 t) over steps 0..7, then 8..15 (floor 0.5)
     want = [sum(max(0.5, math.exp(-0.05 * t)) for t in range(8 * e, 8 * e + 8)) / 8
