@@ -104,35 +104,43 @@ PRELOAD = ["torch", "torch._dynamo", "hydra", "vae_cli.commands.main",
            "vae_cli.commands.train", "hostile"]
 
 
-def _forked_vae(args: list[str], cwd: str, output: str) -> None:
+def _forked_vae(args: list[str], cwd: str, stdout: str, stderr: str) -> None:
     """The child's life: `python -m vae_cli <args>` but for the imports."""
     from vae_cli.commands.main import main
 
     os.chdir(cwd)
     os.environ.pop("HYDRA_FULL_ERROR", None)
-    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
     sys.exit(main(args))
 
 
 class Forked:
     """`vae <args>` as a process of its own, forked from a server process that imported
     torch and vae_cli once (multiprocessing's forkserver, started fresh: no threads, no
-    state of this one), so a test that kills many starts does not pay ~4 s of imports for
-    each. Like subprocess.Popen for the calls the tests make: pid, poll, send_signal, wait
-    (a process killed by a signal returns minus its number, as Popen's does). Its stdout
-    and stderr go to ``output`` (appended), or nowhere."""
+    state of this one), so a test that signals or kills a start does not pay ~4 s of
+    imports for it. Like subprocess.Popen for the calls the tests make: pid, poll,
+    send_signal, wait, returncode (a process killed by a signal has minus its number, as
+    Popen's has) and communicate, whose stdout and stderr went to files of their own."""
 
-    def __init__(self, args: list[str], cwd: Path, output: Path | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path) -> None:
         import multiprocessing
+        import tempfile
+        import weakref
 
+        folder = Path(tempfile.mkdtemp(prefix="vae-forked-"))
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        self._out, self._err = folder / "stdout", folder / "stderr"
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
         self._process = context.Process(target=_forked_vae, args=(
-            list(args), str(cwd), str(output or os.devnull)))
+            list(args), str(cwd), str(self._out), str(self._err)))
         self._process.start()
         self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
 
     def poll(self) -> int | None:
         return self._process.exitcode
@@ -144,19 +152,17 @@ class Forked:
         self._process.join(timeout)
         return self._process.exitcode
 
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        if self.wait(timeout) is None:
+            raise TimeoutError(f"vae (pid {self.pid}) still runs after {timeout} s")
+        return tuple(p.read_text() if p.exists() else "" for p in (self._out, self._err))
+
     @classmethod
     def run(cls, *args: str, cwd: Path) -> None:
         """A start that must succeed (its output in the failure's message if not)."""
-        import tempfile
-
-        handle, output = tempfile.mkstemp(suffix=".out")
-        os.close(handle)
-        try:
-            code = cls(list(args), cwd, Path(output)).wait()
-            assert code == 0, (f"vae {' '.join(args)} exited {code}:\n"
-                               f"{Path(output).read_text()[-3000:]}")
-        finally:
-            os.unlink(output)
+        out, err = (start := cls(list(args), cwd)).communicate()
+        assert start.returncode == 0, (f"vae {' '.join(args)} exited {start.returncode}:\n"
+                                       f"{out[-2000:]}\n{err[-2000:]}")
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -1,15 +1,16 @@
 """Reliability class 4: a signal at any stage of a command gives one line and exit 128 + n,
 with what is resumable saved: mid-sweep (the sweep stops), during the final validation or
-pictures, during `vae eval`."""
+pictures, during `vae eval`. Each command is a process of its own, forked with the imports
+done (hostile.Forked)."""
 
 from __future__ import annotations
 
 import signal
 import time
 
-from hostile import tiny_run
+from hostile import Forked, copy_run
 from test_cli import TINY
-from test_reliability import LONG, _popen, _wait_for
+from test_reliability import LONG, _wait_for
 
 from vae_cli.runtime import checkpoint
 
@@ -24,7 +25,7 @@ def _stopped(proc, sig) -> str:
 
 def test_sigterm_stops_a_sweep_after_saving_the_current_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _popen(["train", "-m", *LONG, f"dataset.root={tmp_path / 'data'}", "seed=0,1,2",
+    proc = Forked(["train", "-m", *LONG, f"dataset.root={tmp_path / 'data'}", "seed=0,1,2",
                    f"hydra.sweep.dir={sweep}"], tmp_path)
     _wait_for(sweep / "0/train.log", "epoch 1/3", proc)
     proc.send_signal(signal.SIGTERM)
@@ -36,7 +37,7 @@ def test_sigterm_stops_a_sweep_after_saving_the_current_job(tmp_path):
 def test_sigterm_during_the_final_pictures_is_not_swallowed(tmp_path):
     run = tmp_path / "run"
     # one epoch, then the final picture set over 4000 validation images (seconds of work)
-    proc = _popen(["train", *TINY, "dataset.n_val=4000", "trainer.epochs=1",
+    proc = Forked(["train", *TINY, "dataset.n_val=4000", "trainer.epochs=1",
                    f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}"], tmp_path)
     _wait_for(run / "train.log", "epoch 1/1", proc, timeout=300)
     proc.send_signal(signal.SIGTERM)
@@ -44,12 +45,12 @@ def test_sigterm_during_the_final_pictures_is_not_swallowed(tmp_path):
     assert "ckpt=" in line and (run / "checkpoints/last.pt").is_file()
 
 
-def test_sigint_during_eval_is_one_line(tmp_path):
+def test_sigint_during_eval_is_one_line(tmp_path, finished_run):
     # (vae sample goes through the same handler; it is too quick to interrupt reliably)
-    run = tiny_run(tmp_path)
-    proc = _popen(["eval", "eval.iw_samples=300000", f"ckpt={run / 'checkpoints/last.pt'}",
+    run = copy_run(finished_run, tmp_path / "run")
+    proc = Forked(["eval", "eval.iw_samples=300000", f"ckpt={run / 'checkpoints/last.pt'}",
                    f"out_dir={tmp_path / 'out'}"], tmp_path)
-    time.sleep(6)  # past start-up, inside the importance sampling
+    time.sleep(4)  # past start-up (a forked one: about a second), inside the sampling
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _stopped(proc, signal.SIGINT)
