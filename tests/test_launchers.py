@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import yaml
-from test_cli import DATA, vae
+from test_cli import DATA, in_process, vae
 
 SMALL = [*DATA, "trainer.epochs=1", "model.hidden=[32]", "dataset.cache=false"]
 
@@ -76,10 +76,11 @@ def test_optuna_search_minimises_the_returned_validation_loss(tmp_path):
 
 
 def test_resume_auto_starts_fresh_then_continues_like_a_requeued_job(tmp_path):
+    # in-process through the real dispatcher; the refusal as a process of its own
     run = tmp_path / "run"
-    vae("train", *SMALL, "trainer.resume=auto", f"hydra.run.dir={run}", cwd=tmp_path)
-    vae("train", *SMALL, "trainer.resume=auto", "trainer.epochs=2", f"hydra.run.dir={run}",
-        cwd=tmp_path)
+    in_process("train", *SMALL, "trainer.resume=auto", f"hydra.run.dir={run}", cwd=tmp_path)
+    in_process("train", *SMALL, "trainer.resume=auto", "trainer.epochs=2",
+               f"hydra.run.dir={run}", cwd=tmp_path)
     with (run / "metrics.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
     bad = vae("train", *SMALL, "trainer.resume=maybe", cwd=tmp_path, check=False)
