@@ -61,8 +61,11 @@ def in_process(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
     rather than checks as a process of its own (~4 s of imports faster): the exit code,
     stdout and stderr as a finished process has them. What the command changes in this
     process (directory, argv, signal handlers, the root logger's handlers) is put back, so
-    no later test logs into this run's train.log."""
+    no later test logs into this run's train.log; a sweep's outcome, which the dispatcher
+    keeps for the process (sweeps.REPORT), is cleared before and after, so that no command
+    inherits another's failed jobs as its exit code."""
     from vae_cli.commands.main import main
+    from vae_cli.commands.sweeps import REPORT
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -70,6 +73,7 @@ def in_process(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
     argv, here = sys.argv, os.getcwd()
     full_error = os.environ.pop("HYDRA_FULL_ERROR", None)
     out, err = io.StringIO(), io.StringIO()
+    REPORT.jobs, REPORT.failed = 0, []
     try:
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -78,6 +82,7 @@ def in_process(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
+        REPORT.jobs, REPORT.failed = 0, []
         os.chdir(here)
         sys.argv = argv
         for s, handler in signals.items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from hostile import one_line_failure, tiny_run
+from hostile import copy_run, one_line_failure
 from test_cli import TINY, vae
 
 
@@ -23,9 +23,9 @@ def test_a_sweep_with_failed_jobs_exits_nonzero_after_running_the_others(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, finished_run):
     tmp = tmp_path_factory.mktemp("compare")
-    good = tiny_run(tmp, "runs/good")
+    good = copy_run(finished_run, tmp / "runs/good")
     for name in ("metrics", "eval", "overrides"):  # copies, each then damaged one way
         shutil.copytree(good, tmp / "runs" / name)
     (tmp / "runs/metrics/metrics.csv").write_bytes(b"\xff\xfe\x00binary garbage\n")
