@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hostile import digest, doctored, one_line_failure, tiny_run, unchanged
+from hostile import digest, doctored, in_process, one_line_failure, unchanged
 from test_cli import vae
 
 from vae_cli.config.build import load_trained
@@ -13,9 +13,9 @@ from vae_cli.errors import UserError
 from vae_cli.runtime import checkpoint
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory.mktemp("hostile"))
+@pytest.fixture
+def run(finished_run):
+    return finished_run  # only read (doctored copies are written elsewhere)
 
 
 def _set(group, key, value):
@@ -57,7 +57,10 @@ def test_doctored_checkpoint_is_refused_before_anything_runs(run, tmp_path, comm
     before = digest(run)
     args = [f"ckpt={bad}", f"out_dir={tmp_path / 'out'}"] if command != "train" else [
         f"ckpt={bad}", f"hydra.run.dir={tmp_path / 'new'}"]
-    proc = vae(command, *args, cwd=tmp_path, check=False)
+    # eval as a process of its own (exit code and stderr end to end), the others through
+    # the same dispatcher in this process
+    proc = (vae if command == "eval" else in_process)(command, *args, cwd=tmp_path,
+                                                      check=False)
     one_line_failure(proc, fragment)
     assert unchanged(before, run)
     assert not list(tmp_path.rglob("compare.*")) and not (tmp_path / "out").exists()
@@ -67,8 +70,9 @@ def test_doctored_checkpoint_is_refused_before_anything_runs(run, tmp_path, comm
 @pytest.mark.parametrize("override", ["loss._target_=vae_cli.commands.compare.main",
                                       "model._target_=builtins.eval"])
 def test_command_line_targets_are_registered_components_only(tmp_path, override):
-    proc = vae("train", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-               check=False)
+    start = vae if override.startswith("loss.") else in_process  # one end to end
+    proc = start("train", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                 check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "run/checkpoints").exists() and not list(tmp_path.rglob("compare.*"))
 
@@ -96,6 +100,6 @@ def test_a_damaged_training_state_is_refused_on_resume(run, tmp_path):
     del ckpt["state"]["step"], ckpt["rng"]["order"]
     (tmp_path / "r/checkpoints").mkdir(parents=True)
     checkpoint.save(tmp_path / "r/checkpoints/last.pt", ckpt)
-    proc = vae("train", f"ckpt={tmp_path / 'r/checkpoints/last.pt'}", "trainer.epochs=2",
-               cwd=tmp_path, check=False)
+    proc = in_process("train", f"ckpt={tmp_path / 'r/checkpoints/last.pt'}",
+                      "trainer.epochs=2", cwd=tmp_path, check=False)
     one_line_failure(proc, "cannot be resumed")
