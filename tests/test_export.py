@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from cards import load_with_the_card, snippet
-from hostile import tiny_run
+from hostile import copy_run
 from omegaconf import OmegaConf
 from test_cli import DATA, vae
 
@@ -48,8 +48,8 @@ MAX_DIFF: dict[str, float] = {}  # printed at the end (pytest -s): the report's 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    run = tiny_run(tmp_path_factory.mktemp("export"))
+def run(tmp_path_factory, finished_run) -> Path:
+    run = copy_run(finished_run, tmp_path_factory.mktemp("export") / "run")
     EVAL["checkpoint"] = str(run / "checkpoints/best.pt")
     (run / "eval.json").write_text(json.dumps(EVAL))
     return run
