@@ -120,6 +120,30 @@ def _forked_vae(args: list[str], cwd: str, stdout: str, stderr: str) -> None:
     sys.exit(main(args))
 
 
+def fork(target, *args):
+    """``target(*args)`` in a process of its own, forked from a server process that imported
+    torch and vae_cli once (multiprocessing's forkserver, started fresh: no threads, no
+    state of this one): a started multiprocessing.Process. ``target`` is a function of a
+    module the server imports (PRELOAD)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    process = context.Process(target=target, args=args)
+    process.start()
+    return process
+
+
+def write_checkpoints_forever(path: str) -> None:
+    """Save checkpoints numbered 1, 2, ... to ``path`` until killed (weights: the number)."""
+    i = 0
+    while True:
+        i += 1
+        checkpoint.save(Path(path), {"config": {}, "model": {"w": torch.full((400_000,),
+                                                                             float(i))},
+                                     "shape": [1], "i": i})
+
+
 class Forked:
     """`vae <args>` as a process of its own, forked from a server process that imported
     torch and vae_cli once (multiprocessing's forkserver, started fresh: no threads, no
@@ -129,18 +153,14 @@ class Forked:
     Popen's has) and communicate, whose stdout and stderr went to files of their own."""
 
     def __init__(self, args: list[str], cwd: Path) -> None:
-        import multiprocessing
         import tempfile
         import weakref
 
         folder = Path(tempfile.mkdtemp(prefix="vae-forked-"))
         weakref.finalize(self, shutil.rmtree, folder, True)
         self._out, self._err = folder / "stdout", folder / "stderr"
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
-        self._process = context.Process(target=_forked_vae, args=(
-            list(args), str(cwd), str(self._out), str(self._err)))
-        self._process.start()
+        self._process = fork(_forked_vae, list(args), str(cwd), str(self._out),
+                             str(self._err))
         self.pid = self._process.pid
 
     @property

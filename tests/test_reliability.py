@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile import dispatch
+from hostile import (
+    Forked,
+    copy_run,
+    dispatch,
+    fork,
+    in_process,
+    write_checkpoints_forever,
+)
 from test_cli import TINY, rows, vae
 from torchvision.io import write_png
 
@@ -96,43 +103,41 @@ def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-WRITER = """
-import sys, torch
-from vae_cli.runtime import checkpoint
-i = 0
-while True:
-    i += 1
-    checkpoint.save(sys.argv[1], {"config": {}, "model": {"w": torch.full((400_000,), float(i))},
-                                  "shape": [1], "i": i})
-"""
-
-
 def test_sigkill_during_checkpoint_writes_never_leaves_it_unreadable(tmp_path):
+    # the writer is forked with torch imported: each kill lands in its saving loop (after a
+    # save of this attempt's completed), at points 70 ms apart from one attempt to the next
     target = tmp_path / "last.pt"
     seen = set()
     for attempt in range(12):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=REPO)
-        deadline = time.monotonic() + 60  # a loaded machine may take long to import torch
-        while attempt == 0 and not target.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0 + 0.07 * attempt)  # import time, then random-ish points in the loop
-        proc.kill()
-        proc.wait()
-        if not target.exists():
-            continue
+        before = _identity(target)
+        writer = fork(write_checkpoints_forever, str(target))
+        deadline = time.monotonic() + 60
+        while _identity(target) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05 + 0.07 * attempt)
+        writer.kill()
+        writer.join()
         ckpt = checkpoint.load(target)  # raises if half-written
         assert torch.all(ckpt["model"]["w"] == ckpt["i"])
         seen.add(ckpt["i"])
-    assert seen, "the writer never completed a checkpoint"
+    assert len(seen) > 1, "the writer never completed a checkpoint after the first"
 
 
-def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    base = [*TINY, f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}"]
-    vae("train", *base, "trainer.epochs=1", cwd=tmp_path)
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names, and when it was written (a save replaces it)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, finished_run):
+    run = copy_run(finished_run, tmp_path / "run")  # one epoch of TINY, as base says
+    base = [*TINY, f"dataset.root={finished_run.parent / 'data'}", f"hydra.run.dir={run}"]
     good = (run / "checkpoints/last.pt").read_bytes()
-    proc = vae("train", *base, "trainer.resume=true", "trainer.epochs=3", "optim.lr=1e12",
-               "trainer.log_every=1", cwd=tmp_path, check=False)
+    proc = in_process("train", *base, "trainer.resume=true", "trainer.epochs=3",
+                      "optim.lr=1e12", "trainer.log_every=1", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "non-finite at step" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (run / "checkpoints/last.pt").read_bytes() == good
@@ -140,9 +145,9 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):
-    for name in ("a", "b"):
-        vae("train", *TINY, f"dataset.root={tmp_path / 'data'}",
-            f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+    for name in ("a", "b"):  # two processes of their own (forked with the imports done)
+        Forked.run("train", *TINY, f"dataset.root={tmp_path / 'data'}",
+                   f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
 
 
@@ -152,11 +157,8 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def existing_run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("battery")
-    vae("train", *TINY, "trainer.epochs=1", f"dataset.root={tmp / 'data'}",
-        f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
-    return tmp / "run"
+def existing_run(tmp_path_factory, finished_run) -> Path:
+    return copy_run(finished_run, tmp_path_factory.mktemp("battery") / "run")
 
 
 def _battery(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
