@@ -115,8 +115,8 @@ def _forked_vae(args: list[str], cwd: str, stdout: str, stderr: str) -> None:
 
     os.chdir(cwd)
     os.environ.pop("HYDRA_FULL_ERROR", None)
-    for fd, path in ((1, stdout), (2, stderr)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+    for fd, path in ((1, stdout), (2, stderr)):  # a file, or a terminal's device
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOCTTY), fd)
     sys.exit(main(args))
 
 
@@ -150,9 +150,10 @@ class Forked:
     state of this one), so a test that signals or kills a start does not pay ~4 s of
     imports for it. Like subprocess.Popen for the calls the tests make: pid, poll,
     send_signal, wait, returncode (a process killed by a signal has minus its number, as
-    Popen's has) and communicate, whose stdout and stderr went to files of their own."""
+    Popen's has) and communicate, whose stdout and stderr went to files of their own
+    (stderr: to the terminal device named, if one is)."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
+    def __init__(self, args: list[str], cwd: Path, stderr: str | None = None) -> None:
         import tempfile
         import weakref
 
@@ -160,7 +161,7 @@ class Forked:
         weakref.finalize(self, shutil.rmtree, folder, True)
         self._out, self._err = folder / "stdout", folder / "stderr"
         self._process = fork(_forked_vae, list(args), str(cwd), str(self._out),
-                             str(self._err))
+                             stderr or str(self._err))
         self.pid = self._process.pid
 
     @property

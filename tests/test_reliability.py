@@ -58,20 +58,21 @@ def _interrupt_mid_epoch(args: list[str], cwd: Path, sig: int) -> tuple[int, str
     before epoch 2 starts on a loaded machine). Returns the exit code and the last line."""
     main, tty = pty.openpty()
     fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    proc = subprocess.Popen([sys.executable, "-m", "vae_cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=tty)
-    os.close(tty)
+    # a process of its own, forked with the imports done, its stderr on the terminal
+    proc = Forked(args, cwd, stderr=os.ttyname(tty))
     out, sent, end = "", False, time.time() + 300
     while time.time() < end:
         if select.select([main], [], [], 0.1)[0]:
             try:
                 out += os.read(main, 65536).decode(errors="replace")
-            except OSError:  # the terminal closed: the process is gone
+            except OSError:  # the terminal closed
                 break
+        elif proc.poll() is not None:  # the process is gone and all it wrote was read
+            break
         if not sent and re.search(r"epoch 2/\d+:[^\r\n]*\| *[1-9]\d*/\d+", out):
             proc.send_signal(sig)
             sent = True
+    os.close(tty)
     os.close(main)
     proc.wait(timeout=60)
     assert sent, f"epoch 2 never started: {out[-600:]}"
@@ -85,10 +86,11 @@ def _weights(run: Path) -> dict:
 
 def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     """SIGTERM (a cluster preempting the job) and SIGINT (Ctrl-C), each against the same
-    uninterrupted run (trained once: one test, so one process holds it)."""
+    uninterrupted run (trained once: one test, so one process holds it). Every run is a
+    process of its own, forked with the imports done."""
     data = f"dataset.root={tmp_path / 'data'}"
     full = tmp_path / "full"
-    vae("train", *LONG, data, f"hydra.run.dir={full}", cwd=tmp_path)
+    Forked.run("train", *LONG, data, f"hydra.run.dir={full}", cwd=tmp_path)
     for sig in (signal.SIGTERM, signal.SIGINT):
         run = tmp_path / f"cut-{sig.name}"
         code, line = _interrupt_mid_epoch(["train", *LONG, data, f"hydra.run.dir={run}"],
@@ -97,7 +99,7 @@ def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
         saved = checkpoint.load(run / "checkpoints/last.pt")
         assert saved["state"]["epoch"] == 1 and saved["state"]["progress"]["batch"] > 0
 
-        vae("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
+        Forked.run("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
         assert rows(run) == rows(full)  # bitwise: same floats printed
         a, b = _weights(full), _weights(run)
         assert all(torch.equal(a[k], b[k]) for k in a)
