@@ -11,7 +11,6 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 from pathlib import Path
@@ -35,12 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Epochs of ~1 s (256 steps) so that a signal lands mid-epoch; log_every=1 checks each step.
 LONG = [*TINY, "dataset.image_size=32", "dataset.n_train=8192", "model.hidden=[256]",
         "trainer.epochs=3", "trainer.log_every=1"]
-
-
-def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.Popen([sys.executable, "-m", "vae_cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
