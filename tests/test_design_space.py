@@ -28,17 +28,12 @@ def _finite_rows(job) -> dict:
 
 
 def _sweep(tmp_path, *axes: str, base=SMALL, name="sweep", failed: int = 0) -> list:
-    from vae_cli.commands.sweeps import REPORT
-
     # In-process: the real dispatcher and Hydra's basic launcher, as a process runs them,
     # without a process's imports per sweep (test_cli and test_sweep_failures run sweeps as
     # processes of their own).
     sweep = tmp_path / name
-    try:
-        proc = in_process("train", "-m", *base, f"dataset.root={tmp_path / 'data'}", *axes,
-                          f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=not failed)
-    finally:  # this sweep's outcome is not that of the next command in this process
-        REPORT.jobs, REPORT.failed = 0, []
+    proc = in_process("train", "-m", *base, f"dataset.root={tmp_path / 'data'}", *axes,
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=not failed)
     if failed:  # the others ran; the exit code and one line say how many did not
         assert proc.returncode == 1 and f"{failed} of " in proc.stderr, proc.stderr
     return sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
