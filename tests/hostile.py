@@ -198,16 +198,7 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def dispatch(args: list[str], cwd: Path, capsys, monkeypatch) -> SimpleNamespace:
-    """`vae <args>` through the real dispatcher in this process (~3 s of imports faster than
-    a process of its own): its exit code and stderr, as a finished process has them."""
-    from vae_cli.commands.main import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+def dispatch(args: list[str], cwd: Path, capsys=None, monkeypatch=None) -> SimpleNamespace:
+    """`vae <args>` through the real dispatcher in this process, its exit code and stderr as
+    a finished process has them; what it changed in this process is put back (in_process)."""
+    return in_process(*args, cwd=cwd, check=False)
