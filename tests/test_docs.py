@@ -45,6 +45,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from vae_cli.commands.main import main, register_resolvers
+from vae_cli.commands.sweeps import REPORT
 from vae_cli.config.registry import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,13 +268,16 @@ def run_vae(args: list[str], cwd: Path) -> tuple[int, str]:
     """`vae <args>` through the real dispatcher, in this process: the exit code (Hydra's
     --help and --cfg end with exit()) and what it printed to stderr. What the command
     changes in this process (directory, argv, signal handlers, the root logger's handlers,
-    which write into the run's train.log) is put back for the tests after it."""
+    which write into the run's train.log) is put back for the tests after it, and a sweep's
+    outcome, which the dispatcher keeps for the process (``REPORT``), is cleared before and
+    after: a failed sweep must not become the exit code of every command after it."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     argv, here = sys.argv, os.getcwd()
     full_error = os.environ.pop("HYDRA_FULL_ERROR", None)  # one line, not a traceback
     err = io.StringIO()
+    REPORT.jobs, REPORT.failed = 0, []
     try:
         os.chdir(cwd)
         with contextlib.redirect_stderr(err):
@@ -282,6 +286,7 @@ def run_vae(args: list[str], cwd: Path) -> tuple[int, str]:
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
+        REPORT.jobs, REPORT.failed = 0, []
         os.chdir(here)
         sys.argv = argv
         for s, handler in signals.items():
