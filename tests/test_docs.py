@@ -346,13 +346,15 @@ class Reader:
             assert set(extras) <= set(declared), f"{command}: extras are {declared}"
         elif command.startswith("python -m pytest"):  # this suite: CI runs it
             assert command in (ROOT / ".ci" / "run").read_text()
-        elif command.startswith("ruff "):
-            subprocess.run([sys.executable, "-m", *shlex.split(command)], cwd=ROOT,
-                           check=True, capture_output=True)
+        elif command.startswith("ruff "):  # no cache written into the checkout
+            done = subprocess.run([sys.executable, "-m", *shlex.split(command), "--no-cache"],
+                                  cwd=ROOT, capture_output=True, text=True)
+            assert done.returncode == 0, f"{command}:\n{done.stdout}{done.stderr}"
         elif command.startswith("mkdocs build"):  # the site, built outside the checkout
-            subprocess.run([sys.executable, "-m", *shlex.split(command), "--quiet",
-                            "--site-dir", str(self.folder / "site")], cwd=ROOT, check=True,
-                           capture_output=True)
+            done = subprocess.run([sys.executable, "-m", *shlex.split(command), "--quiet",
+                                   "--site-dir", str(self.folder / "site")], cwd=ROOT,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, f"{command}:\n{done.stdout}{done.stderr}"
         elif command in PROCESSES:
             script = Path(sys.executable).with_name("vae")
             start = [str(script)] if script.exists() else [sys.executable, "-m", "vae_cli"]
