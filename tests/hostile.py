@@ -6,18 +6,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import logging
 import os
 import shutil
-import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from test_cli import TINY, vae
 
 from vae_cli.runtime import checkpoint
+
+_MADE: dict[str, Any] = {}
+
+
+def once(key: str, make: Callable[[], Any]) -> Any:
+    """``make()``, called once per test process under ``key``: a run several tests read."""
+    if key not in _MADE:
+        _MADE[key] = make()
+    return _MADE[key]
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -59,21 +68,14 @@ def doctored(src: Path, dst: Path, edit) -> Path:
 def in_process(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
     """`vae <args>` through the real dispatcher in this process, for a run a test needs
     rather than checks as a process of its own (~4 s of imports faster): the exit code,
-    stdout and stderr as a finished process has them. What the command changes in this
-    process (directory, argv, signal handlers, the root logger's handlers) is put back, so
-    no later test logs into this run's train.log; a sweep's outcome, which the dispatcher
-    keeps for the process (sweeps.REPORT), is cleared before and after, so that no command
-    inherits another's failed jobs as its exit code."""
+    stdout and stderr as a finished process has them. The dispatcher puts back what the
+    command changed in the process (its argv, signal handlers, log handlers, a sweep's
+    outcome); here, the working directory and HYDRA_FULL_ERROR."""
     from vae_cli.commands.main import main
-    from vae_cli.commands.sweeps import REPORT
 
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    argv, here = sys.argv, os.getcwd()
+    here = os.getcwd()
     full_error = os.environ.pop("HYDRA_FULL_ERROR", None)
     out, err = io.StringIO(), io.StringIO()
-    REPORT.jobs, REPORT.failed = 0, []
     try:
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -82,16 +84,7 @@ def in_process(*args: str, cwd: Path, check: bool = True) -> SimpleNamespace:
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
-        REPORT.jobs, REPORT.failed = 0, []
         os.chdir(here)
-        sys.argv = argv
-        for s, handler in signals.items():
-            signal.signal(s, handler)
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
         if full_error is not None:
             os.environ["HYDRA_FULL_ERROR"] = full_error
     done = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

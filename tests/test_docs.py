@@ -24,16 +24,11 @@ samples.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
-import io
-import logging
-import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,10 +37,10 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from hostile import in_process, once
 from hydra import compose, initialize_config_dir
 
-from vae_cli.commands.main import main, register_resolvers
-from vae_cli.commands.sweeps import REPORT
+from vae_cli.commands.main import register_resolvers
 from vae_cli.config.registry import config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +130,7 @@ def problems(page: Path) -> list[str]:
                                         text):
             found.append(f"{where}: an indented command; put it in a ```bash block")
     for line, language, _ in fences(page):
-        if language in ("sh", "shell", "console", "zsh", "shell-session"):
+        if language in ("sh", "console", "zsh") or language.startswith("shell"):
             found.append(f"{page.relative_to(ROOT)}:{line}: ```{language}: use ```bash")
     for block in blocks(page):
         if block.skip == "":
@@ -265,41 +260,11 @@ def with_sizes(args: list[str], sizes: dict[str, str]) -> list[str]:
 
 
 def run_vae(args: list[str], cwd: Path) -> tuple[int, str]:
-    """`vae <args>` through the real dispatcher, in this process: the exit code (Hydra's
-    --help and --cfg end with exit()) and what it printed to stderr. What the command
-    changes in this process (directory, argv, signal handlers, the root logger's handlers,
-    which write into the run's train.log) is put back for the tests after it, and a sweep's
-    outcome, which the dispatcher keeps for the process (``REPORT``), is cleared before and
-    after: a failed sweep must not become the exit code of every command after it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    argv, here = sys.argv, os.getcwd()
-    full_error = os.environ.pop("HYDRA_FULL_ERROR", None)  # one line, not a traceback
-    err = io.StringIO()
-    REPORT.jobs, REPORT.failed = 0, []
-    try:
-        os.chdir(cwd)
-        with contextlib.redirect_stderr(err):
-            try:
-                code = main(args)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    finally:
-        REPORT.jobs, REPORT.failed = 0, []
-        os.chdir(here)
-        sys.argv = argv
-        for s, handler in signals.items():
-            signal.signal(s, handler)
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        if full_error is not None:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
-    sys.stderr.write(err.getvalue())  # pytest shows it with a failure
-    return code, err.getvalue().strip()
+    """`vae <args>` through the real dispatcher, in this process (hostile.in_process): the
+    exit code and what it printed to stderr, which pytest shows with a failure."""
+    done = in_process(*args, cwd=cwd, check=False)
+    sys.stderr.write(done.stderr)
+    return done.returncode, done.stderr.strip()
 
 
 @functools.cache
@@ -406,17 +371,22 @@ class Reader:
         assert code == expect, f"{command}: exit {code}: {err[-800:]}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("docs-data")
+    """One data folder per test process: the offline data is made once and cached there."""
+    return once("docs_data", lambda: tmp_path_factory.mktemp("docs-data"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_run(tmp_path_factory, data_root):
-    """A run for the commands that use one without training it first (export, eval)."""
-    reader = Reader(tmp_path_factory.mktemp("docs-run"), data_root, lambda: None)
-    reader.type("vae train")
-    return reader.run
+    """A run for the commands that use one without training it first (export, eval), one
+    per test process."""
+    def train():
+        reader = Reader(tmp_path_factory.mktemp("docs-run"), data_root, lambda: None)
+        reader.type("vae train")
+        return reader.run
+
+    return once("docs_run", train)
 
 
 @pytest.mark.parametrize("piece", pieces(), ids=str)

@@ -12,8 +12,11 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -156,7 +159,42 @@ def run_hydra(command: str, args: list[str], full_error: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`vae <command> [overrides]`: the exit code. A caller in the same process (a
+    notebook, a test) gets its process back as it was (``as_found``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    with as_found():
+        return run_command(argv)
+
+
+@contextmanager
+def as_found() -> Iterator[None]:
+    """Put back what a command changes in its process for its own run: argv (Hydra reads
+    it), the SIGTERM/SIGINT handlers, the root logger's handlers and level (Hydra's, one of
+    which writes into the run's train.log), a sweep's outcome. Otherwise a second command
+    in the process would log into the first one's train.log, or exit 1 for its failed
+    jobs."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    argv = sys.argv
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in signals.items():
+                signal.signal(sig, handler)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        sweeps = sys.modules.get("vae_cli.commands.sweeps")
+        if sweeps is not None:
+            sweeps.REPORT.jobs, sweeps.REPORT.failed = 0, []
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
