@@ -35,15 +35,18 @@ def compose_cfg_module():
     return _composer()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One finished tiny run (TINY, one epoch) per test process, trained in-process by the
     real dispatcher, for tests that need a run rather than check how it was trained. Tests
     that change a run work on hostile.copy_run(finished_run, tmp_path / ...)."""
-    from hostile import in_process
+    from hostile import in_process, once
     from test_cli import TINY
 
-    tmp = tmp_path_factory.mktemp("finished")
-    in_process("train", *TINY, "trainer.epochs=1", f"dataset.root={tmp / 'data'}",
-               f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
-    return tmp / "run"
+    def train():
+        tmp = tmp_path_factory.mktemp("finished")
+        in_process("train", *TINY, "trainer.epochs=1", f"dataset.root={tmp / 'data'}",
+                   f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
+        return tmp / "run"
+
+    return once("finished_run", train)

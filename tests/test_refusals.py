@@ -52,20 +52,10 @@ def test_a_tracker_folder_that_cannot_be_written_is_refused_when_built(target, k
         instantiate("logger", node)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory, compose_cfg_module):
-    """A real checkpoint of an untrained tiny model (setup + save, no training)."""
-    from vae_cli.config.schemas import validate_train
-    from vae_cli.training.recipe import save_checkpoint, setup
-
-    tmp = tmp_path_factory.mktemp("saved")
-    cfg = compose_cfg_module([f"dataset.root={tmp / 'data'}", "dataset.image_size=16",
-                              "dataset.n_train=64", "dataset.n_val=16", "dataset.n_test=16",
-                              "model.hidden=[8]", "model.latent_dim=2", "trainer.device=cpu",
-                              "trainer.batch_size=32"])
-    (tmp / "run").mkdir()
-    run = setup(validate_train(cfg), tmp / "run")
-    return save_checkpoint(run, run.folder.last)
+@pytest.fixture
+def saved(finished_run):
+    """The checkpoint of a real finished tiny run (only read)."""
+    return finished_run / "checkpoints" / "last.pt"
 
 
 def test_a_checkpoint_of_non_finite_weights_is_refused_by_every_reader(saved, tmp_path):
