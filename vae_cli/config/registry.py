@@ -40,7 +40,7 @@ def upgrade(config: dict) -> dict:
     named the optimizer by ``optim.name`` (adam | adamw); before the logger group they had
     ``trainer.tensorboard`` (true: logger=tensorboard) and no logger; before lr_scheduler,
     none (the optimizer's lr throughout); before the posterior group, the Gaussian with
-    the bounds it always had; renamed components, today's names."""
+    the bounds it always had; moved or renamed components, today's names."""
     optim = config.get("optim")
     if isinstance(optim, dict) and "_target_" not in optim and "name" in optim:
         names = {"adam": "torch.optim.Adam", "adamw": "torch.optim.AdamW"}
@@ -57,10 +57,12 @@ def upgrade(config: dict) -> dict:
         config = {**config, "lr_scheduler": option("lr_scheduler", "none")}
     if "posterior" not in config:
         config = {**config, "posterior": option("posterior", "gaussian")}
-    for group in COMPONENTS:  # a renamed component: today's name
+    for group in COMPONENTS:  # a moved or renamed component: today's name (registry)
         node = config.get(group)
-        if isinstance(node, dict) and node.get("_target_") in RENAMED:
-            config = {**config, group: {**node, "_target_": RENAMED[node["_target_"]]}}
+        target = node.get("_target_") if isinstance(node, dict) else None
+        today = registry()[group].get(target) if isinstance(target, str) else None
+        if today and today != target:
+            config = {**config, group: {**node, "_target_": today}}
     return config
 
 
