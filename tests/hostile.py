@@ -189,9 +189,3 @@ def copy_run(src: Path, dst: Path) -> Path:
     path: the copy is a run of its own)."""
     shutil.copytree(src, dst)
     return dst
-
-
-def dispatch(args: list[str], cwd: Path, capsys=None, monkeypatch=None) -> SimpleNamespace:
-    """`vae <args>` through the real dispatcher in this process, its exit code and stderr as
-    a finished process has them; what it changed in this process is put back (in_process)."""
-    return in_process(*args, cwd=cwd, check=False)

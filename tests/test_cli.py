@@ -231,9 +231,8 @@ def test_help_and_cfg(tmp_path):
     (["sample", "ckpt=README.md"], "not a readable vae checkpoint"),
     (["bogus"], "unknown command"),
 ])
-def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, fragment, capsys,
-                                                   monkeypatch):
-    from hostile import dispatch
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, fragment):
+    from hostile import in_process
 
     if args[0] == "sample":
         (tmp_path / "README.md").write_text("not a checkpoint\n")
@@ -242,7 +241,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, args, fragment, cap
     if args[0] == "bogus":  # end to end: the process's exit code and stderr
         proc = vae(*args, cwd=tmp_path, check=False)
     else:  # the same dispatcher in this process
-        proc = dispatch(args, tmp_path, capsys, monkeypatch)
+        proc = in_process(*args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

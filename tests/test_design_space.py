@@ -7,7 +7,7 @@ import math
 
 import pytest
 import yaml
-from hostile import dispatch, in_process
+from hostile import in_process
 from test_cli import vae
 
 DIVERGENCES = ["kl", "mmd", "sliced", "adversarial", "tc"]
@@ -105,14 +105,13 @@ def test_every_loss_schedule_and_architecture(tmp_path):
     # DIP's penalty pulls q(z)'s covariance to the identity: N(0, I)'s, no other prior's
     (["divergence=dip", "prior=learned"], "prior=normal"),
 ])
-def test_impossible_combinations_are_refused_at_start(tmp_path, args, fragment, capsys,
-                                                     monkeypatch):
+def test_impossible_combinations_are_refused_at_start(tmp_path, args, fragment):
     argv = ["train", *DATA, f"dataset.root={tmp_path}", *args,
             f"hydra.run.dir={tmp_path / 'run'}"]
     if fragment == "estimator=mc":  # one case in a process of its own, end to end
         proc = vae(*argv, cwd=tmp_path, check=False)
     else:
-        proc = dispatch(argv, tmp_path, capsys, monkeypatch)
+        proc = in_process(*argv, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and fragment in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run/metrics.csv").exists()

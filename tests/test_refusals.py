@@ -180,22 +180,22 @@ def test_metrics_named_but_not_computable_are_refused_and_few_examples_said(capl
     assert "on 3 examples are rough estimates" in caplog.text
 
 
-def test_a_refused_start_leaves_no_file_behind(tmp_path, capsys, monkeypatch):
-    from hostile import dispatch
+def test_a_refused_start_leaves_no_file_behind(tmp_path):
+    from hostile import in_process
 
     from vae_cli.runtime.run_folder import RunFolder
 
     fresh = tmp_path / "fresh"
-    done = dispatch(["train", "trainer.epochs=-1", f"hydra.run.dir={fresh}"], tmp_path,
-                    capsys, monkeypatch)
+    done = in_process("train", "trainer.epochs=-1", f"hydra.run.dir={fresh}", cwd=tmp_path,
+                      check=False)
     assert done.returncode == 2 and not fresh.exists()
     other = tmp_path / "other"  # another run's folder: a refused start into it adds nothing
     (other / ".hydra").mkdir(parents=True)
     (other / ".hydra" / "config.yaml").write_text("theirs: 1\n")
     RunFolder(other).metrics.write_text("epoch,loss\n1,2.0\n")
     before = sorted(p.relative_to(other) for p in other.rglob("*"))
-    done = dispatch(["train", "dataset.n_train=64", "dataset.n_val=16", "dataset.n_test=16",
-                     f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={other}"], tmp_path,
-                    capsys, monkeypatch)
+    done = in_process("train", "dataset.n_train=64", "dataset.n_val=16", "dataset.n_test=16",
+                      f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={other}",
+                      cwd=tmp_path, check=False)
     assert done.returncode == 2 and "already holds a run" in done.stderr
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == before

@@ -20,7 +20,6 @@ import torch
 from hostile import (
     Forked,
     copy_run,
-    dispatch,
     fork,
     in_process,
     write_checkpoints_forever,
@@ -206,7 +205,7 @@ def _battery(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
 END_TO_END = 3
 
 
-def test_bad_input_battery(existing_run, tmp_path, capsys, monkeypatch):
+def test_bad_input_battery(existing_run, tmp_path):
     before = _digest(existing_run)
     cases = _battery(tmp_path, existing_run)
     assert len(cases) >= 25
@@ -216,7 +215,7 @@ def test_bad_input_battery(existing_run, tmp_path, capsys, monkeypatch):
             proc = vae(*args, cwd=tmp_path, check=False)
             code, stderr = proc.returncode, proc.stderr
         else:
-            done = dispatch(args, tmp_path, capsys, monkeypatch)
+            done = in_process(*args, cwd=tmp_path, check=False)
             code, stderr = done.returncode, done.stderr
         lines = stderr.strip().splitlines()
         if not (code != 0 and len(lines) == 1 and fragment in lines[0]
