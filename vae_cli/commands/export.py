@@ -26,8 +26,9 @@ def run(cfg: DictConfig) -> Path:
     else:
         require_safetensors()
     objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
-    run_dir = RunFolder.of_checkpoint(cfg.ckpt).path
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else RunFolder(run_dir).export(cfg.format)
+    run = RunFolder.of_checkpoint(cfg.ckpt)
+    run_dir = run.path
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run.export(cfg.format)
     check_out_dir(str(out_dir))
     config = upgrade(ckpt["config"])
     state = ckpt.get("state") or {}

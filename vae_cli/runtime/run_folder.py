@@ -77,6 +77,7 @@ class RunFolder:
     def eval_json(self, split: str = "test") -> Path:
         return self.path / ("eval.json" if split == "test" else f"eval_{split}.json")
 
+    @property
     def samplers(self) -> Path:
         return self.path / "samplers"
 

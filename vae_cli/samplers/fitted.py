@@ -46,7 +46,7 @@ def checkpoint_identity(path: str | Path, ckpt: dict) -> dict[str, Any]:
 
 def sampler_path(folder: Path, sampler: Sampler, ckpt_path: str | Path) -> Path:
     """best.pt and last.pt of one run each keep their own fitted sampler."""
-    return RunFolder(Path(folder)).samplers() / f"{sampler.name}_{Path(ckpt_path).stem}.pt"
+    return RunFolder(Path(folder)).samplers / f"{sampler.name}_{Path(ckpt_path).stem}.pt"
 
 
 def fitted_sampler(sampler: Sampler, settings: dict, model: VAE, data: Splits | None,
