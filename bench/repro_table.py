@@ -3,8 +3,8 @@ preset the epochs run, whether the preset's own stopping rule ended training (el
 budget did), the wall time summed over invocations, the machine, the test NLL (`vae eval`'s
 eval.json) and the published number it is compared with.
 
-    python bench/repro_table.py                    # every folder under outputs/repro/
-    python bench/repro_table.py outputs/repro/vamp_binarized_mnist
+    python bench/repro_table.py        # every run under $VAE_REPRO_DIR (default ~/vae-runs)
+    python bench/repro_table.py ~/vae-runs/vamp_binarized_mnist
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -69,11 +70,17 @@ def row(run: Path) -> dict:
             "difference": f"{nll - published:+.2f}" if nll is not None and published else "-"}
 
 
+def repro_dir() -> Path:
+    """Where bench/reproduce.sh keeps its runs: outside the work tree, so a fresh checkout
+    finds them."""
+    return Path(os.environ.get("VAE_REPRO_DIR", Path.home() / "vae-runs"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="*", type=Path)
     args = ap.parse_args()
-    runs = args.runs or sorted(p for p in Path("outputs/repro").glob("*") if p.is_dir())
+    runs = args.runs or sorted(p for p in repro_dir().glob("*") if p.is_dir())
     rows = [row(r) for r in runs if (r / "metrics.csv").is_file()]
     if not rows:
         raise SystemExit("error: no run folder with a metrics.csv")

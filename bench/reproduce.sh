@@ -5,7 +5,8 @@
 # training continues from the run folder's last checkpoint.
 #   bash bench/reproduce.sh vamp_binarized_mnist [more overrides...]
 #   MNIST_ROOT=/data bash bench/reproduce.sh vae_gated_binarized_mnist
-# Writes outputs/repro/<preset>/ (checkpoints, metrics.csv, eval.json, wall.txt); a budget per
+# Writes $VAE_REPRO_DIR/<preset>/ (default ~/vae-runs, outside the work tree so that a fresh
+# checkout keeps the runs; checkpoints, metrics.csv, eval.json, wall.txt); a budget per
 # invocation: trainer.max_minutes=N. `python bench/repro_table.py` prints the README's rows.
 # Trains compiled (trainer.compile=true; later arguments may say false): measured with
 # bench/compile.py on one CPU thread, a compiled step takes 0.46x the eager time for
@@ -13,7 +14,7 @@
 set -euo pipefail
 preset=${1:?usage: bench/reproduce.sh <experiment preset> [overrides...]}
 shift
-run=outputs/repro/$preset
+run=${VAE_REPRO_DIR:-$HOME/vae-runs}/$preset
 root=${MNIST_ROOT:-../shared/data}
 mkdir -p "$run"
 start=$(date +%s)
@@ -23,6 +24,8 @@ cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -
 trap 'echo "$(( $(date +%s) - start )) s on $(uname -n), ${cpu:-$(uname -m)}, $(nproc --all) cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}: $stage, exit $?" >> "$run/wall.txt"' EXIT
 vae train "experiment=$preset" "dataset.root=$root" dataset.download=false \
     trainer.resume=auto trainer.compile=true "hydra.run.dir=$run" "$@"
+# A stage ended by trainer.max_minutes is not the row's end: score it when training is done.
+if tail -n 5 "$run/train.log" | grep -q "time limit:"; then exit 0; fi
 stage="train + eval"
 vae eval "ckpt=$run/checkpoints/best.pt" eval.iw_samples=5000 eval.split=test \
     "dataset.root=$root"
