@@ -199,3 +199,59 @@ def test_a_refused_start_leaves_no_file_behind(tmp_path):
                       cwd=tmp_path, check=False)
     assert done.returncode == 2 and "already holds a run" in done.stderr
     assert sorted(p.relative_to(other) for p in other.rglob("*")) == before
+
+
+# Class 7: each bound refused in one line naming the key and the override that lifts it.
+@pytest.mark.parametrize(("command", "override"), [
+    ("train", "posterior=planar posterior.steps=100000"),
+    ("train", "trainer.num_images=100000"),
+    ("train", "trainer.iw_samples=1000000"),
+    ("eval", "eval.iw_samples=100000000"),
+    ("eval", "sampler=gmm sampler.components=1000000"),
+    ("sample", "num_samples=1000000"),
+    ("sample", "fd.samples=10000000"),
+])
+def test_a_setting_past_its_resource_bound_is_refused_naming_the_lift(
+        compose_cfg, command, override):
+    from vae_cli.config.schemas import validate_sample, validate_train
+
+    validate = {"train": validate_train, "eval": validate_eval, "sample": validate_sample}
+    args = [*override.split(), *([] if command == "train" else ["ckpt=x.pt"])]
+    key = args[-1 if command == "train" else -2].split("=")[0]
+    with pytest.raises(UserError, match=rf"^{key}=\d+ is past its bound .*limits=false"):
+        validate[command](compose_cfg(args, name=command))
+    validate[command](compose_cfg([*args, "limits=false"], name=command))
+
+
+def test_a_model_past_the_parameter_bound_is_refused_before_it_moves_to_a_device():
+    from vae_cli.config import limits
+
+    bound = limits.MAX_PARAMETERS
+    limits.check_parameters(bound, OmegaConf.create({}))
+    with pytest.raises(UserError, match="parameters, past the bound .*limits=false"):
+        limits.check_parameters(bound + 1, OmegaConf.create({}))
+    limits.check_parameters(bound + 1, OmegaConf.create({"limits": False}))
+
+
+def test_the_iwae_bound_reports_its_progress_in_decodes(monkeypatch, saved):
+    """The longest loop of `vae eval` draws a bar whose count reaches examples x k."""
+    import io
+
+    from tqdm import tqdm
+
+    from vae_cli.config.build import load_trained
+    from vae_cli.evaluation import likelihood
+    from vae_cli.runtime import checkpoint
+
+    bars = []
+
+    def shown(total, desc, unit="it", **_):
+        bars.append(tqdm(total=total, desc=desc, unit=unit, file=io.StringIO(),
+                         disable=False))
+        return bars[-1]
+
+    monkeypatch.setattr(likelihood, "bar", shown)
+    objective, _ = load_trained(str(saved), torch.device("cpu"))
+    x = torch.randint(0, 256, (10, *checkpoint.load(saved)["shape"]), dtype=torch.uint8)
+    likelihood.iwae_bound(objective.model, x, k=7, batch_size=4, max_decoded=8)
+    assert bars[0].total == bars[0].n == 70 and "k=7" in bars[0].desc

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from vae_cli.config import limits
 from vae_cli.config.components import check_component, instantiate
 from vae_cli.config.registry import COMPONENTS, check_targets
 from vae_cli.errors import UserError, one_line
@@ -130,6 +131,7 @@ class EvalCommand:
     dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
     sampler: dict[str, Any] = dataclasses.field(default_factory=prior_sampler)
     fd: FrechetConfig = dataclasses.field(default_factory=FrechetConfig)
+    limits: bool = True  # false lifts the resource bounds (vae_cli/config/limits.py)
 
 
 @dataclasses.dataclass
@@ -146,6 +148,7 @@ class SampleCommand:
     dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
     sampler: dict[str, Any] = dataclasses.field(default_factory=prior_sampler)
     fd: FrechetConfig = dataclasses.field(default_factory=lambda: FrechetConfig(samples=0))
+    limits: bool = True
 
 
 @dataclasses.dataclass
@@ -222,7 +225,7 @@ def check_device(key: str, device: str) -> None:
 
 def validate_train(cfg: DictConfig) -> DictConfig:
     """`vae train`'s config: components, trainer, optim and seed; returns it typed."""
-    unknown = set(cfg) - {*COMPONENTS, "optim", "trainer", "seed", "ckpt"}
+    unknown = set(cfg) - {*COMPONENTS, "optim", "trainer", "seed", "ckpt", "limits"}
     if unknown:
         raise UserError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; "
                         "see vae train --cfg job for the keys")
@@ -260,7 +263,14 @@ def validate_train(cfg: DictConfig) -> DictConfig:
     if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
         raise UserError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
     check_seed(cfg.get("seed"))
+    check_limits(cfg)
     return cfg
+
+
+def check_limits(cfg: DictConfig) -> None:
+    if not isinstance(cfg.get("limits", True), bool):
+        raise UserError(f"limits={cfg.limits!r} must be true or false")
+    limits.check(cfg)
 
 
 def reader_command(cfg: DictConfig, schema: type) -> DictConfig:
@@ -268,6 +278,7 @@ def reader_command(cfg: DictConfig, schema: type) -> DictConfig:
     sampler and the Fréchet distance's settings."""
     cfg = typed(cfg, schema, "")
     finite(cfg)
+    check_limits(cfg)
     check_seed(cfg.seed)
     check_out_dir(cfg.out_dir, cfg.ckpt)
     check_device("device", cfg.device)

@@ -31,6 +31,7 @@ from torch import nn
 from vae_cli.data.base import Splits
 from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import save_cache
+from vae_cli.runtime.progress import counted
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def train_own(net: OwnNet, x: torch.Tensor, labels: torch.Tensor | None, epochs:
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         net.train()
-        for _ in range(epochs):
+        for _ in counted(epochs, "training the feature network", unit="epochs"):
             order = torch.randperm(len(x), generator=gen).to(x.device)
             for i in range(0, len(x), batch):
                 idx = order[i:i + batch]

@@ -16,6 +16,7 @@ import torch
 
 from vae_cli.evaluation.features import Extractor
 from vae_cli.objective.model import VAE
+from vae_cli.runtime.progress import bar
 
 
 class Draws(Protocol):
@@ -66,13 +67,15 @@ def generate(model: VAE, sampler: Draws, n: int, batch: int,
              labels: torch.Tensor | None = None) -> torch.Tensor:
     """n images decoded from the sampler's draws (a conditional model decodes each under a
     class drawn from ``labels``, the training labels, so the class mix matches the data)."""
-    out = []
+    out, progress = [], bar(n, "decoding samples", unit="images")
     for i in range(0, n, batch):
         m = min(batch, n - i)
+        progress.update(m)
         z = sampler.sample(m)
         y = None if labels is None else labels[torch.randint(len(labels), (m,),
                                                              device=labels.device)]
         out.append(model.generate(z, y=y).float())
+    progress.close()
     return torch.cat(out)
 
 

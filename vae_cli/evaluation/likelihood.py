@@ -11,6 +11,7 @@ from vae_cli.data.batching import labelled
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.bounds import log_weights
 from vae_cli.objective.model import VAE
+from vae_cli.runtime.progress import bar
 
 
 @torch.no_grad()
@@ -35,6 +36,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     log_prior = log_prior or model.prior.dist().log_prob
     iw_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     elbo_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    progress = bar(len(x) * k, f"IWAE bound, k={k}", unit="decodes")
     for xb, yb in labelled(x, labels, batch_size):
         chunk = max(1, min(k, max_decoded // len(xb)))
         acc = torch.full((len(xb),), -math.inf, dtype=torch.float64, device=x.device)
@@ -46,8 +48,10 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
             acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
             mean_log_w += log_w.sum(0)
             done += c
+            progress.update(c * len(xb))
         iw_sum += (acc - math.log(k)).sum()
         elbo_sum += (mean_log_w / k).sum()
+    progress.close()
     model.train(was_training)
     n = len(x)
     iw, elbo = (iw_sum / n).item(), (elbo_sum / n).item()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.errors import UserError
+from vae_cli.runtime.progress import counted
 from vae_cli.samplers.base import Sampler, check_settings
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ class PixelCNNSampler(Sampler):
         net, self.history = self.net, []
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
         best, best_state = math.inf, None
-        for epoch in range(1, self.epochs + 1):
+        for epoch in counted(self.epochs, "fitting sampler=pixelcnn", unit="epochs"):
             net.train()
             order = torch.randperm(len(train), device=train.device)
             total = 0.0
@@ -256,7 +257,7 @@ class PixelCNNSampler(Sampler):
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(batch)
-            record = {"epoch": epoch, "train": total / len(train)}
+            record = {"epoch": epoch + 1, "train": total / len(train)}
             if len(held):
                 record["val"] = self.mean_nll(held)
                 if record["val"] < best:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vae_cli.errors import UserError
+from vae_cli.runtime.progress import counted
 from vae_cli.samplers.base import Sampler, check_settings
 
 
@@ -81,7 +82,7 @@ class TwoStage(Sampler):
         batch = min(self.batch_size, len(mu))
         order = torch.randperm(len(mu), device=mu.device)
         at = 0
-        for _ in range(self.steps):
+        for _ in counted(self.steps, "fitting sampler=two_stage", unit="steps"):
             if at + batch > len(order):
                 order, at = torch.randperm(len(mu), device=mu.device), 0
             idx = order[at:at + batch]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from vae_cli.config.schemas import TrainerConfig
 from vae_cli.data.base import Splits
 from vae_cli.data.batching import shuffled
 from vae_cli.errors import UserError
 from vae_cli.runtime import distributed
+from vae_cli.runtime.progress import bar as progress_bar
 from vae_cli.training.signals import StopFlag
 from vae_cli.training.state import EpochProgress, TrainState
 from vae_cli.training.step import Stepper
@@ -35,8 +35,7 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
     sums = progress.sums.to(device) if progress else None
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     n = len(data.train) // t.batch_size
-    bar = tqdm(total=n, initial=first, desc=desc, leave=False,
-               disable=None if distributed.rank() == 0 else True, dynamic_ncols=True)
+    bar = progress_bar(n, desc, initial=first)
     stepper.objective.train()
     shard = stepper.shard
     # a conditional model reads each example's class; an unconditional one gets None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vae_cli.config import limits
 from vae_cli.config.build import build_objective
 from vae_cli.config.components import instantiate
 from vae_cli.data.base import Splits
@@ -87,7 +88,10 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     if cfg.model.get("conditional") and data.num_classes:
         data.check_class_ids()
     objective = build_objective(cfg, data.shape, len(data.train),
-                                data.vocab and len(data.vocab), data.num_classes).to(device)
+                                data.vocab and len(data.vocab), data.num_classes)
+    size = sum(p.numel() for p in objective.parameters())
+    limits.check_parameters(size, cfg)
+    objective = objective.to(device)
     opt = build_optimizer(cfg.optim, objective.main_parameters(), t.compile)
     div = objective.divergence
     aux_opt = div.auxiliary_optimizer() if div.auxiliary_steps else None
@@ -108,7 +112,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
         stepper.hooks.after_update.append(lambda step: ema.update())
     log.info("%s on %s%s: %d parameters, data %s x %d", cfg.model._target_, device,
              f" x {shard.world} processes" if shard.world > 1 else "",
-             sum(p.numel() for p in objective.parameters()), tuple(data.shape), len(data.train))
+             size, tuple(data.shape), len(data.train))
     return Run(cfg, Path(run_dir), data, objective, stepper, state, order, shard.rank == 0,
                schedule, ema, ckpt_path, tracker)
 
