@@ -255,3 +255,90 @@ def test_the_iwae_bound_reports_its_progress_in_decodes(monkeypatch, saved):
     x = torch.randint(0, 256, (10, *checkpoint.load(saved)["shape"]), dtype=torch.uint8)
     likelihood.iwae_bound(objective.model, x, k=7, batch_size=4, max_decoded=8)
     assert bars[0].total == bars[0].n == 70 and "k=7" in bars[0].desc
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda s: s.update(last_epoch="12"), "lr_scheduler.last_epoch='12' is not a number"),
+    (lambda s: s.update(_last_lr=[0.1, 0.1]), "lr_scheduler._last_lr has another length"),
+    (lambda s: s["_schedulers"][0].update(_is_initial=0), "_is_initial=0 is of another kind"),
+    (lambda s: s["_schedulers"][1].update(T_max=float("nan")), "T_max=nan is not a number"),
+    (lambda s: s.update(optimizer=None), "lr_scheduler sets optimizer"),
+    (lambda s: s.update(_schedulers={}), "_schedulers has another length"),
+])
+def test_an_edited_schedule_state_is_refused_when_loaded_not_steps_later(edit, named):
+    from vae_cli.training.lr_schedules import Cosine
+
+    def cosine():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return Cosine(opt, steps_per_epoch=10, epochs=5)
+
+    first = cosine()
+    for _ in range(13):
+        first.advance("step")
+    state = first.state_dict()
+    loose = {**state, "_from_another_torch": 1}  # fields torch versions add or drop pass
+    del loose["_milestones"]
+    second = cosine()
+    second.optimizer.load_state_dict(first.optimizer.state_dict())  # as a resume does
+    second.load_state_dict(loose)
+    first.advance("step")
+    second.advance("step")
+    assert second.lr == first.lr != cosine().lr
+    edit(state)
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace(".", r"\.")):
+        cosine().load_state_dict(state)
+
+
+def test_a_sigterm_inside_torchs_onnx_exporter_is_a_signal_not_its_export_error(
+        saved, tmp_path, monkeypatch):
+    """torch.onnx.export wraps whatever its tracing raised in a TorchExportError: a real
+    SIGTERM delivered while it traces the encoder still ends `vae export` with one line and
+    128 + 15, and writes nothing."""
+    import os
+    import signal
+
+    from hostile import in_process
+
+    from vae_cli.export import onnx_graphs
+
+    traced = onnx_graphs.to_onnx
+
+    def terminated_midway(model, x, z):
+        def once(*_):
+            hook.remove()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        hook = model.encoder.register_forward_hook(once)
+        return traced(model, x, z)
+
+    monkeypatch.setattr(onnx_graphs, "to_onnx", terminated_midway)
+    out = tmp_path / "onnx"
+    done = in_process("export", f"ckpt={saved}", "format=onnx", f"out_dir={out}",
+                      cwd=tmp_path, check=False)
+    assert (done.returncode, done.stderr) == (143, "error: SIGTERM received; stopped\n")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(("inner", "code", "line"), [
+    ("signal", 143, "error: SIGTERM received; stopped\n"),
+    ("user", 2, "error: the file x is not an image\n"),
+])
+def test_a_signal_or_refusal_a_library_wrapped_in_its_own_error_keeps_its_exit(
+        inner, code, line, capsys):
+    """A library that catches and re-raises as its own type (torch's exporter reports what
+    its tracing hit as a TorchExportError) hides neither from the dispatcher."""
+    import signal
+
+    from vae_cli.commands.main import guarded
+    from vae_cli.training.signals import Signalled
+
+    def task(cfg):
+        try:
+            raise Signalled(signal.SIGTERM) if inner == "signal" else \
+                UserError("the file x is not an image")
+        except BaseException as e:
+            raise RuntimeError("export failed, see the report") from e
+
+    with pytest.raises(SystemExit) as e:
+        guarded(task, full_error=False)(None)
+    assert (e.value.code, capsys.readouterr().err) == (code, line)

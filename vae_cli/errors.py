@@ -31,3 +31,16 @@ def one_line(e: BaseException, chain: bool = False, last: bool = False,
                 parts.append(line)
         cause = cause.__cause__
     return "; ".join(parts).replace(":;", ":").replace(".;", ";")[:limit]
+
+
+def buried(e: BaseException, kind: type | tuple[type, ...]) -> BaseException | None:
+    """The first of ``e`` and its causes and contexts that is a ``kind``, or None: a library
+    that wraps what it caught (torch's exporter wraps a signal's exception) hides it."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, kind):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None

@@ -92,7 +92,7 @@ def guarded(task: Callable[[DictConfig], object], full_error: bool):
 
         sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         try:
-            return task(cfg)
+            return unwrapped(task, cfg)
         except Signalled as e:
             fail(f"{e} received; stopped", 128 + e.signum)
         except (UserError, OmegaConfBaseException) as e:
@@ -110,6 +110,18 @@ def guarded(task: Callable[[DictConfig], object], full_error: bool):
             fail(message, 1)
 
     return app
+
+
+def unwrapped(task: Callable[[DictConfig], object], cfg: DictConfig) -> object:
+    """``task(cfg)``, raising as itself a signal or a UserError that a library wrapped in an
+    exception of its own (torch.onnx.export reports a SIGTERM as a TorchExportError)."""
+    try:
+        return task(cfg)
+    except Exception as e:
+        inner = errors.buried(e, (Signalled, UserError))
+        if inner is None:
+            raise
+        raise inner from None
 
 
 def fail(message: str, code: int) -> None:

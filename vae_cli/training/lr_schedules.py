@@ -49,8 +49,39 @@ class LRSchedule:
         return self.scheduler.state_dict() if self.scheduler is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state)
+        """A saved state of the same shape as this schedule's own: torch's schedulers take
+        any dict, and an edited one would fail steps later, mid-run."""
+        if self.scheduler is None:
+            return
+        problem = unlike(state, self.scheduler.state_dict(), "lr_scheduler", self.scheduler)
+        if problem:
+            raise ValueError(f"the saved schedule state does not fit: {problem}")
+        self.scheduler.load_state_dict(state)
+
+
+def unlike(saved: object, fresh: object, where: str, owner: object = None) -> str | None:
+    """Where ``saved`` differs from ``fresh`` in structure or kind of value, or None. Keys
+    may be missing or extra (torch versions add fields), but an extra key may not name a
+    live attribute of ``owner`` that its state leaves out (its optimizer, say); numbers may
+    not be NaN."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"{where} is not a mapping"
+        live = [k for k in saved if k not in fresh and hasattr(owner, str(k))]
+        if live:
+            return f"{where} sets {live[0]}"
+        return next((bad for k in fresh if k in saved
+                     and (bad := unlike(saved[k], fresh[k], f"{where}.{k}"))), None)
+    if isinstance(fresh, list | tuple):
+        if not isinstance(saved, list | tuple) or len(saved) != len(fresh):
+            return f"{where} has another length"
+        return next((bad for i, (a, b) in enumerate(zip(saved, fresh, strict=True))
+                     if (bad := unlike(a, b, f"{where}[{i}]"))), None)
+    if isinstance(fresh, int | float) and not isinstance(fresh, bool):
+        ok = isinstance(saved, int | float) and not isinstance(saved, bool) \
+            and not math.isnan(saved)
+        return None if ok else f"{where}={saved!r} is not a number"
+    return None if type(saved) is type(fresh) else f"{where}={saved!r} is of another kind"
 
 
 class Cosine(LRSchedule):

@@ -106,7 +106,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     if ckpt is not None:
         check_position(ckpt, cfg)
         check_schedule_span(ckpt, cfg, schedule)
-        state = restore(ckpt, objective, stepper, schedule, ema, cfg, order)
+        state = restore(ckpt, objective, stepper, schedule, ema, cfg, order, ckpt_path)
     stepper.hooks.after_update.append(lambda step: schedule.advance("step"))
     if ema:
         stepper.hooks.after_update.append(lambda step: ema.update())
@@ -159,7 +159,8 @@ def check_schedule_span(ckpt: dict, cfg: DictConfig, schedule: LRSchedule) -> No
 
 
 def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSchedule,
-            ema: WeightAverage | None, cfg: DictConfig, order: torch.Generator) -> TrainState:
+            ema: WeightAverage | None, cfg: DictConfig, order: torch.Generator,
+            path: Path | None = None) -> TrainState:
     """Weights, optimizer moments, schedules, random streams and counters from a
     checkpoint; optim settings given now (an optim.lr= override) win over the saved ones."""
     try:
@@ -179,8 +180,8 @@ def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSche
         order.set_state(ckpt["rng"]["order"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         reason = one_line(e)
-        raise UserError(f"the checkpoint cannot be resumed: its training state does not "
-                        f"fit this run ({reason})") from None
+        raise UserError(f"{path or 'the checkpoint'} cannot be resumed: its training state "
+                        f"does not fit this run ({reason})") from None
     override_settings(stepper.opt, cfg.optim, ckpt, scheduled=schedule.scheduler is not None)
     log.info("resumed at epoch %d, step %d", state.epoch, state.step)
     return state
