@@ -108,6 +108,12 @@ def test_mlflow_started_on_a_resume_gets_the_history_and_the_next_resume_appends
     for name, series in expected.items():
         history = client.get_metric_history(run_id, name)
         assert same(sorted((m.step, m.value) for m in history), series), name
+    # A corrupt store on the next resume: one line before any step, the run left as it was.
+    (run / "mlflow/mlflow.db").write_bytes(b"not a database" * 100)
+    before = (run / "metrics.csv").read_bytes()
+    with pytest.raises(UserError, match=r"^logger=mlflow could not start \(") as e:
+        run_in_process(compose_cfg, tmp_path, last, "trainer.epochs=4", data=data)
+    assert "\n" not in str(e.value) and (run / "metrics.csv").read_bytes() == before
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss_step"))
     assert steps == list(range(10, 25, 2))  # from the start of the tracking
     top = {a.path for a in client.list_artifacts(run_id)}
