@@ -111,7 +111,7 @@ def test_mlflow_started_on_a_resume_gets_the_history_and_the_next_resume_appends
     # A corrupt store on the next resume: one line before any step, the run left as it was.
     (run / "mlflow/mlflow.db").write_bytes(b"not a database" * 100)
     before = (run / "metrics.csv").read_bytes()
-    with pytest.raises(UserError, match=r"^logger=mlflow could not start \(") as e:
+    with pytest.raises(UserError, match=r"^logger=mlflow: .*not a database") as e:
         run_in_process(compose_cfg, tmp_path, last, "trainer.epochs=4", data=data)
     assert "\n" not in str(e.value) and (run / "metrics.csv").read_bytes() == before
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss_step"))
