@@ -105,6 +105,31 @@ def test_a_deeply_nested_eval_json_is_an_unreadable_file_not_a_recursion_error(t
         read_eval(path)
 
 
+@pytest.mark.parametrize(("metrics", "results", "why"), [
+    ("epoch,val_loss\n1,2.0\n", {"nll_iwae": {"mean": 80.0}}, "nll_iwae is dict, not a number"),
+    ("epoch,val_loss\n1,2.0\n", {"mig": True}, "mig is bool, not a number"),
+    ("epoch,val_loss\n1,2.0\n", {"fd_shapes_features": "12"}, "is str, not a number"),
+    ("epoch,val_loss,kl\n1,2.0,3\n2,1.5\n", {}, "line 3 has another number of cells"),
+    ("epoch,val_loss\n1,2.0,3,4\n", {}, "line 2 has another number of cells"),
+])
+def test_compare_skips_a_run_whose_shown_values_are_not_numbers_naming_the_file(
+        tmp_path, metrics, results, why):
+    import json
+
+    from hostile import in_process
+
+    for name, result in (("good", {"nll_iwae": 81.0, "mig": None}), ("bad", results)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text(
+            metrics if name == "bad" else "epoch,val_loss\n1,2.0\n")
+        (tmp_path / name / "eval.json").write_text(json.dumps({"kl": [1, 2], **result}))
+    done = in_process("compare", str(tmp_path / "good"), str(tmp_path / "bad"),
+                      "--out", str(tmp_path / "table"), cwd=tmp_path)
+    warning, = done.stderr.strip().splitlines()
+    assert warning.startswith(f"warning: skipped {tmp_path / 'bad'}: ") and why in warning
+    assert "81.0000" in done.stdout and str(tmp_path / "bad") not in done.stdout
+
+
 def test_conditional_labels_must_be_the_class_ids_0_to_c_minus_1():
     from vae_cli.data.base import ImageData
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,10 @@ DISENTANGLEMENT = ["beta_vae", "factor_vae", "sap", "dci_disentanglement", "dci_
 # likewise a discrete latent's codebook use (perplexity of the code usage, fraction of codes
 # used) and the Fréchet distance of samples (fd_<dataset>_features: its name says whose)
 OPTIONAL = [*DISENTANGLEMENT, "perplexity", "usage"]
+# eval.json's keys a table shows: each must hold a number (or null) for the run to be read
+SHOWN = {"nll_iwae", "nelbo", "bpd_iwae", "bpd", "ppl_iwae", "ppl", "active_units", "mig",
+         *OPTIONAL}
+FD = re.compile(r"fd_.*_features")
 IGNORED = ("hydra.", "dataset.root", "ckpt", "trainer.device")
 
 
@@ -86,17 +91,26 @@ def collect(run: Path) -> dict:
     row: dict = {"run": str(run), "epochs": epochs,
                  "best_val_loss": min(val) if val else math.nan,
                  "final_val_loss": val[-1] if val else math.nan}
-    e = read_eval(folder.eval_json())
+    path = folder.eval_json()
+    e = read_eval(path)
     if e is not None:
+        shown = {k: v for k, v in e.items() if k in SHOWN or FD.fullmatch(k)}
+        bad = next((k for k, v in shown.items() if not number_or_null(v)), None)
+        if bad:
+            raise RunFileError(f"{path} is unreadable ({bad} is {type(shown[bad]).__name__}, "
+                               "not a number)")
         row["test_nll"] = e.get("nll_iwae", e.get("nelbo", math.nan))
         row["test_bpd"] = e.get("bpd_iwae", e.get("bpd", math.nan))
         row["test_ppl"] = e.get("ppl_iwae", e.get("ppl", math.nan))  # text models
         row["active_units"] = e.get("active_units")
         row["mig"] = e.get("mig")
-        row.update({k: e[k] for k in OPTIONAL if k in e})
-        row.update({k: v for k, v in e.items() if k.startswith("fd_")
-                    and k.endswith("_features") and isinstance(v, int | float)})
+        row.update({k: v for k, v in shown.items() if k in OPTIONAL or FD.fullmatch(k)})
     return row
+
+
+def number_or_null(v: object) -> bool:
+    """What a cell may show: a number (not a bool) or null (a score not computed)."""
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
 
 
 def readable(runs: list[Path], warn) -> list[Path]:

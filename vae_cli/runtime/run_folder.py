@@ -101,6 +101,10 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
         raise RunFileError(f"{path} is unreadable ({one_line(e)})") from None
     if rows and "epoch" not in rows[0]:
         raise RunFileError(f"{path} is unreadable (no epoch column: not a vae metrics.csv)")
+    for line, row in enumerate(rows, start=2):  # csv fills a short row with None
+        if None in row or None in row.values():
+            raise RunFileError(f"{path} is unreadable (line {line} has another number of "
+                               f"cells than the header's {len(rows[0]) - (None in rows[0])})")
     return rows
 
 
