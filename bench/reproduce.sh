@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rerun one row of README's Reproductions table: train a preset to its own stopping rule
+# Rerun one row of the Reproductions table (docs/reproductions.md): train a preset to its own stopping rule
 # (early stopping on the validation split), then score the best checkpoint on the full test
 # split with the IWAE bound at k = 5000. Resumable: run it again after an interruption and
 # training continues from the run folder's last checkpoint.
@@ -7,7 +7,7 @@
 #   MNIST_ROOT=/data bash bench/reproduce.sh vae_gated_binarized_mnist
 # Writes $VAE_REPRO_DIR/<preset>/ (default ~/vae-runs, outside the work tree so that a fresh
 # checkout keeps the runs; checkpoints, metrics.csv, eval.json, wall.txt); a budget per
-# invocation: trainer.max_minutes=N. `python bench/repro_table.py` prints the README's rows.
+# invocation: trainer.max_minutes=N. `python bench/repro_table.py` prints the table's rows.
 # Trains compiled (trainer.compile=true; later arguments may say false): measured with
 # bench/compile.py on one CPU thread, a compiled step takes 0.46x the eager time for
 # vamp_binarized_mnist and 0.68x for vae_gated_binarized_mnist.
