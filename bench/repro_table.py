@@ -1,5 +1,5 @@
-"""The Reproductions table's rows (docs/reproductions.md) from the run folders `bench/reproduce.sh` writes: per
-preset the epochs run, whether the preset's own stopping rule ended training (else the
+"""The rows of docs/reproductions.md's table from the run folders `bench/reproduce.sh`
+writes: per preset the epochs run, whether the preset's own stopping rule ended training (else the
 budget did), the wall time summed over invocations, the machine, the test NLL (`vae eval`'s
 eval.json) and the published number it is compared with.
 

@@ -47,10 +47,14 @@ commands:
 
 
 def _command(name: str) -> Callable[[DictConfig], object]:
-    """The task of a Hydra app, imported only when that command runs."""
+    """The task of a Hydra app, imported only when Hydra runs it: `--cfg job` and `--help`
+    print without importing torch."""
     import importlib
 
-    return importlib.import_module(f"vae_cli.commands.{name}").run
+    def task(cfg: DictConfig) -> object:
+        return importlib.import_module(f"vae_cli.commands.{name}").run(cfg)
+
+    return task
 
 
 def _run_dir(ckpt: str | None, default: str) -> str:

@@ -98,11 +98,21 @@ def plot_scatter(mu: torch.Tensor, colour: torch.Tensor | None, label: str,
     plt = _pyplot()
     xy, axis = project_2d(mu)
     fig, ax = plt.subplots(figsize=(5, 4.5))
-    c = None if colour is None else colour.detach().cpu().double().numpy()
-    sc = ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy(), c=c, s=4, alpha=0.7,
-                    **({"cmap": "viridis"} if c is not None else {}))
-    if c is not None:
+    x, y = xy[:, 0].numpy(), xy[:, 1].numpy()
+    kinds = None if colour is None else colour.detach().cpu().unique()
+    if kinds is not None and not colour.is_floating_point() and len(kinds) <= 20:
+        # class ids (or a factor's few values): one colour each, named in a legend
+        tab = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
+        for i, k in enumerate(kinds.tolist()):
+            at = (colour.detach().cpu() == k).numpy()
+            ax.scatter(x[at], y[at], s=4, alpha=0.7, color=tab(i), label=str(k))
+        ax.legend(title=label, markerscale=3, fontsize="small", loc="best")
+    elif colour is not None:
+        sc = ax.scatter(x, y, c=colour.detach().cpu().double().numpy(), s=4, alpha=0.7,
+                        cmap="viridis")
         fig.colorbar(sc, ax=ax, label=label)
+    else:
+        ax.scatter(x, y, s=4, alpha=0.7)
     ax.set_xlabel(f"{axis}1")
     ax.set_ylabel(f"{axis}2")
     ax.set_title("posterior means")
