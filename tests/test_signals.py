@@ -48,8 +48,9 @@ def test_sigterm_during_the_final_pictures_is_not_swallowed(tmp_path):
 def test_sigint_during_eval_is_one_line(tmp_path, finished_run):
     # (vae sample goes through the same handler; it is too quick to interrupt reliably)
     run = copy_run(finished_run, tmp_path / "run")
-    proc = Forked(["eval", "eval.iw_samples=300000", f"ckpt={run / 'checkpoints/last.pt'}",
-                   f"out_dir={tmp_path / 'out'}"], tmp_path)
+    proc = Forked(["eval", "eval.iw_samples=300000", "limits=false",
+                   f"ckpt={run / 'checkpoints/last.pt'}", f"out_dir={tmp_path / 'out'}"],
+                  tmp_path)
     time.sleep(4)  # past start-up (a forked one: about a second), inside the sampling
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
