@@ -126,7 +126,9 @@ class ImageData(Splits):
 
 def check_images(t: torch.Tensor, name: str) -> torch.Tensor:
     """Reject what would otherwise fail deep inside the trainer with an obscure error."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+    from vae_cli.data.stream import is_stream
+
+    if not (isinstance(t, torch.Tensor) or is_stream(t)) or t.dtype != torch.uint8:
         raise UserError(f"{name}: expected a uint8 image tensor, got "
                         f"{getattr(t, 'dtype', type(t).__name__)}")
     if t.ndim != 4:

@@ -1,4 +1,5 @@
-"""Batches from a uint8 tensor held whole on the training device.
+"""Batches from a uint8 tensor held whole on the training device, or from a streamed split
+(``data.stream``) that decodes the same positions in DataLoader workers.
 
 Indexing a permutation of an in-memory tensor replaces the per-item PIL pipeline and the
 DataLoader, which dominate the step time of small VAEs on CPU.
@@ -6,10 +7,12 @@ DataLoader, which dominate the step time of small VAEs on CPU.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
 
+from vae_cli.data.stream import ImageStream, is_stream
 from vae_cli.tokens import lengths, trim
 
 BUCKET_POOL = 50  # batches sorted by length together: similar lengths, still a mixed corpus
@@ -44,17 +47,42 @@ def shuffled(x: torch.Tensor, batch_size: int, generator: torch.Generator,
     """
     rank, world = shard
     local = batch_size // world
+    seed = epoch_seed(generator) if is_stream(x) else None
     perm = torch.randperm(len(x), generator=generator)
+    lo, hi = rank * local, (rank + 1) * local
+    if seed is not None:
+        yield from streamed(x, perm, batch_size, start, (lo, hi), labels, binarize, seed)
+        return
     if bucket:
         perm = by_length(perm, lengths(x).cpu(), batch_size, generator)
     perm = perm.to(x.device)
-    lo, hi = rank * local, (rank + 1) * local
     for i in range(start * batch_size, len(x) - batch_size + 1, batch_size):
         y = None if labels is None else labels[perm[i + lo:i + hi]]
         if binarize:
             yield torch.bernoulli(as_input(x[perm[i:i + batch_size]]))[lo:hi], y
         else:
             yield as_input(x[perm[i + lo:i + hi]]), y
+
+
+def epoch_seed(generator: torch.Generator) -> int:
+    """A seed named by the generator's state at the epoch's start, drawing nothing from it:
+    a streamed epoch's augmentation, while its order stays the in-memory path's."""
+    state = generator.get_state().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(state).digest()[:7], "little")
+
+
+def streamed(x: ImageStream, perm: torch.Tensor, batch_size: int, start: int,
+             part: tuple[int, int], labels: torch.Tensor | None, binarize: bool, seed: int
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``shuffled``'s batches of a streamed split: the same positions, decoded by its
+    workers; this rank's ``part`` of each global batch (binarized per part)."""
+    lo, hi = part
+    starts = range(start * batch_size, len(x) - batch_size + 1, batch_size)
+    plan = [perm[i + lo:i + hi] for i in starts]
+    for taken, xb in zip(plan, x.batches([p.tolist() for p in plan], seed), strict=True):
+        xb = as_input(xb)
+        y = None if labels is None else labels[taken.to(labels.device)]
+        yield (torch.bernoulli(xb) if binarize else xb), y
 
 
 def by_length(perm: torch.Tensor, n: torch.Tensor, batch_size: int,
@@ -73,8 +101,23 @@ def by_length(perm: torch.Tensor, n: torch.Tensor, batch_size: int,
 
 def ordered(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """Every example once, in order (evaluation)."""
+    if is_stream(x):
+        plan = [range(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
+        yield from map(as_input, x.batches(plan))
+        return
     for i in range(0, len(x), batch_size):
         yield as_input(x[i:i + batch_size])
+
+
+def gathered(x: torch.Tensor | ImageStream, plan: list[torch.Tensor]
+             ) -> Iterator[torch.Tensor]:
+    """``x[idx]`` (uint8 or token ids) for each index tensor of ``plan``; a streamed split
+    decodes them in its workers."""
+    if is_stream(x):
+        yield from x.batches([idx.tolist() for idx in plan])
+        return
+    for idx in plan:
+        yield x[idx.to(x.device)]
 
 
 def labelled(x: torch.Tensor, labels: torch.Tensor | None, batch_size: int

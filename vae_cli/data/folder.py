@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.data.base import ImageData, load_cache, seeded_split
+from vae_cli.data.base import SPLITS, ImageData, load_cache, seeded_split
+from vae_cli.data.stream import Decoder, streamed_data, streaming
 from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import save_cache
 
@@ -33,29 +34,38 @@ MAX_PIXELS = 2**26
 CACHE_VERSION = 1
 
 
-def _check_size(path: Path) -> None:
+def _opened(src: Path | bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(src if isinstance(src, Path) else io.BytesIO(src))
+
+
+def _check_size(src: Path | bytes, name: str) -> None:
     """Refuse an image whose header claims more than MAX_PIXELS, before decoding it."""
     from PIL import Image
 
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # read the size, not refuse
     try:
-        with Image.open(path) as im:
+        with _opened(src) as im:
             w, h = im.size
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     if w * h > MAX_PIXELS:
-        raise UserError(f"{path} would decode to {w}x{h} pixels, over the limit of "
+        raise UserError(f"{name} would decode to {w}x{h} pixels, over the limit of "
                         f"{MAX_PIXELS} (8192x8192); resize it or leave it out")
 
 
-def _decode(path: Path, channels: int) -> torch.Tensor:
-    """uint8 [channels, H, W]; torchvision.io does png/jpeg/webp, PIL the rest (bmp)."""
-    _check_size(path)
-    if path.suffix.lower() == ".bmp":
+def decode(src: Path | bytes, channels: int, name: str = "") -> torch.Tensor:
+    """uint8 [channels, H, W] from a file or its bytes; torchvision.io does png/jpeg/webp,
+    PIL the rest (bmp)."""
+    name = name or str(src)
+    _check_size(src, name)
+    if (src[:2] if isinstance(src, bytes) else src.suffix.lower()) in (b"BM", ".bmp"):
         import numpy as np
-        from PIL import Image
 
-        with Image.open(path) as im:
+        with _opened(src) as im:
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
         t = torch.from_numpy(arr.copy())
         return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
@@ -63,15 +73,21 @@ def _decode(path: Path, channels: int) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    raw = str(src) if isinstance(src, Path) else torch.frombuffer(bytearray(src), dtype=torch.uint8)
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (TorchCodec)
         warnings.simplefilter("ignore", DeprecationWarning)
         # EXIF orientation: phone photos are often stored sideways with a rotation tag.
-        img = decode_image(str(path), mode=mode, apply_exif_orientation=True)
+        img = decode_image(raw, mode=mode, apply_exif_orientation=True)
     # The webp decoder ignores GRAY and returns RGB(A), so fix the channel count here.
     img = img[:3] if img.shape[0] == 4 else img[:1] if img.shape[0] == 2 else img
     if img.shape[0] != channels:
         img = F.rgb_to_grayscale(img) if channels == 1 else img.expand(3, -1, -1)
     return img
+
+
+def decode_failure(e: Exception) -> str:
+    """A decoder's message without torchvision's C++ source location prefix."""
+    return re.sub(r"^.*?\.cpp:\d+, ", "", one_line(e))
 
 
 def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
@@ -80,13 +96,11 @@ def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
     out = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
     for i, f in enumerate(files):
         try:
-            img = _decode(f, channels)
+            img = decode(f, channels)
         except UserError:
             raise
         except Exception as e:
-            # torchvision prefixes its messages with a C++ source location: drop it.
-            msg = re.sub(r"^.*?\.cpp:\d+, ", "", one_line(e))
-            raise UserError(f"cannot decode image {f}: {msg}") from None
+            raise UserError(f"cannot decode image {f}: {decode_failure(e)}") from None
         img = F.resize(img, [size], antialias=True)  # one int: the shorter side
         out[i] = F.center_crop(img, [size, size])
         if i % 5000 == 4999:
@@ -104,6 +118,26 @@ def class_labels(base: Path, files: list[Path]) -> torch.Tensor | None:
     return torch.tensor([index[parts[0]] for parts in tops], dtype=torch.long)
 
 
+class Files:
+    """A folder's images as a streamed split's source (data.stream): each item a file."""
+
+    def __init__(self, files: list[Path], labels: torch.Tensor | None):
+        self.files = [str(f) for f in files]
+        self.ids = None if labels is None else labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, i: int) -> Path:
+        return Path(self.files[i])
+
+    def name(self, i: int) -> str:
+        return self.files[i]
+
+    def label(self, i: int) -> int | None:
+        return None if self.ids is None else self.ids[i]
+
+
 def folder(
     path: str | None = None,
     root: str = "data",
@@ -113,6 +147,11 @@ def folder(
     test_fraction: float = 0.1,
     split_seed: int = 0,
     cache: bool = True,
+    stream: bool = False,
+    workers: int = 2,
+    prefetch: int = 2,
+    augment: bool = False,
+    on_error: str = "skip",
 ) -> ImageData:
     if path is None:
         raise UserError("dataset=folder needs an image directory: set dataset.path=<dir>")
@@ -140,6 +179,13 @@ def folder(
         raise UserError(f"{base.absolute()} holds {n} images: too few to split into "
                         f"train, val and test (need at least 3)")
 
+    split = seeded_split(n, [-1, n_val, n_test], split_seed)
+    y = class_labels(base, files)
+    if stream:
+        loading = streaming(workers, prefetch, on_error, augment)
+        source, decoder = Files(files, y), Decoder(channels, image_size)
+        return streamed_data("folder", source, dict(zip(SPLITS, split, strict=True)),
+                             decoder, loading, augment, y)
     stats = [(str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = {"v": CACHE_VERSION, "dir": str(base.resolve()), "files": stats, "c": channels,
            "size": image_size}
@@ -152,8 +198,7 @@ def folder(
         if cache:
             save_cache(cache_path, data, "the dataset cache", "continuing without it")
     images = data["images"]
-    train_idx, val_idx, test_idx = seeded_split(n, [-1, n_val, n_test], split_seed)
-    y = class_labels(base, files)
+    train_idx, val_idx, test_idx = split
     labels = {} if y is None else {"train": y[train_idx], "val": y[val_idx],
                                    "test": y[test_idx]}
     return ImageData(name="folder", train=images[train_idx], val=images[val_idx],

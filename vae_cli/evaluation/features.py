@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.data.base import Splits
+from vae_cli.data.batching import gathered
+from vae_cli.data.stream import is_stream
 from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import save_cache
 from vae_cli.runtime.progress import counted
@@ -110,11 +112,11 @@ def train_own(net: OwnNet, x: torch.Tensor, labels: torch.Tensor | None, epochs:
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         net.train()
         for _ in counted(epochs, "training the feature network", unit="epochs"):
-            order = torch.randperm(len(x), generator=gen).to(x.device)
-            for i in range(0, len(x), batch):
-                idx = order[i:i + batch]
+            plan = torch.randperm(len(x), generator=gen).split(batch)
+            for idx, xb in zip(plan, gathered(x, plan), strict=True):
                 opt.zero_grad(set_to_none=True)
-                net.loss(x[idx].float() / 255, None if labels is None else labels[idx]).backward()
+                y = None if labels is None else labels[idx.to(labels.device)]
+                net.loss(xb.float() / 255, y).backward()
                 opt.step()
         net.eval()
 
@@ -122,7 +124,9 @@ def train_own(net: OwnNet, x: torch.Tensor, labels: torch.Tensor | None, epochs:
 def digest(x: torch.Tensor, labels: torch.Tensor | None, settings: dict) -> str:
     """16 hex digits naming the training data and the settings the network is trained with."""
     h = hashlib.sha256(f"{FORMAT} {sorted(settings.items())} {tuple(x.shape)}".encode())
-    for t in (x, labels):
+    if is_stream(x):  # its items' names, not their decoded pixels
+        h.update(x.identity().encode())
+    for t in (labels,) if is_stream(x) else (x, labels):
         if t is not None:
             h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
