@@ -163,3 +163,94 @@ def test_streaming_settings_are_checked_before_any_decoding(photos, key, value, 
 def test_loading_defaults_are_two_workers_and_skipping():
     assert Loading() == Loading(workers=2, prefetch=2, on_error="skip")
     assert Decoder(3, 8)  # hashable, frozen: pickled to the workers once
+
+
+# -- WebDataset shards ----------------------------------------------------------------------
+SPLIT = ["dataset.val_fraction=0.1", "dataset.test_fraction=0.1"]
+
+
+@pytest.fixture(scope="module")
+def shards(photos, tmp_path_factory) -> str:
+    """`vae shard` of the photos: 96 samples in 3 shards (the real command, in-process)."""
+    def make():
+        out = tmp_path_factory.mktemp("shards")
+        done = in_process("shard", str(photos), str(out), "--per-shard", "40", cwd=out)
+        assert "96 samples in 3 shards" in done.stdout
+        return f"{out}/shards-{{000000..000002}}.tar"
+    return once("shards", make)
+
+
+def test_shards_the_tool_wrote_train_the_same_run_as_their_folder(photos, shards, tmp_path):
+    """Same samples in the same order, same split: a run on the shards is the run on the
+    folder they were written from, byte for byte, labels included."""
+    from vae_cli.data.webdataset import webdataset
+
+    runs = {}
+    for name, data in (("folder", [f"dataset.path={photos}"]),
+                       ("shards", ["dataset=webdataset", f'dataset.urls="{shards}"'])):
+        runs[name] = tmp_path / name
+        in_process("train", *FOLDER, *data, *SPLIT, f"dataset.root={tmp_path / 'cache'}",
+                   "trainer.epochs=2", f"hydra.run.dir={runs[name]}", cwd=tmp_path)
+    assert (runs["shards"] / "metrics.csv").read_bytes() == \
+        (runs["folder"] / "metrics.csv").read_bytes()
+    ours = webdataset(shards, root=str(tmp_path / "cache"), val_fraction=0.1,
+                      test_fraction=0.1)
+    theirs = folder(str(photos), root=str(tmp_path / "cache"))
+    for s in ("train", "val", "test"):
+        assert torch.equal(ours.labels[s], theirs.labels[s])
+
+
+def test_a_shard_index_is_built_once_and_rebuilt_when_a_shard_changes(shards, tmp_path,
+                                                                      caplog):
+    import shutil
+
+    from vae_cli.data.webdataset import webdataset
+
+    copied = tmp_path / "shards"
+    shutil.copytree(Path(shards).parent, copied)
+    urls = f"{copied}/shards-{{000000..000002}}.tar"
+    with caplog.at_level(logging.INFO):
+        first = webdataset(urls, root=str(tmp_path))
+        assert caplog.text.count("indexing 3 shards") == 1
+        again = webdataset(urls, root=str(tmp_path))
+        assert caplog.text.count("indexing 3 shards") == 1  # read from the cache
+        assert again.train.source.where == first.train.source.where
+        with (copied / "shards-000002.tar").open("ab") as f:
+            f.write(b"\0" * 1024)  # a changed shard (longer) is indexed again
+        webdataset(urls, root=str(tmp_path))
+        assert caplog.text.count("indexing 3 shards") == 2
+
+
+@pytest.mark.parametrize(("urls", "why"), [
+    ("{dir}/shards-{{000000..000003}}.tar", "shard .*shards-000003.tar does not exist"),
+    ("https://example.com/shards-{{0..1}}.tar", "is not a local file"),
+    ("{dir}/broken.tar", "broken.tar is not a readable tar shard"),
+])
+def test_shards_that_cannot_be_read_are_one_line_naming_them(shards, tmp_path, urls, why):
+    from vae_cli.data.webdataset import webdataset
+
+    folder_of = Path(shards).parent
+    (tmp_path / "broken.tar").write_bytes(b"\x00garbage" * 100)
+    target = urls.format(dir=folder_of if "broken" not in urls else tmp_path)
+    with pytest.raises(UserError, match=why):
+        webdataset(target, root=str(tmp_path))
+
+
+def test_vae_shard_leaves_existing_shards_alone(photos, shards, tmp_path):
+    done = in_process("shard", str(photos), str(Path(shards).parent), cwd=tmp_path,
+                      check=False)
+    assert done.returncode == 2 and "already holds shards-*.tar" in done.stderr
+
+
+def test_two_processes_on_shards_take_the_step_of_one(shards, tmp_path):
+    """torchrun over the shards: each rank decodes its half of every global batch (its
+    own workers), and the two together take one process's step."""
+    from test_distributed import torchrun, weights
+
+    args = [*FOLDER, "dataset=webdataset", f'dataset.urls="{shards}"', *SPLIT,
+            "trainer.batch_size=16", "trainer.epochs=1", f"dataset.root={tmp_path}"]
+    torchrun(*args, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    in_process("train", *args, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -7,17 +7,12 @@ the disentanglement scores (eval.json). Printed as text, written as CSV and mark
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from vae_cli.commands.plain import Parser
 from vae_cli.errors import UserError
 from vae_cli.reports.comparison import build_table, find_runs, readable, render, write_tables
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through the dispatcher, not usage + exit
-        raise UserError(f"{message} (see vae compare --help)")
 
 
 def main(argv: list[str]) -> int:

@@ -39,6 +39,7 @@ commands:
   sample   samples and pictures      vae sample ckpt=<run>/checkpoints/best.pt num_samples=64
   export   safetensors or ONNX       vae export ckpt=<run>/checkpoints/best.pt format=onnx
   compare  one table over runs       vae compare multirun/<date>/<time> --sort test_nll
+  shard    images as WebDataset      vae shard photos/ shards/ --per-shard 1000
 
   vae <command> --help     the command's config groups and options
   vae train --cfg job      print the composed config without running
@@ -219,12 +220,13 @@ def run_command(argv: list[str]) -> int:
     finished = False
     raise_on_signals()
     try:
-        if command == "compare":  # reads finished runs: plain arguments, no Hydra app
-            from vae_cli.commands.compare import main as compare
-            return compare(args)
+        if command in ("compare", "shard"):  # plain arguments, no Hydra app
+            import importlib
+
+            return importlib.import_module(f"vae_cli.commands.{command}").main(args)
         if command not in ("train", "eval", "sample", "export"):
             raise UserError(f"unknown command {command!r}; expected one of train, eval, "
-                            "sample, export, compare (see vae --help)")
+                            "sample, export, compare, shard (see vae --help)")
         if command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from vae_cli.runtime import distributed  # torchrun: one group, one run folder
 
