@@ -156,6 +156,31 @@ def seeded_split(n: int, sizes: list[int], seed: int) -> list[torch.Tensor]:
     return list(torch.split(perm, sizes))
 
 
+def check_images_settings(channels: int, image_size: int, val_fraction: float,
+                          test_fraction: float) -> None:
+    """The keys a dataset of the user's own images shares (folder, webdataset)."""
+    if channels not in (1, 3):
+        raise UserError(f"dataset.channels={channels} must be 1 (grey) or 3 (RGB)")
+    if image_size < 4:
+        raise UserError(f"dataset.image_size={image_size} must be at least 4")
+    for key, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < v < 1:
+            raise UserError(f"dataset.{key}={v} must be a fraction in (0, 1)")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"dataset.val_fraction + dataset.test_fraction = "
+                        f"{val_fraction + test_fraction} leaves no training images")
+
+
+def three_way(n: int, val_fraction: float, test_fraction: float, seed: int,
+              holds: str) -> dict[str, torch.Tensor]:
+    """Seeded train/val/test index sets, val and test at least one example each."""
+    n_val, n_test = (max(1, round(n * f)) for f in (val_fraction, test_fraction))
+    if n - n_val - n_test < 1:
+        raise UserError(f"{holds}: too few to split into train, val and test (need at "
+                        "least 3)")
+    return dict(zip(SPLITS, seeded_split(n, [-1, n_val, n_test], seed), strict=True))
+
+
 def check_positive(**kwargs: int | float) -> None:
     for k, v in kwargs.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:

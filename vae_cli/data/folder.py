@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.data.base import SPLITS, ImageData, load_cache, seeded_split
+from vae_cli.data.base import (
+    ImageData,
+    check_images_settings,
+    load_cache,
+    three_way,
+)
 from vae_cli.data.stream import Decoder, streamed_data, streaming
 from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import save_cache
@@ -155,16 +160,7 @@ def folder(
 ) -> ImageData:
     if path is None:
         raise UserError("dataset=folder needs an image directory: set dataset.path=<dir>")
-    if channels not in (1, 3):
-        raise UserError(f"dataset.channels={channels} must be 1 (grey) or 3 (RGB)")
-    if image_size < 4:
-        raise UserError(f"dataset.image_size={image_size} must be at least 4")
-    for key, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 < v < 1:
-            raise UserError(f"dataset.{key}={v} must be a fraction in (0, 1)")
-    if val_fraction + test_fraction >= 1:
-        raise UserError(f"dataset.val_fraction + dataset.test_fraction = "
-                        f"{val_fraction + test_fraction} leaves no training images")
+    check_images_settings(channels, image_size, val_fraction, test_fraction)
     base = Path(path).expanduser()
     if not base.is_dir():
         raise UserError(f"dataset.path={path}: {base.absolute()} is not a directory")
@@ -173,33 +169,30 @@ def folder(
     if not files:
         raise UserError(f"no images ({', '.join(e[1:] for e in EXTENSIONS)}) found under "
                         f"{base.absolute()}")
-    n = len(files)
-    n_val, n_test = (max(1, round(n * f)) for f in (val_fraction, test_fraction))
-    if n - n_val - n_test < 1:
-        raise UserError(f"{base.absolute()} holds {n} images: too few to split into "
-                        f"train, val and test (need at least 3)")
-
-    split = seeded_split(n, [-1, n_val, n_test], split_seed)
+    split = three_way(len(files), val_fraction, test_fraction, split_seed,
+                      f"{base.absolute()} holds {len(files)} images")
     y = class_labels(base, files)
     if stream:
         loading = streaming(workers, prefetch, on_error, augment)
         source, decoder = Files(files, y), Decoder(channels, image_size)
-        return streamed_data("folder", source, dict(zip(SPLITS, split, strict=True)),
-                             decoder, loading, augment, y)
+        return streamed_data("folder", source, split, decoder, loading, augment, y)
+    images = decoded(base, files, root, channels, image_size, cache)
+    return ImageData(name="folder", **{s: images[idx] for s, idx in split.items()},
+                     labels={} if y is None else {s: y[idx] for s, idx in split.items()})
+
+
+def decoded(base: Path, files: list[Path], root: str, channels: int, image_size: int,
+            cache: bool) -> torch.Tensor:
+    """Every image decoded, from the cache when the files are unchanged."""
     stats = [(str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = {"v": CACHE_VERSION, "dir": str(base.resolve()), "files": stats, "c": channels,
            "size": image_size}
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     cache_path = Path(root).expanduser() / "folder" / f"folder_{digest}.pt"
     data = load_cache(cache_path) if cache else None
-    if data is None or "images" not in data or len(data["images"]) != n:
-        log.info("decoding %d images from %s", n, base)
+    if data is None or "images" not in data or len(data["images"]) != len(files):
+        log.info("decoding %d images from %s", len(files), base)
         data = {"images": _load(files, channels, image_size)}
         if cache:
             save_cache(cache_path, data, "the dataset cache", "continuing without it")
-    images = data["images"]
-    train_idx, val_idx, test_idx = split
-    labels = {} if y is None else {"train": y[train_idx], "val": y[val_idx],
-                                   "test": y[test_idx]}
-    return ImageData(name="folder", train=images[train_idx], val=images[val_idx],
-                     test=images[test_idx], labels=labels)
+    return data["images"]

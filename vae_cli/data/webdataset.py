@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.data.base import SPLITS, ImageData, load_cache, seeded_split
+from vae_cli.data.base import ImageData, check_images_settings, load_cache, three_way
 from vae_cli.data.stream import Decoder, streamed_data, streaming
 from vae_cli.errors import UserError, one_line
 from vae_cli.runtime.files import save_cache
@@ -59,12 +59,12 @@ class Shards:
         return None if self.cls is None else self.cls[i]
 
 
-def expand(urls: str | list[str]) -> list[Path]:
-    """A brace pattern (or a list of them) as the shard files it names, each checked."""
+def expand(urls: str) -> list[Path]:
+    """A brace pattern as the shard files it names, each checked (several sets of shards:
+    alternatives, ``{/a/s-{0..9}.tar,/b/s-{0..9}.tar}``)."""
     import braceexpand
 
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    names = [u for p in patterns for u in braceexpand.braceexpand(str(p))]
+    names = list(braceexpand.braceexpand(str(urls)))
     if not names:
         raise UserError("dataset.urls names no shards")
     remote = next((u for u in names if "://" in u or u.startswith("pipe:")), None)
@@ -133,7 +133,7 @@ def build_index(files: list[Path], root: str, cache: bool) -> tuple[dict, list[s
 
 
 def webdataset(
-    urls: str | list[str] | None = None,
+    urls: str | None = None,
     root: str = "data",
     channels: int = 3,
     image_size: int = 64,
@@ -149,23 +149,12 @@ def webdataset(
     if urls is None:
         raise UserError("dataset=webdataset needs its shards: dataset.urls="
                         "'/data/shards-{000000..000127}.tar'")
-    if channels not in (1, 3):
-        raise UserError(f"dataset.channels={channels} must be 1 (grey) or 3 (RGB)")
-    if image_size < 4:
-        raise UserError(f"dataset.image_size={image_size} must be at least 4")
-    for key, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 < v < 1:
-            raise UserError(f"dataset.{key}={v} must be a fraction in (0, 1)")
+    check_images_settings(channels, image_size, val_fraction, test_fraction)
     loading = streaming(workers, prefetch, on_error, augment)
     files = expand(urls)
     index, keys = build_index(files, root, cache)
     source = Shards([str(f) for f in files], index, keys)
-    n = len(source)
-    n_val, n_test = (max(1, round(n * f)) for f in (val_fraction, test_fraction))
-    if n - n_val - n_test < 1:
-        raise UserError(f"the shards hold {n} samples: too few to split into train, val "
-                        "and test (need at least 3)")
-    split = seeded_split(n, [-1, n_val, n_test], split_seed)
-    labels = index.get("cls")
-    return streamed_data("webdataset", source, dict(zip(SPLITS, split, strict=True)),
-                         Decoder(channels, image_size), loading, augment, labels)
+    split = three_way(len(source), val_fraction, test_fraction, split_seed,
+                      f"the shards hold {len(source)} samples")
+    return streamed_data("webdataset", source, split, Decoder(channels, image_size), loading,
+                         augment, index.get("cls"))
