@@ -261,7 +261,11 @@ def item_seed(seed: int | None, position: int) -> int:
 
 
 def _collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([image for image, _ in items]), [problem for _, problem in items]
+    """torch's own collation of the images: in a worker it stacks them straight into
+    shared memory, which the training process then reads without a copy."""
+    from torch.utils.data import default_collate
+
+    return default_collate([image for image, _ in items]), [problem for _, problem in items]
 
 
 def is_stream(x: object) -> bool:
