@@ -68,16 +68,28 @@ def _timeline(log: Path) -> tuple[list[float], float]:
     return [0.0, *epochs], seconds(lines[-1]) - setup
 
 
-def test_sigkills_at_random_moments_then_resume_match_an_uninterrupted_run(tmp_path):
+def streamed(tmp_path: Path) -> list[str]:
+    """KILLS' schedule on a streamed folder: 64 steps an epoch, augmented, two workers."""
+    from test_streaming import FOLDER, write_folder
+
+    photos = write_folder(tmp_path / "photos", n=640)
+    return [*FOLDER, f"dataset.path={photos}", "dataset.stream=true", "dataset.augment=true",
+            "trainer.epochs=6", "trainer.image_every=2"]
+
+
+@pytest.mark.parametrize("source", ["in memory", "streamed"])
+def test_sigkills_at_random_moments_then_resume_match_an_uninterrupted_run(tmp_path, source):
     """Twelve moments drawn over the whole uninterrupted run (training, validation, saves,
     pictures, the end alike), in order: each start is killed at the next one, counted in
     the run's own time from what it resumed. A start that finishes first completes its
     run (compared too), and the moments left go to a fresh one. Every start is a process of
     its own (killed by the kernel, its files as it left them), forked with the imports
-    done: kills land after set-up as before, 4 s sooner each."""
-    data = f"dataset.root={tmp_path / 'data'}"
+    done: kills land after set-up as before, 4 s sooner each. Streamed data too: its
+    DataLoader workers die with their process, and a resume decodes the same crops."""
+    settings = [*KILLS, f"dataset.root={tmp_path / 'data'}"] if source == "in memory" \
+        else streamed(tmp_path)
     full = tmp_path / "full"
-    Forked.run("train", *KILLS, data, f"hydra.run.dir={full}", cwd=tmp_path)
+    Forked.run("train", *settings, f"hydra.run.dir={full}", cwd=tmp_path)
     saved_at, end = _timeline(full / "train.log")
     rng = random.Random(0)
     moments = sorted(rng.uniform(0.0, end) for _ in range(12))
@@ -85,7 +97,7 @@ def test_sigkills_at_random_moments_then_resume_match_an_uninterrupted_run(tmp_p
     while moments:
         runs += 1
         run = tmp_path / f"cut{runs}"
-        args = ["train", *KILLS, data, f"hydra.run.dir={run}", "trainer.resume=auto"]
+        args = ["train", *settings, f"hydra.run.dir={run}", "trainer.resume=auto"]
         while moments:
             last = run / "checkpoints/last.pt"  # read back after every kill: never torn
             epoch = checkpoint.load(last)["state"]["epoch"] if last.exists() else 0

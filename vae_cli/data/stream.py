@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -228,7 +229,7 @@ class ImageStream:
                 persistent_workers=workers > 0, multiprocessing_context=worker_start(workers),
                 # its own generator: starting workers draws a seed, not from the global
                 # stream that the model's noise comes from
-                generator=torch.Generator())
+                generator=torch.Generator(), worker_init_fn=_worker_start)
         return self._loader
 
 
@@ -237,6 +238,22 @@ def worker_start(workers: int) -> str | None:
     milliseconds with the parent's imports (Python 3.14 made forkserver the default, whose
     fresh server imports torch again: seconds per start). Elsewhere the platform's own."""
     return "fork" if workers and sys.platform.startswith("linux") else None
+
+
+def _worker_start(_: int) -> None:
+    """A worker ends with the process it serves, at once, even one killed with SIGKILL
+    (Linux: the parent-death signal), and holds none of its folder locks, so a restarted
+    run finds its folder free."""
+    from vae_cli.runtime.files import forget_locks
+
+    forget_locks()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above
+            os._exit(0)
 
 
 class _Plan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -72,16 +73,31 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"{folder} is in use by another vae train; choose another "
                             "hydra.run.dir") from None
+        HELD.add(fd)
         yield
     finally:
+        HELD.discard(fd)
         os.close(fd)
+
+
+# The folder locks this process holds: a forked child (a DataLoader worker) closes its
+# copies, or a holder killed with SIGKILL would leave its lock to its orphaned children.
+HELD: set[int] = set()
+
+
+def forget_locks() -> None:
+    """In a forked child: close the inherited lock descriptors (the parent keeps its lock)."""
+    for fd in list(HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    HELD.clear()
 
 
 def write_text(path: str | Path, text: str) -> Path:
