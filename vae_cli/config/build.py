@@ -106,8 +106,10 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
     return objective.to(device).eval(), ckpt
 
 
-# The dataset keys that say where the data is, not what it is: a reader may move them.
-WHERE = ("root", "download", "path", "val_path", "test_path")
+# The dataset keys that say where the data is or how it is read, not what it is: a reader
+# may change them (a streamed split holds the same pixels as the in-memory one).
+WHERE = ("root", "download", "path", "val_path", "test_path", "urls", "stream", "workers",
+         "prefetch")
 
 
 def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device) -> Splits:
