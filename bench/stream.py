@@ -12,12 +12,12 @@ sides and taking medians over --repeats:
 - images/s of the in-memory path at the same size (batches cut from the uint8 tensor);
 - the training step not starved: seconds per epoch of `vae train model=conv` on the folder
   in memory and streamed (2 workers), the same run otherwise;
-- --rss: resident memory (the process and its workers) at the start and the end of a
-  streamed epoch over the whole folder (use a folder bigger than a memory budget: e.g.
-  --images 20000 --size 256).
+- --rss: memory (PSS: the process and its workers, shared pages counted once) at the first
+  batch and after each of two streamed epochs over the whole folder (a folder whose decoded
+  size is far over it: --images 20000 --image-size 256 decodes to 3.8 GB).
 
     python bench/stream.py                          # 2000 images at 256 px -> 64 px
-    python bench/stream.py --images 20000 --rss     # memory stays flat
+    python bench/stream.py --images 20000 --image-size 256 --rss   # memory stays flat
 """
 
 from __future__ import annotations
@@ -88,18 +88,19 @@ def bare_epoch(loader) -> float:
     return n / (time.perf_counter() - start)
 
 
-def rss_mib() -> float:
-    """Resident memory of this process and its children (the DataLoader workers)."""
+def pss_mib() -> float:
+    """Proportional resident memory of this process and its children (the DataLoader
+    workers): shared pages (copy-on-write, shared-memory batches) counted once overall."""
     me, total = os.getpid(), 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if pid == me or ppid == me:
+                rollup = (stat.parent / "smaps_rollup").read_text()
+                total += int(rollup.split("Pss:")[1].split()[0])
+        except (OSError, IndexError, ValueError):
             continue
-        pid = int(stat.parent.name)
-        if pid == me or int(fields[1]) == me:
-            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    return total / 2**20
+    return total / 1024
 
 
 def throughput(path: Path, args) -> None:
@@ -144,21 +145,22 @@ def epoch_seconds(path: Path, stream: bool, args) -> float:
 
 
 def memory(path: Path, args) -> None:
+    """Memory at the start of a streamed epoch (workers running), at its end, and at the
+    end of a second: flat means bounded by the prefetch, not by the folder."""
     x = folder(str(path), image_size=args.image_size, stream=True, workers=2,
                val_fraction=0.01, test_fraction=0.01).train
-    batches = shuffled(x, args.batch, torch.Generator().manual_seed(1))
-    next(batches)
-    start = rss_mib()
-    n, peak = args.batch, start
-    for i, (b, _) in enumerate(batches):
-        n += len(b)
-        if i % 20 == 0:
-            peak = max(peak, rss_mib())
-    end = rss_mib()
-    size = sum(f.stat().st_size for f in path.rglob("*.*")) / 2**20
-    print(f"| streamed epoch over {n} images ({size:.0f} MiB of files, "
-          f"{n * 3 * args.image_size ** 2 / 2**20:.0f} MiB decoded) | RSS start {start:.0f} "
-          f"MiB | end {end:.0f} MiB | peak {peak:.0f} MiB |")
+    order, marks, n = torch.Generator().manual_seed(1), [], 0
+    for _ in range(2):
+        for b, _ in shuffled(x, args.batch, order):
+            if not marks:
+                marks.append(pss_mib())  # the first batch: workers started and prefetching
+            n += len(b)
+        marks.append(pss_mib())
+    files = sum(f.stat().st_size for f in path.rglob("*.*")) / 2**20
+    decoded = len(x) * 3 * args.image_size ** 2 / 2**20
+    print(f"| streamed {n // 2} images an epoch at {args.image_size} px ({files:.0f} MiB of "
+          f"files, {decoded:.0f} MiB decoded) | PSS at the first batch {marks[0]:.0f} MiB | "
+          f"after epoch 1 {marks[1]:.0f} MiB | after epoch 2 {marks[2]:.0f} MiB |")
 
 
 def main() -> None:
