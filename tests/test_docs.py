@@ -206,8 +206,8 @@ def test_the_readme_shows_the_test_command_ci_runs():
 def hydra_command(command: str) -> tuple[str, list[str]] | None:
     """The `vae` subcommand and overrides a shell line runs, when it runs one."""
     words = shlex.split(re.sub(r"<[^>]*>", "x", command))
-    if words[0] == "vae":
-        return words[1], words[2:]
+    if words[0] == "vae":  # compare and shard take plain arguments: no config to compose
+        return None if words[1] in ("compare", "shard") else (words[1], words[2:])
     if "vae_cli" in words:  # torchrun ... -m vae_cli train ...
         at = words.index("vae_cli")
         return words[at + 1], words[at + 2:]
