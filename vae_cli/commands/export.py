@@ -1,6 +1,6 @@
-"""`vae export ckpt=... format=safetensors|onnx`: the model as files another program loads,
-with a model card (README.md), in a folder `huggingface_hub.upload_folder` takes as it is
-(pushing it is the user's step). Default folder: <run>/export/<format>/."""
+"""`vae export ckpt=... format=safetensors|onnx|diffusers`: the model as files another
+program loads, with a model card (README.md), in a folder `huggingface_hub.upload_folder`
+takes as it is (pushing it is the user's step). Default folder: <run>/export/<format>/."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def run(cfg: DictConfig) -> Path:
         from vae_cli.export.onnx_graphs import require_onnx
 
         require_onnx()  # before the checkpoint is read: a missing extra is known at once
+    elif cfg.format == "diffusers":
+        from vae_cli.nets.ldm import require_diffusers
+
+        require_diffusers()
     else:
         require_safetensors()
     objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
@@ -46,6 +50,16 @@ def run(cfg: DictConfig) -> Path:
                  f"(the graphs were traced with another size), max |difference| {checked}.",
                  ""]
         print(f"onnxruntime matches PyTorch: max |difference| {checked}")
+    elif cfg.format == "diffusers":
+        from vae_cli.export.diffusers_format import CHECK_BATCH, write_diffusers
+
+        names, diff = write_diffusers(src, out_dir)
+        files = {name: "" for name in names}
+        notes = [f"Checked at export: diffusers.AutoencoderKL.from_pretrained of this folder "
+                 f"decodes {CHECK_BATCH} latents drawn from N(0, I) to vae's images, max "
+                 f"|difference| {diff:.2g} (pixels in [0, 1]). It reads and writes images "
+                 "in [-1, 1], as every diffusers VAE does.", ""]
+        print(f"diffusers matches vae: max |difference| {diff:.2g}")
     else:
         files = write_safetensors(src, out_dir)
     card = write_card(src, cfg.format, files, run_dir, out_dir, notes)

@@ -60,9 +60,9 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
 
 
 def latent_dim(family: Posterior, nets: Networks, width: int) -> int:
-    """The size of z that divergences and schedules see: a spatial family's map flattened
-    [D x H x W]; model=hvae's z = [z1, z2]."""
-    if family.spatial and nets.grid is not None:
+    """The size of z that divergences and schedules see: a latent map (posterior=vq's codes,
+    model=ldm's Gaussian map) flattened [D x H x W]; model=hvae's z = [z1, z2]."""
+    if nets.grid is not None:
         return width * nets.grid[0] * nets.grid[1]
     if nets.hierarchy is not None:
         return nets.hierarchy.latent_dim + nets.hierarchy.top_dim

@@ -160,7 +160,7 @@ class ExportCommand:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-EXPORT_FORMATS = ("safetensors", "onnx")
+EXPORT_FORMATS = ("safetensors", "onnx", "diffusers")
 SPLITS = ("train", "val", "test")
 
 

@@ -132,7 +132,23 @@ z = np.random.randn(8, __LATENT__).astype(np.float32)  # __PRIOR__
 samples = decoder.run(["mean"], {"z": z})[0]  # 8 images in [0, 1]'''
 
 
+DIFFUSERS_SNIPPET = '''import torch
+from diffusers import AutoencoderKL
+
+vae = AutoencoderKL.from_pretrained(".")  # this folder, or its hub repository
+x = torch.rand(4, __SHAPE__) * 2 - 1  # images scaled to [-1, 1], as every diffusers VAE reads
+z = vae.encode(x).latent_dist.sample()  # [4, __GRID__]
+images = (vae.decode(z).sample + 1) / 2  # back to [0, 1]'''
+
+
 def load_section(src: Exported, fmt: str) -> list[str]:
+    if fmt == "diffusers":
+        grid = ", ".join(str(n) for n in src.model.decoder.grid)
+        code = (DIFFUSERS_SNIPPET.replace("__SHAPE__", ", ".join(str(n) for n in src.shape))
+                .replace("__GRID__", grid))
+        return ["## How to load", "", "With diffusers alone (`pip install diffusers`): an "
+                "AutoencoderKL, as the latent-diffusion pipelines load theirs:", "",
+                "```python", code, "```"]
     if fmt == "onnx":
         prior = ("samples of the prior N(0, I)" if src.components.get("prior") == "normal"
                  else "N(0, I) codes; the learned prior itself is in format=safetensors")

@@ -1,0 +1,69 @@
+"""`vae export format=diffusers`: a model=ldm run as the folder
+``diffusers.AutoencoderKL.from_pretrained`` loads (config.json and
+diffusion_pytorch_model.safetensors), checked at export: the folder is loaded back with
+diffusers and decodes the same latents to the same images as vae's decoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vae_cli.errors import UserError
+from vae_cli.export.weights import Exported
+
+# vae's module names -> AutoencoderKL's (nets/ldm.py holds diffusers' own modules)
+RENAMES = (("encoder.encoder.", "encoder."), ("encoder.quant_conv.", "quant_conv."),
+           ("decoder.post_quant_conv.", "post_quant_conv."), ("decoder.decoder.", "decoder."))
+CHECK_BATCH = 3
+
+
+def autoencoder_state(src: Exported) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The AutoencoderKL config and state dict of a model=ldm run."""
+    from vae_cli.nets.ldm import LDMDecoder
+
+    decoder = src.model.decoder
+    if not isinstance(decoder, LDMDecoder):
+        raise UserError(f"format=diffusers exports model=ldm runs (an AutoencoderKL); this "
+                        f"run is model={src.components.get('model')}: use format=safetensors")
+    config = dict(decoder.config)
+    if config["out_channels"] != config["in_channels"]:
+        raise UserError(f"format=diffusers needs a decoder that outputs the image; "
+                        f"loss={src.components.get('loss')} outputs "
+                        f"{config['out_channels'] // config['in_channels']} parameters per "
+                        "channel: train with loss=laplace, gaussian or mse")
+    state = {}
+    for name, tensor in src.model.state_dict().items():
+        for ours, theirs in RENAMES:
+            if name.startswith(ours):
+                state[theirs + name[len(ours):]] = tensor.detach().cpu()
+    return config, state
+
+
+def write_diffusers(src: Exported, out_dir: Path) -> tuple[list[str], float]:
+    """The folder's files and the largest difference, in [0, 1] pixel units, between vae's
+    decoding of random latents and the reloaded AutoencoderKL's."""
+    from vae_cli.nets.ldm import require_diffusers
+
+    diffusers = require_diffusers()
+    config, state = autoencoder_state(src)
+    ae = diffusers.AutoencoderKL(**config)
+    ae.load_state_dict(state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ae.save_pretrained(str(out_dir), safe_serialization=True)
+    return ["config.json", "diffusion_pytorch_model.safetensors"], agreement(src, out_dir)
+
+
+@torch.no_grad()
+def agreement(src: Exported, folder: Path) -> float:
+    """max |vae's image - diffusers' image| over CHECK_BATCH latents drawn from N(0, I)."""
+    from vae_cli.nets.ldm import require_diffusers
+
+    loaded = require_diffusers().AutoencoderKL.from_pretrained(str(folder)).eval()
+    model = src.model.eval()
+    device = next(model.parameters()).device
+    z = torch.randn(CHECK_BATCH, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    ours = model.decoder(z.to(device)).cpu()
+    grid = model.decoder.grid
+    theirs = (loaded.decode(z.view(CHECK_BATCH, *grid)).sample + 1) / 2
+    return float((ours - theirs).abs().max())
