@@ -20,6 +20,7 @@ from vae_cli.evaluation.diagnostics import encode_all, mean_encoder, posterior_s
 from vae_cli.evaluation.disentanglement.suite import Intervention, score
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.evaluation.features import extractor
+from vae_cli.evaluation.fidelity import fidelity
 from vae_cli.evaluation.frechet import fd_score
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.objective.model import VAE
@@ -81,6 +82,8 @@ def run(cfg: DictConfig) -> dict:
               **evaluate(objective, x, batch, labels=labels)}
     if e.iw_samples:
         result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch, labels))
+    if not model.autoregressive:  # images: PSNR and SSIM of the reconstructions
+        result.update(fidelity(model, x, batch, labels))
     encoded = encode_all(model, x, batch, labels)
     result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:

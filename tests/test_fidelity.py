@@ -1,0 +1,45 @@
+"""PSNR and SSIM of reconstructions, against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vae_cli.evaluation.fidelity import gaussian_window, psnr, ssim
+
+
+def test_psnr_is_ten_log10_of_one_over_the_mse():
+    a = torch.rand(2, 3, 8, 8) * 0.8
+    assert psnr(a, a + 0.1).tolist() == pytest.approx([20.0, 20.0])  # MSE 0.01
+    b = a.clone()
+    b[1, 0, 0, 0] += 0.5  # one pixel of 192 off by 0.5: MSE 0.25 / 192
+    assert psnr(a, b)[1].item() == pytest.approx(10 * math.log10(192 / 0.25))
+    assert psnr(a, a)[0].item() == math.inf
+
+
+def test_ssim_of_flat_images_is_the_luminance_term_and_one_for_identical_images():
+    """For constant images u and v the variances and covariance vanish: SSIM =
+    (2uv + C1) / (u^2 + v^2 + C1)."""
+    u, v = 0.3, 0.7
+    a, b = torch.full((1, 1, 16, 16), u), torch.full((1, 1, 16, 16), v)
+    c1 = 0.01**2
+    assert ssim(a, b).item() == pytest.approx((2 * u * v + c1) / (u * u + v * v + c1))
+    x = torch.rand(2, 3, 24, 24)
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_ssim_falls_as_a_blur_grows_and_the_window_is_a_normalised_gaussian():
+    w = gaussian_window()
+    assert w.shape == (11, 11) and w.sum().item() == pytest.approx(1.0)
+    assert w[5, 5] == w.max() and torch.allclose(w, w.T)
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 32, 32)
+    scores = []
+    for k in (1, 3, 5, 9):  # box blurs of growing size
+        blurred = torch.nn.functional.avg_pool2d(x, k, stride=1, padding=k // 2,
+                                                 count_include_pad=False)
+        scores.append(ssim(x, blurred).item())
+    assert scores[0] == pytest.approx(1.0) and scores == sorted(scores, reverse=True)
+    assert scores[-1] < 0.5
