@@ -43,3 +43,57 @@ def test_ssim_falls_as_a_blur_grows_and_the_window_is_a_normalised_gaussian():
         scores.append(ssim(x, blurred).item())
     assert scores[0] == pytest.approx(1.0) and scores == sorted(scores, reverse=True)
     assert scores[-1] < 0.5
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory):
+    """An LPIPS(VGG) state dict written through the loader a user's machine runs: the lpips
+    package's own learned heads, on a VGG16 trunk without ImageNet weights (no download)."""
+    lpips = pytest.importorskip("lpips")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_lpips_of_identical_images_is_zero_and_grows_with_a_blur(lpips_file):
+    from vae_cli.evaluation.perceptual import lpips_distance, lpips_network
+
+    net = lpips_network(str(lpips_file))
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    assert lpips_distance(net, x, x).tolist() == [0.0, 0.0]
+    grey = torch.rand(2, 1, 32, 32)  # grey images are compared as RGB
+    assert lpips_distance(net, grey, grey).shape == (2,)
+    d = [lpips_distance(net, x, torch.nn.functional.avg_pool2d(
+        x, k, stride=1, padding=k // 2, count_include_pad=False)).mean().item()
+         for k in (3, 5, 9)]
+    assert 0 < d[0] < d[1] < d[2]
+
+
+def test_lpips_weights_that_are_not_an_lpips_state_dict_are_one_line(tmp_path, lpips_file):
+    from vae_cli.errors import UserError
+    from vae_cli.evaluation.perceptual import lpips_network
+
+    with pytest.raises(UserError, match="do not exist"):
+        lpips_network(str(tmp_path / "none.pt"))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"other\.pt is not an LPIPS\(VGG\) state dict"):
+        lpips_network(str(tmp_path / "other.pt"))
+
+
+def test_vae_eval_reports_psnr_ssim_and_lpips_of_the_reconstructions(finished_run, tmp_path,
+                                                                    lpips_file):
+    import json
+
+    from hostile import in_process
+
+    in_process("eval", f"ckpt={finished_run / 'checkpoints/last.pt'}", "eval.iw_samples=0",
+               "fd.samples=0", "eval.disentanglement.metrics=[mig]",
+               f"eval.lpips={lpips_file}", f"out_dir={tmp_path}", cwd=tmp_path)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 < result["psnr"] < 100 and 0 < result["ssim"] < 1 and result["lpips"] > 0

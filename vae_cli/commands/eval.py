@@ -83,7 +83,7 @@ def run(cfg: DictConfig) -> dict:
     if e.iw_samples:
         result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch, labels))
     if not model.autoregressive:  # images: PSNR and SSIM of the reconstructions
-        result.update(fidelity(model, x, batch, labels))
+        result.update(fidelity(model, x, batch, labels, e.lpips))
     encoded = encode_all(model, x, batch, labels)
     result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:

@@ -97,6 +97,7 @@ class EvalConfig:
     iw_batch: int = 2048
     mig_bins: int = 20
     max_examples: int | None = None
+    lpips: str | None = None  # torchvision | an LPIPS state dict file: LPIPS of reconstructions
     disentanglement: DisentanglementConfig = dataclasses.field(
         default_factory=DisentanglementConfig)
 
@@ -318,6 +319,8 @@ def validate_eval(cfg: DictConfig) -> DictConfig:
         raise UserError(f"eval.iw_samples={e.iw_samples!r} must be >= 0 (0 skips the bound)")
     if e.max_examples is not None:
         positive(eval__max_examples=e.max_examples)
+    if e.lpips not in (None, "torchvision") and not Path(e.lpips).expanduser().is_file():
+        raise UserError(f"eval.lpips={e.lpips} is neither torchvision nor a file")
     check_disentanglement(e.disentanglement)
     return cfg
 

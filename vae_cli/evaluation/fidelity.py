@@ -58,16 +58,26 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fidelity(model: VAE, x: torch.Tensor, batch_size: int,
-             labels: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean PSNR and SSIM of the reconstructions of a split (image models)."""
+             labels: torch.Tensor | None = None, lpips: str | None = None
+             ) -> dict[str, float]:
+    """Mean PSNR and SSIM of the reconstructions of a split (image models), and LPIPS
+    with the ``lpips`` weights when given (evaluation.perceptual)."""
+    net = None
+    if lpips is not None:
+        from vae_cli.evaluation.perceptual import lpips_distance, lpips_network
+
+        net = lpips_network(lpips).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    p, s, n = 0.0, 0.0, 0
+    sums, n = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}, 0
     for xb, yb in labelled(x, labels, batch_size):
         r = model.reconstruct(xb, yb).clamp(0, 1)
-        values = psnr(r, xb)
-        p += float(values.clamp(max=100).sum())  # an exact copy counts as 100 dB, not inf
-        s += float(ssim(r, xb).sum())
+        sums["psnr"] += float(psnr(r, xb).clamp(max=100).sum())  # a copy: 100 dB, not inf
+        sums["ssim"] += float(ssim(r, xb).sum())
+        if net is not None:
+            sums["lpips"] += float(lpips_distance(net, r, xb).sum())
         n += len(xb)
     model.train(was_training)
-    return {"psnr": p / n if n else math.nan, "ssim": s / n if n else math.nan}
+    if net is None:
+        del sums["lpips"]
+    return {k: v / n if n else math.nan for k, v in sums.items()}
