@@ -178,9 +178,23 @@ def run_hydra(command: str, args: list[str], full_error: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`vae <command> [overrides]`: the exit code. A caller in the same process (a
     notebook, a test) gets its process back as it was (``as_found``)."""
+    entry = argv is None  # the process's own command, not a caller's in-process one
     argv = list(sys.argv[1:] if argv is None else argv)
     with as_found():
-        return run_command(argv)
+        code = run_command(argv)
+    if entry and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave(code)
+    return code
+
+
+def leave(code: int) -> None:
+    """End a torchrun worker without the interpreter's teardown, its files flushed: gloo's
+    threads can abort that teardown in C++ ("terminate called without an active
+    exception", exit -6) after a run that finished and left its group."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
