@@ -108,6 +108,21 @@ def test_export_format_diffusers_is_an_autoencoderkl_decoding_the_same_images(ld
         assert torch.equal(model.posterior(x).mean, ae.encode(x * 2 - 1).latent_dist.mean
                            .flatten(1))
     assert "AutoencoderKL.from_pretrained" in (out / "README.md").read_text()
+    # the latents' scale, measured: 1 / std of diffusers' own posterior samples of the
+    # training images (independent noise: to within sampling error)
+    from vae_cli.config.build import load_data
+    from vae_cli.runtime import checkpoint
+
+    train = load_data(checkpoint.load(ldm_run / "checkpoints/best.pt"), None,
+                      torch.device("cpu")).train.float() / 255
+    torch.manual_seed(5)
+    with torch.no_grad():
+        theirs = 1 / ae.encode(train * 2 - 1).latent_dist.sample().std()
+    assert ae.config["scaling_factor"] == pytest.approx(float(theirs), rel=0.03)
+    given = tmp_path / "given"
+    in_process("export", f"ckpt={ldm_run / 'checkpoints/best.pt'}", "format=diffusers",
+               "scaling_factor=0.5", f"out_dir={given}", cwd=tmp_path)
+    assert json.loads((given / "config.json").read_text())["scaling_factor"] == 0.5
 
 
 def test_another_model_is_refused_by_format_diffusers(finished_run, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from vae_cli.config.build import load_trained
@@ -15,6 +16,33 @@ from vae_cli.export.card import write_card
 from vae_cli.export.weights import Exported, require_safetensors, write_safetensors
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.run_folder import RunFolder
+
+
+def diffusers_files(src: Exported, cfg: DictConfig, ckpt: dict, out_dir: Path
+                    ) -> tuple[dict[str, str], list[str]]:
+    """format=diffusers: the folder, with the scaling factor given or measured on the
+    checkpoint's training data; the card's note on its check."""
+    from vae_cli.config.build import load_data
+    from vae_cli.export.diffusers_format import (
+        CHECK_BATCH,
+        SCALE_IMAGES,
+        measured_scale,
+        write_diffusers,
+    )
+
+    scale, source = cfg.scaling_factor, "given at export"
+    if scale is None:
+        data = load_data(ckpt, cfg.dataset, torch.device("cpu"))
+        scale = measured_scale(src, data.train)
+        source = (f"1 / the standard deviation of posterior samples of the first "
+                  f"{SCALE_IMAGES} training images, as latent diffusion measured its own")
+    names, diff = write_diffusers(src, out_dir, float(scale))
+    print(f"diffusers matches vae: max |difference| {diff:.2g}; scaling_factor {scale:.5g}")
+    return {name: "" for name in names}, [
+        f"Checked at export: diffusers.AutoencoderKL.from_pretrained of this folder decodes "
+        f"{CHECK_BATCH} latents drawn from N(0, I) to vae's images, max |difference| "
+        f"{diff:.2g} (pixels in [0, 1]). It reads and writes images in [-1, 1], as every "
+        f"diffusers VAE does. scaling_factor {scale:.5g}: {source}.", ""]
 
 
 def run(cfg: DictConfig) -> Path:
@@ -51,15 +79,7 @@ def run(cfg: DictConfig) -> Path:
                  ""]
         print(f"onnxruntime matches PyTorch: max |difference| {checked}")
     elif cfg.format == "diffusers":
-        from vae_cli.export.diffusers_format import CHECK_BATCH, write_diffusers
-
-        names, diff = write_diffusers(src, out_dir)
-        files = {name: "" for name in names}
-        notes = [f"Checked at export: diffusers.AutoencoderKL.from_pretrained of this folder "
-                 f"decodes {CHECK_BATCH} latents drawn from N(0, I) to vae's images, max "
-                 f"|difference| {diff:.2g} (pixels in [0, 1]). It reads and writes images "
-                 "in [-1, 1], as every diffusers VAE does.", ""]
-        print(f"diffusers matches vae: max |difference| {diff:.2g}")
+        files, notes = diffusers_files(src, cfg, ckpt, out_dir)
     else:
         files = write_safetensors(src, out_dir)
     card = write_card(src, cfg.format, files, run_dir, out_dir, notes)

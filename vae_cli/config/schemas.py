@@ -158,6 +158,8 @@ class ExportCommand:
     format: str = "safetensors"
     out_dir: str | None = None
     device: str = "cpu"
+    scaling_factor: float | None = None  # format=diffusers: None measures it on the data
+    dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -367,4 +369,7 @@ def validate_export(cfg: DictConfig) -> DictConfig:
         raise UserError(f"format={cfg.format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     check_out_dir(cfg.out_dir, cfg.ckpt)
     check_device("device", cfg.device)
+    if cfg.scaling_factor is not None and not (_number(cfg.scaling_factor)
+                                               and cfg.scaling_factor > 0):
+        raise UserError(f"scaling_factor={cfg.scaling_factor} must be a number > 0 or null")
     return cfg

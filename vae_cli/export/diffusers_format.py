@@ -16,6 +16,7 @@ from vae_cli.export.weights import Exported
 RENAMES = (("encoder.encoder.", "encoder."), ("encoder.quant_conv.", "quant_conv."),
            ("decoder.post_quant_conv.", "post_quant_conv."), ("decoder.decoder.", "decoder."))
 CHECK_BATCH = 3
+SCALE_IMAGES = 1000  # training images whose latents measure the scaling factor
 
 
 def autoencoder_state(src: Exported) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -40,14 +41,32 @@ def autoencoder_state(src: Exported) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def write_diffusers(src: Exported, out_dir: Path) -> tuple[list[str], float]:
+@torch.no_grad()
+def measured_scale(src: Exported, x: torch.Tensor, n: int = SCALE_IMAGES) -> float:
+    """1 / the standard deviation of posterior samples of the first ``n`` images: the
+    ``scaling_factor`` latent diffusion multiplies its latents by (Rombach et al. 2022
+    measured it on a batch of their data), seeded."""
+    from vae_cli.data.batching import ordered
+
+    model = src.model.eval()
+    device = next(model.parameters()).device
+    gen, draws = torch.Generator().manual_seed(0), []
+    for xb in ordered(x[:n], 100):
+        q = model.posterior(xb.to(device))
+        noise = torch.randn(q.mean.shape, generator=gen).to(device)
+        draws.append((q.mean + q.stddev * noise).flatten())
+    return float(1 / torch.cat(draws).std())
+
+
+def write_diffusers(src: Exported, out_dir: Path, scaling_factor: float
+                    ) -> tuple[list[str], float]:
     """The folder's files and the largest difference, in [0, 1] pixel units, between vae's
     decoding of random latents and the reloaded AutoencoderKL's."""
     from vae_cli.nets.ldm import require_diffusers
 
     diffusers = require_diffusers()
     config, state = autoencoder_state(src)
-    ae = diffusers.AutoencoderKL(**config)
+    ae = diffusers.AutoencoderKL(**config, scaling_factor=scaling_factor)
     ae.load_state_dict(state)
     out_dir.mkdir(parents=True, exist_ok=True)
     ae.save_pretrained(str(out_dir), safe_serialization=True)
