@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> Path:
 
         require_onnx()  # before the checkpoint is read: a missing extra is known at once
     elif cfg.format == "diffusers":
-        from vae_cli.nets.ldm import require_diffusers
+        from vae_cli.export.diffusers_format import require_diffusers
 
         require_diffusers()
     else:

@@ -11,6 +11,7 @@ import torch
 
 from vae_cli.errors import UserError
 from vae_cli.export.weights import Exported
+from vae_cli.nets.ldm import require_diffusers
 
 # vae's module names -> AutoencoderKL's (nets/ldm.py holds diffusers' own modules)
 RENAMES = (("encoder.encoder.", "encoder."), ("encoder.quant_conv.", "quant_conv."),
@@ -46,13 +47,12 @@ def measured_scale(src: Exported, x: torch.Tensor, n: int = SCALE_IMAGES) -> flo
     """1 / the standard deviation of posterior samples of the first ``n`` images: the
     ``scaling_factor`` latent diffusion multiplies its latents by (Rombach et al. 2022
     measured it on a batch of their data), seeded."""
-    from vae_cli.data.batching import ordered
-
     model = src.model.eval()
     device = next(model.parameters()).device
     gen, draws = torch.Generator().manual_seed(0), []
-    for xb in ordered(x[:n], 100):
-        q = model.posterior(xb.to(device))
+    for i in range(0, min(n, len(x)), 100):
+        xb = x[i:min(i + 100, n)].to(device).float() / 255  # uint8 images, held or streamed
+        q = model.posterior(xb)
         noise = torch.randn(q.mean.shape, generator=gen).to(device)
         draws.append((q.mean + q.stddev * noise).flatten())
     return float(1 / torch.cat(draws).std())
@@ -62,8 +62,6 @@ def write_diffusers(src: Exported, out_dir: Path, scaling_factor: float
                     ) -> tuple[list[str], float]:
     """The folder's files and the largest difference, in [0, 1] pixel units, between vae's
     decoding of random latents and the reloaded AutoencoderKL's."""
-    from vae_cli.nets.ldm import require_diffusers
-
     diffusers = require_diffusers()
     config, state = autoencoder_state(src)
     ae = diffusers.AutoencoderKL(**config, scaling_factor=scaling_factor)
@@ -76,8 +74,6 @@ def write_diffusers(src: Exported, out_dir: Path, scaling_factor: float
 @torch.no_grad()
 def agreement(src: Exported, folder: Path) -> float:
     """max |vae's image - diffusers' image| over CHECK_BATCH latents drawn from N(0, I)."""
-    from vae_cli.nets.ldm import require_diffusers
-
     loaded = require_diffusers().AutoencoderKL.from_pretrained(str(folder)).eval()
     model = src.model.eval()
     device = next(model.parameters()).device
