@@ -93,7 +93,40 @@ def test_vae_eval_reports_psnr_ssim_and_lpips_of_the_reconstructions(finished_ru
     from hostile import in_process
 
     in_process("eval", f"ckpt={finished_run / 'checkpoints/last.pt'}", "eval.iw_samples=0",
-               "fd.samples=0", "eval.disentanglement.metrics=[mig]",
+               "fd.samples=32", "fd.epochs=1", "eval.disentanglement.metrics=[mig]",
                f"eval.lpips={lpips_file}", f"out_dir={tmp_path}", cwd=tmp_path)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert 0 < result["psnr"] < 100 and 0 < result["ssim"] < 1 and result["lpips"] > 0
+    # the reconstructions' distance (rFID's form) beside the samples', on the same features
+    assert result["rfd_shapes_features"] > 0 and result["fd_shapes_features"] > 0
+
+
+def test_pytorch_fids_inception_is_loaded_from_a_users_file_through_its_own_loader(
+        tmp_path):
+    """A weights file of pytorch-fid's FID Inception (here with untrained weights, written
+    from pytorch-fid's own architecture) is what fd.model=pytorch_fid reads: the features
+    are 2048-d pool3 activations, and a foreign file is one line."""
+    inception = pytest.importorskip("pytorch_fid.inception")
+    from vae_cli.errors import UserError
+    from vae_cli.evaluation.features import pytorch_fid_extractor
+
+    # the architecture of pytorch-fid's fid_inception_v3, from its own parts (no download)
+    net = inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = inception.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = inception.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = inception.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = inception.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = inception.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = inception.FIDInceptionE_1(1280)
+    net.Mixed_7c = inception.FIDInceptionE_2(2048)
+    torch.save(net.state_dict(), tmp_path / "fid.pth")
+    features = pytorch_fid_extractor(str(tmp_path / "fid.pth"), torch.device("cpu"))
+    x = torch.rand(3, 1, 32, 32)
+    f = features.features(x)
+    assert f.shape == (3, 2048) and features.key == "fd_inception_features"
+    assert torch.equal(f, features.features(x))  # eval mode: deterministic
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="is not pytorch-fid's FID Inception"):
+        pytorch_fid_extractor(str(tmp_path / "other.pth"), torch.device("cpu"))

@@ -21,7 +21,7 @@ from vae_cli.evaluation.disentanglement.suite import Intervention, score
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.evaluation.features import extractor
 from vae_cli.evaluation.fidelity import fidelity
-from vae_cli.evaluation.frechet import fd_score
+from vae_cli.evaluation.frechet import fd_score, reconstruction_fd
 from vae_cli.evaluation.likelihood import iwae_bound
 from vae_cli.objective.model import VAE
 from vae_cli.reports.tables import table
@@ -99,18 +99,22 @@ def run(cfg: DictConfig) -> dict:
         result.update({f"nll_iwae_{sampler.name}": bound["nll_iwae"],
                        f"bpd_iwae_{sampler.name}": bound.get("bpd_iwae")})
     if fd:
-        result.update(frechet(cfg, model, data, x, sampler, ckpt))
+        result.update(frechet(cfg, model, data, x, sampler, ckpt, labels))
     path = write_eval(RunFolder(out_dir).eval_json(e.split), result)
     print(table(result))
     log.info("wrote %s", path)
     return result
 
 
-def frechet(cfg: DictConfig, model, data, x: torch.Tensor, sampler, ckpt: dict) -> dict:
+def frechet(cfg: DictConfig, model, data, x: torch.Tensor, sampler, ckpt: dict,
+            labels: torch.Tensor | None) -> dict:
     """The Fréchet distance of fd.samples draws of the chosen (fitted) sampler to the
-    evaluated images."""
+    evaluated images, and of those images' reconstructions (given their ``labels``, for a
+    conditional model) to them: an autoencoder's rFID."""
     torch.manual_seed(cfg.seed)
-    labels = data.labels_for("train", model.conditional)
-    return fd_score(model, sampler, x[: cfg.fd.samples],
-                    extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset)),
-                    cfg.fd.samples, cfg.eval.batch_size, labels)
+    features = extractor(cfg.fd, data, dataset_root(ckpt, cfg.dataset))
+    real, n, batch = x[: cfg.fd.samples], cfg.fd.samples, cfg.eval.batch_size
+    result = fd_score(model, sampler, real, features, n, batch,
+                      data.labels_for("train", model.conditional))
+    return {**result, **reconstruction_fd(model, real, features, batch,
+                                          None if labels is None else labels[:n])}

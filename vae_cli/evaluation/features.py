@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -230,10 +231,52 @@ def cut_last_linear(model: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
 
 
+PYTORCH_FID = "pytorch_fid"
+
+
+def pytorch_fid_extractor(weights: str, device: torch.device) -> Extractor:
+    """pytorch-fid's FID Inception (pool3, 2048-d), its weights read from the user's copy of
+    the file pytorch-fid downloads (pt_inception-2015-12-05-*.pth) through pytorch-fid's
+    own loader: the file is offered to torch.hub's cache under the name it looks for, so
+    the numbers are pytorch-fid's."""
+    import tempfile
+
+    try:
+        from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+    except ImportError:
+        raise UserError("fd.model=pytorch_fid needs the pytorch-fid package: pip install "
+                        "pytorch-fid") from None
+    hub, before = tempfile.mkdtemp(prefix="vae-fid-"), torch.hub.get_dir()
+    cached = Path(hub) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
+    cached.parent.mkdir()
+    cached.symlink_to(Path(weights).expanduser().resolve())
+    torch.hub.set_dir(hub)
+    try:
+        model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
+                            normalize_input=True, use_fid_inception=True)
+    except Exception as e:  # noqa: BLE001 - a foreign file: one line
+        raise UserError(f"fd.weights={weights} is not pytorch-fid's FID Inception "
+                        f"({one_line(e)})") from None
+    finally:
+        torch.hub.set_dir(before)
+        shutil.rmtree(hub, ignore_errors=True)
+    model = model.to(device).eval()
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+        return model(x)[0].flatten(1)
+
+    return Extractor(net, "fd_inception_features",
+                     "Fréchet distance on pytorch-fid's FID Inception (pool3, 2048-d): the "
+                     "numbers pytorch-fid gives for the same images")
+
+
 def extractor(fd, data: Splits, root: str | None) -> Extractor:
-    """The features ``fd`` (the command's fd settings) asks for: a user's torchvision
-    model, or vae's own network cached under the dataset's root."""
+    """The features ``fd`` (the command's fd settings) asks for: pytorch-fid's Inception,
+    a user's torchvision model, or vae's own network cached under the dataset's root."""
     device = data.train.device
+    if fd.model == PYTORCH_FID:
+        return pytorch_fid_extractor(fd.weights, device)
     if fd.model is not None:
         return torchvision_extractor(fd.model, fd.weights, fd.resize, device)
     cache = Path(root) / "features" if root else None

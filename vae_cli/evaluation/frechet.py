@@ -88,3 +88,15 @@ def fd_score(model: VAE, sampler: Draws, real: torch.Tensor, extractor: Extracto
     ref = extractor.features(real.float() / 255, batch)
     return {extractor.key: frechet_of(fake, ref), "fd_features": extractor.description,
             "fd_sampler": sampler.name, "fd_samples": n, "fd_real": len(real)}
+
+
+@torch.no_grad()
+def reconstruction_fd(model: VAE, real: torch.Tensor, extractor: Extractor, batch: int = 500,
+                      labels: torch.Tensor | None = None) -> dict:
+    """The Fréchet distance between the reconstructions of the real images (uint8) and the
+    images themselves: an autoencoder's rFID under these features."""
+    recon = torch.cat([model.reconstruct(real[i:i + batch].float() / 255,
+                                         None if labels is None else labels[i:i + batch])
+                       for i in range(0, len(real), batch)])
+    ref = extractor.features(real.float() / 255, batch)
+    return {"r" + extractor.key: frechet_of(extractor.features(recon, batch), ref)}
