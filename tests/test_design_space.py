@@ -17,6 +17,9 @@ DATA = ["dataset=shapes", "dataset.image_size=16", "dataset.n_train=128", "datas
         "dataset.n_test=32", "trainer.epochs=1", "trainer.batch_size=32", "trainer.device=cpu",
         "trainer.num_images=8"]
 SMALL = [*DATA, "model.hidden=[32]", "model.latent_dim=3"]
+# The divergence and prior sweeps check that each pair trains; the pictures of every loss
+# and architecture are drawn in test_every_loss_schedule_and_architecture.
+QUIET = [*SMALL, "trainer.pictures=false"]
 
 
 def _finite_rows(job) -> dict:
@@ -41,7 +44,7 @@ def _sweep(tmp_path, *axes: str, base=SMALL, name="sweep", failed: int = 0) -> l
 
 def test_every_divergence_with_every_prior(tmp_path):
     jobs = _sweep(tmp_path, f"divergence={','.join(DIVERGENCES)}", f"prior={','.join(PRIORS)}",
-                  "divergence.beta=1.0")
+                  "divergence.beta=1.0", base=QUIET)
     assert len(jobs) == len(DIVERGENCES) * len(PRIORS)
     seen = set()
     for job in jobs:
@@ -58,7 +61,7 @@ def test_every_divergence_with_every_prior(tmp_path):
 def test_disentangling_divergences_train(tmp_path):
     # factorvae trains its discriminator as an auxiliary step; dip penalises the batch
     # covariance. Both log their KL apart from their weighted sum, so nelbo is reported.
-    jobs = _sweep(tmp_path, "divergence=factorvae,dip")
+    jobs = _sweep(tmp_path, "divergence=factorvae,dip", base=QUIET)
     columns = [set(_finite_rows(job)) for job in jobs]
     assert {"train_tc", "val_tc", "val_kl", "val_nelbo"} <= columns[0]
     assert {"train_dip", "val_dip", "val_kl", "val_nelbo"} <= columns[1]
@@ -66,7 +69,7 @@ def test_disentangling_divergences_train(tmp_path):
 
 def test_every_critic_constraint_with_every_prior(tmp_path):
     jobs = _sweep(tmp_path, "divergence=adversarial", "divergence.lipschitz=clip,spectral",
-                  f"prior={','.join(PRIORS)}", "divergence.critic_steps=1")
+                  f"prior={','.join(PRIORS)}", "divergence.critic_steps=1", base=QUIET)
     assert len(jobs) == 2 * len(PRIORS)
     for job in jobs:
         assert "val_div" in _finite_rows(job)

@@ -367,3 +367,21 @@ def test_a_signal_or_refusal_a_library_wrapped_in_its_own_error_keeps_its_exit(
     with pytest.raises(SystemExit) as e:
         guarded(task, full_error=False)(None)
     assert (e.value.code, capsys.readouterr().err) == (code, line)
+
+
+def test_trainer_pictures_false_writes_no_picture_and_trains_the_same_run(tmp_path):
+    """Sweeps of many tiny jobs skip the pictures; the pictures draw from their own seeded
+    streams, so the run itself is unchanged."""
+    from hostile import in_process
+
+    runs = {}
+    for pictures in ("true", "false"):
+        runs[pictures] = tmp_path / pictures
+        in_process("train", "dataset.n_train=128", "dataset.n_val=32", "dataset.n_test=32",
+                   "dataset.image_size=16", "model.hidden=[32]", "model.latent_dim=3",
+                   "trainer.epochs=2", "trainer.batch_size=32", "trainer.num_images=8",
+                   f"trainer.pictures={pictures}", f"dataset.root={tmp_path / 'data'}",
+                   f"hydra.run.dir={runs[pictures]}", cwd=tmp_path)
+    assert not list(runs["false"].rglob("*.png")) and list(runs["true"].rglob("*.png"))
+    assert (runs["false"] / "metrics.csv").read_bytes() == \
+        (runs["true"] / "metrics.csv").read_bytes()

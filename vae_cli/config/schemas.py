@@ -36,6 +36,7 @@ class TrainerConfig:
     log_every: int = 50  # steps between progress-bar refreshes (each one syncs)
     image_every: int = 1  # epochs between reconstruction/sample grids
     num_images: int = 64
+    pictures: bool = True  # false: no picture grids and no final picture set
     iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
     detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
     compile: bool = False  # torch.compile the training step (model forward and optimizer)

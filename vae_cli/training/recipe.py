@@ -278,7 +278,7 @@ def fit(run: Run) -> dict:
     with StopFlag() as stop, torch.autograd.set_detect_anomaly(run.cfg.trainer.detect_anomaly):
         try:
             train_epochs(run, stop, reports)
-            if reports:
+            if reports and run.cfg.trainer.pictures:
                 check_run_dir(run)
                 with run.weights_shown():
                     reports.final(state.step)
@@ -331,8 +331,8 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
             if improved:  # the same bytes: copy them rather than serialise twice
                 checkpoint.copy(run.folder.last, run.folder.best)
             with run.weights_shown():
-                reports.epoch(state.epoch, state.step, row,
-                              state.epoch % t.image_every == 0 or state.epoch == t.epochs)
+                reports.epoch(state.epoch, state.step, row, t.pictures and (
+                    state.epoch % t.image_every == 0 or state.epoch == t.epochs))
         if agreed_signal(run, stop) and state.epoch < t.epochs:
             raise Interrupted(stop.signum, state.step, run.folder.last)
         if t.patience and state.bad_epochs >= t.patience:
