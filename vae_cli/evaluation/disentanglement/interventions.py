@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from vae_cli.data.base import FactorOracle
+from vae_cli.runtime.progress import bar
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # observations -> posterior means [n, D]
 CHUNK = 8192  # observations rendered or looked up at once: bounds memory (32 MB at 64x64)
@@ -26,9 +27,14 @@ def sample_classes(oracle: FactorOracle, n: int, generator: torch.Generator) -> 
 
 
 def represent(oracle: FactorOracle, encode: Encoder, classes: torch.Tensor) -> torch.Tensor:
-    """float64 [n, D] posterior means of the observations of grid positions [n, K]."""
-    return torch.cat([encode(oracle.observe(part)).detach().cpu().double()
-                      for part in classes.split(CHUNK)])
+    """float64 [n, D] posterior means of the observations of grid positions [n, K] (the
+    intervention metrics' long loop: tens of thousands of observations, with a bar)."""
+    out, progress = [], bar(len(classes), "encoding the oracle's observations", unit="images")
+    for part in classes.split(CHUNK):
+        out.append(encode(oracle.observe(part)).detach().cpu().double())
+        progress.update(len(part))
+    progress.close()
+    return torch.cat(out)
 
 
 def fixed_factor_batches(oracle: FactorOracle, n: int, batch_size: int,
