@@ -71,3 +71,30 @@ def test_a_corrupt_tracker_store_on_resume_is_one_line_before_any_step(tmp_path,
                "trainer.resume=true")
     assert "\n" not in str(e.value)
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["1"]
+
+
+def test_accumulating_two_batches_takes_the_step_of_one_twice_as_large(tmp_path):
+    """trainer.accumulate=2 with batches of 16 sums the gradients of the two halves of the
+    batch of 32 that accumulate=1 takes (same examples, same noise draws): the same
+    weights, to rounding; schedules count optimizer steps, and an epoch that does not
+    divide ends with a shorter group."""
+    import torch
+    from hostile import in_process
+
+    base = ["dataset.n_train=128", "dataset.n_val=32", "dataset.n_test=32",
+            "dataset.image_size=16", "model.hidden=[32]", "model.latent_dim=3",
+            "trainer.epochs=2", "trainer.num_images=8", "trainer.pictures=false",
+            "optim=sgd", "optim.lr=1e-4", f"dataset.root={tmp_path / 'data'}"]
+    # SGD: its step scales with the gradient (Adam's would hide a sum taken for a mean)
+    runs = {"one": ["trainer.batch_size=32"],
+            "two": ["trainer.batch_size=16", "trainer.accumulate=2"],
+            "odd": ["trainer.batch_size=16", "trainer.accumulate=3"]}
+    state = {}
+    for name, args in runs.items():
+        in_process("train", *base, *args, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        state[name] = torch.load(tmp_path / name / "checkpoints/last.pt", weights_only=True)
+    a, b = state["one"]["model"], state["two"]["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert state["one"]["state"]["step"] == state["two"]["state"]["step"] == 8
+    assert state["odd"]["state"]["step"] == 6  # 8 batches an epoch: groups of 3, 3, 2

@@ -37,6 +37,7 @@ class TrainerConfig:
     image_every: int = 1  # epochs between reconstruction/sample grids
     num_images: int = 64
     pictures: bool = True  # false: no picture grids and no final picture set
+    accumulate: int = 1  # batches whose gradients one optimizer step sums
     iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
     detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
     compile: bool = False  # torch.compile the training step (model forward and optimizer)
@@ -245,6 +246,7 @@ def validate_train(cfg: DictConfig) -> DictConfig:
     positive(trainer__epochs=t.epochs, trainer__batch_size=t.batch_size,
              trainer__log_every=t.log_every, trainer__image_every=t.image_every,
              trainer__num_images=t.num_images, trainer__iw_samples=t.iw_samples,
+             trainer__accumulate=t.accumulate,
              model__latent_dim=cfg.model.get("latent_dim"))
     if t.resume not in (True, False, "auto"):
         raise UserError(f"trainer.resume={t.resume!r} is not true, false or auto")

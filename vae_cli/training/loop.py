@@ -42,9 +42,12 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
     labels = data.labels_for("train", stepper.objective.model.conditional)
     batches = shuffled(data.train, t.batch_size, order, data.binarize, first, shard, labels,
                        t.bucket)
+    k = t.accumulate
     for i, (xb, yb) in enumerate(batches, start=first):
-        out = stepper(xb, state.step, yb)
-        state.step += 1
+        group = min(k, n - (i - i % k))  # the batches this optimizer step sums
+        update = (i % k) + 1 == group
+        out = stepper(xb, state.step, yb, scale=1 / group, update=update)
+        state.step += update
         values = torch.stack([v.detach().float() for v in out.values()])
         if sums is None:
             names, sums = list(out), torch.zeros_like(values)
@@ -55,7 +58,8 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
         last = i + 1 == n
         # Ranks agree at the same steps: a signal is acted on at the next such step.
         alone = shard.world == 1 and stop is not None and stop.signum
-        if (i + 1) % t.log_every == 0 or last or alone:
+        # ... and only where an optimizer step ends: no summed gradient is left unapplied
+        if update and ((i + 1) % (t.log_every * k) == 0 or last or alone):
             signum = stop.signum if stop and stop.signum else 0
             flags = torch.stack([bad_step, torch.full_like(bad_step, signum)])
             bad, signum = distributed.all_max(flags).tolist()

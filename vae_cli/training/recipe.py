@@ -100,7 +100,8 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
                       scaler=torch.amp.GradScaler(device.type) if t.precision == "fp16"
                       else None, grad_clip=t.grad_clip)
     schedule = instantiate("lr_scheduler", cfg.lr_scheduler, opt, epochs=t.epochs,
-                           steps_per_epoch=len(data.train) // t.batch_size)
+                           steps_per_epoch=-(-(len(data.train) // t.batch_size)
+                                             // t.accumulate))
     ema = WeightAverage(objective.model, t.ema) if t.ema else None
     state, order = TrainState(), torch.Generator().manual_seed(cfg.seed)
     if ckpt is not None:
@@ -150,7 +151,7 @@ def check_schedule_span(ckpt: dict, cfg: DictConfig, schedule: LRSchedule) -> No
         return
     saved = ckpt["config"].get("trainer") or {}
     name = str(cfg.lr_scheduler._target_).rpartition(".")[2].lower()
-    for key in ("epochs", "batch_size"):
+    for key in ("epochs", "batch_size", "accumulate"):
         now, then = cfg.trainer[key], saved.get(key)
         if then is not None and now != then:
             raise UserError(f"trainer.{key}={now} differs from the checkpoint's ({then}), and "

@@ -47,17 +47,24 @@ class Stepper:
     hooks: Hooks = field(default_factory=Hooks)
     scaler: torch.amp.GradScaler | None = None  # fp16: loss scaling keeps small grads
     grad_clip: float | None = None  # max total gradient norm
+    fresh: bool = field(default=True, init=False)  # no gradient accumulated yet
 
-    def __call__(self, x: torch.Tensor, step: int,
-                 y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, step: int, y: torch.Tensor | None = None,
+                 scale: float = 1.0, update: bool = True) -> dict[str, torch.Tensor]:
         """One step on batch x (with its labels y, for a conditional model), the
         ``step``-th; returns the batch's terms (on device), with ``grad_norm`` (the norm
-        before clipping) when clipping is on."""
+        before clipping) when clipping is on. Gradient accumulation: the loss's gradient,
+        times ``scale``, adds to those of the batches before it since the last update, and
+        the optimizer steps only when ``update``."""
         with autocast(self.device, self.precision):
             terms, z = self.net(x, step, self.shard, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss = terms["loss"]
+        if self.fresh:
+            self.opt.zero_grad(set_to_none=True)
+        loss = terms["loss"] * scale if scale != 1.0 else terms["loss"]
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self.fresh = update
+        if not update:
+            return terms
         if self.scaler:
             self.scaler.unscale_(self.opt)  # the clip threshold is in true gradient units
         if self.grad_clip is not None:
