@@ -60,15 +60,7 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
         alone = shard.world == 1 and stop is not None and stop.signum
         # ... and only where an optimizer step ends: no summed gradient is left unapplied
         if update and ((i + 1) % (t.log_every * k) == 0 or last or alone):
-            signum = stop.signum if stop and stop.signum else 0
-            flags = torch.stack([bad_step, torch.full_like(bad_step, signum)])
-            bad, signum = distributed.all_max(flags).tolist()
-            if stop and signum:
-                stop.signum = signum
-            if bad >= 0:
-                raise UserError(f"loss became non-finite at step {bad}; the last "
-                                "good checkpoint is kept (lower optim.lr, or "
-                                "trainer.detect_anomaly=true to find the operation)")
+            agree(bad_step, stop)
             loss = values[0].item()
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update((i + 1) - bar.n)
@@ -81,3 +73,17 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
                 raise StopRequested
     bar.close()
     return dict(zip(names, distributed.all_mean(sums).div(n).tolist(), strict=True))
+
+
+def agree(bad_step: torch.Tensor, stop: StopFlag | None) -> None:
+    """What the ranks settle at a sync point: a signal any of them received is taken by
+    all, and the first non-finite step stops the run in one line."""
+    signum = stop.signum if stop and stop.signum else 0
+    flags = torch.stack([bad_step, torch.full_like(bad_step, signum)])
+    bad, signum = distributed.all_max(flags).tolist()
+    if stop and signum:
+        stop.signum = signum
+    if bad >= 0:
+        raise UserError(f"loss became non-finite at step {bad}; the last good checkpoint "
+                        "is kept (lower optim.lr, or trainer.detect_anomaly=true to find "
+                        "the operation)")
