@@ -225,3 +225,24 @@ def test_bad_input_battery(existing_run, tmp_path):
     after = _digest(existing_run)
     # nothing in the existing run folder changed (a refused restart may add .hydra/again-*)
     assert {k: after.get(k) for k in before} == before
+
+
+def test_a_signal_inside_an_accumulated_step_waits_for_the_step_and_resumes_exactly(
+        tmp_path):
+    """With trainer.accumulate=3 a SIGTERM lands between batches whose gradients are being
+    summed: the run stops where that optimizer step ends, and the resume gives the
+    uninterrupted run's metrics and weights, bit for bit."""
+    args = [*LONG, "trainer.accumulate=3", "trainer.epochs=2",
+            f"dataset.root={tmp_path / 'data'}"]
+    full = tmp_path / "full"
+    Forked.run("train", *args, f"hydra.run.dir={full}", cwd=tmp_path)
+    run = tmp_path / "cut"
+    code, line = _interrupt_mid_epoch(["train", *args, f"hydra.run.dir={run}"], tmp_path,
+                                      signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "ckpt=" in line, line
+    saved = checkpoint.load(run / "checkpoints/last.pt")
+    assert saved["state"]["progress"]["batch"] % 3 == 0  # at the end of a summed step
+    Forked.run("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
+    assert rows(run) == rows(full)
+    a, b = _weights(full), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
