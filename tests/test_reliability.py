@@ -84,17 +84,27 @@ def test_preemption_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     Forked.run("train", *LONG, data, f"hydra.run.dir={full}", cwd=tmp_path)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        run = tmp_path / f"cut-{sig.name}"
-        code, line = _interrupt_mid_epoch(["train", *LONG, data, f"hydra.run.dir={run}"],
-                                          tmp_path, sig)
-        assert code == 128 + sig and sig.name in line and "ckpt=" in line, line
+        run = interrupted(["train", *LONG, data], tmp_path / f"cut-{sig.name}", sig)
         saved = checkpoint.load(run / "checkpoints/last.pt")
         assert saved["state"]["epoch"] == 1 and saved["state"]["progress"]["batch"] > 0
+        resumed_as(run, full)
 
-        Forked.run("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
-        assert rows(run) == rows(full)  # bitwise: same floats printed
-        a, b = _weights(full), _weights(run)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+
+def interrupted(args: list[str], run: Path, sig: int = signal.SIGTERM) -> Path:
+    """``vae <args>`` into ``run``, stopped by ``sig`` inside epoch 2: one line naming the
+    signal and the command that continues, exit 128 + sig."""
+    code, line = _interrupt_mid_epoch([*args, f"hydra.run.dir={run}"], run.parent, sig)
+    assert code == 128 + sig and signal.Signals(sig).name in line and "ckpt=" in line, line
+    return run
+
+
+def resumed_as(run: Path, full: Path) -> None:
+    """Resume ``run`` to its end: the metrics (the same floats printed) and the weights of
+    the uninterrupted run ``full``, bit for bit."""
+    Forked.run("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=run.parent)
+    assert rows(run) == rows(full)
+    a, b = _weights(full), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigkill_during_checkpoint_writes_never_leaves_it_unreadable(tmp_path):
@@ -236,13 +246,7 @@ def test_a_signal_inside_an_accumulated_step_waits_for_the_step_and_resumes_exac
             f"dataset.root={tmp_path / 'data'}"]
     full = tmp_path / "full"
     Forked.run("train", *args, f"hydra.run.dir={full}", cwd=tmp_path)
-    run = tmp_path / "cut"
-    code, line = _interrupt_mid_epoch(["train", *args, f"hydra.run.dir={run}"], tmp_path,
-                                      signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM and "ckpt=" in line, line
+    run = interrupted(["train", *args], tmp_path / "cut")
     saved = checkpoint.load(run / "checkpoints/last.pt")
     assert saved["state"]["progress"]["batch"] % 3 == 0  # at the end of a summed step
-    Forked.run("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
-    assert rows(run) == rows(full)
-    a, b = _weights(full), _weights(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_as(run, full)

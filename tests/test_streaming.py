@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from hostile import Forked, in_process, once
-from test_cli import rows
-from test_reliability import _interrupt_mid_epoch
+from test_reliability import interrupted, resumed_as
 
 from vae_cli.data.folder import folder
 from vae_cli.data.stream import Decoder, ImageStream, Loading
@@ -150,15 +148,7 @@ def test_a_streamed_run_preempted_mid_epoch_resumes_bit_for_bit(tmp_path):
             "trainer.epochs=2", "trainer.log_every=1"]
     full = tmp_path / "full"
     Forked.run("train", *args, f"hydra.run.dir={full}", cwd=tmp_path)
-    run = tmp_path / "cut"
-    code, line = _interrupt_mid_epoch(["train", *args, f"hydra.run.dir={run}"], tmp_path,
-                                      signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM and "ckpt=" in line, line
-    Forked.run("train", f"ckpt={run / 'checkpoints/last.pt'}", cwd=tmp_path)
-    assert rows(run) == rows(full)
-    a, b = (torch.load(r / "checkpoints/last.pt", weights_only=True)["model"]
-            for r in (full, run))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_as(interrupted(["train", *args], tmp_path / "cut"), full)
 
 
 @pytest.mark.parametrize(("key", "value", "why"), [
