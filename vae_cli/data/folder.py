@@ -90,9 +90,11 @@ def decode(src: Path | bytes, channels: int, name: str = "") -> torch.Tensor:
     return img
 
 
-def decode_failure(e: Exception) -> str:
-    """A decoder's message without torchvision's C++ source location prefix."""
-    return re.sub(r"^.*?\.cpp:\d+, ", "", one_line(e))
+def decode_failure(name: str, e: Exception) -> str:
+    """One line for an image that did not decode: its name and the decoder's message,
+    without torchvision's C++ source location prefix."""
+    message = re.sub(r"^.*?\.cpp:\d+, ", "", one_line(e))
+    return f"cannot decode image {name}: {message}"
 
 
 def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
@@ -105,7 +107,7 @@ def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"cannot decode image {f}: {decode_failure(e)}") from None
+            raise UserError(decode_failure(str(f), e)) from None
         img = F.resize(img, [size], antialias=True)  # one int: the shorter side
         out[i] = F.center_crop(img, [size, size])
         if i % 5000 == 4999:
@@ -126,9 +128,8 @@ def class_labels(base: Path, files: list[Path]) -> torch.Tensor | None:
 class Files:
     """A folder's images as a streamed split's source (data.stream): each item a file."""
 
-    def __init__(self, files: list[Path], labels: torch.Tensor | None):
+    def __init__(self, files: list[Path]):
         self.files = [str(f) for f in files]
-        self.ids = None if labels is None else labels.tolist()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -138,9 +139,6 @@ class Files:
 
     def name(self, i: int) -> str:
         return self.files[i]
-
-    def label(self, i: int) -> int | None:
-        return None if self.ids is None else self.ids[i]
 
 
 def folder(
@@ -174,7 +172,7 @@ def folder(
     y = class_labels(base, files)
     if stream:
         loading = streaming(workers, prefetch, on_error, augment)
-        source, decoder = Files(files, y), Decoder(channels, image_size)
+        source, decoder = Files(files), Decoder(channels, image_size)
         return streamed_data("folder", source, split, decoder, loading, augment, y)
     images = decoded(base, files, root, channels, image_size, cache)
     return ImageData(name="folder", **{s: images[idx] for s, idx in split.items()},

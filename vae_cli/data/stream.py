@@ -51,8 +51,6 @@ class Source(Protocol):
         """Item i for a message: its file, or its shard and key."""
         ...
 
-    def label(self, i: int) -> int | None: ...
-
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
@@ -110,8 +108,7 @@ class Items(Dataset):
         except Exception as e:
             from vae_cli.data.folder import decode_failure
 
-            raise UserError(f"cannot decode image {self.source.name(i)}: "
-                            f"{decode_failure(e)}") from None
+            raise UserError(decode_failure(self.source.name(i), e)) from None
 
     def __getitem__(self, request: tuple[int, int]) -> tuple[torch.Tensor, str]:
         """(position, seed) -> (image, ""); with on_error=skip an unreadable item gives the
@@ -128,8 +125,7 @@ class Items(Dataset):
             except Exception as e:  # noqa: BLE001 - any decoder's failure names the item
                 from vae_cli.data.folder import decode_failure
 
-                failures.append(f"cannot decode image {self.source.name(i)}: "
-                                f"{decode_failure(e)}")
+                failures.append(decode_failure(self.source.name(i), e))
         size = self.decoder.size
         return torch.zeros(self.decoder.channels, size, size, dtype=torch.uint8), \
             "!" + failures[0]
@@ -178,11 +174,6 @@ class ImageStream:
         out = torch.stack(images) if images else torch.empty(0, *self.shape[1:],
                                                              dtype=torch.uint8)
         return out.to(self.device)
-
-    def labels(self) -> torch.Tensor | None:
-        """Each item's class id (from its folder or its shard's .cls), or None."""
-        ys = [self.source.label(i) for i in self.items.ids]
-        return None if any(y is None for y in ys) else torch.tensor(ys, dtype=torch.long)
 
     def identity(self) -> str:
         """What names this split's data for caches keyed by it: its items and decoding."""

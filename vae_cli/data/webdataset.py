@@ -38,7 +38,6 @@ class Shards:
     def __init__(self, files: list[str], index: dict[str, torch.Tensor], keys: list[str]):
         self.files, self.keys = files, keys
         self.where = index["where"].tolist()  # [n, 3]: shard, offset, size
-        self.cls = index["cls"].tolist() if "cls" in index else None
 
     def __len__(self) -> int:
         return len(self.where)
@@ -54,9 +53,6 @@ class Shards:
 
     def name(self, i: int) -> str:
         return f"{self.files[self.where[i][0]]}:{self.keys[i]}"
-
-    def label(self, i: int) -> int | None:
-        return None if self.cls is None else self.cls[i]
 
 
 def expand(urls: str) -> list[Path]:
