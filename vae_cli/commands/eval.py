@@ -82,9 +82,9 @@ def run(cfg: DictConfig) -> dict:
               **evaluate(objective, x, batch, labels=labels)}
     if e.iw_samples:
         result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch, labels))
-    if not model.autoregressive:  # images: PSNR and SSIM of the reconstructions
-        result.update(fidelity(model, x, batch, labels, e.lpips))
     encoded = encode_all(model, x, batch, labels)
+    if not model.autoregressive:  # images: PSNR and SSIM of the reconstructions
+        result.update(fidelity(model, x, encoded[0], batch, labels, e.lpips))
     result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:
         result.update(disentanglement(cfg, model, data, encoded[0], factors))
