@@ -13,6 +13,7 @@ from torch.distributions import Independent, Normal
 from vae_cli.errors import UserError
 from vae_cli.nets import mlp
 from vae_cli.objective import rules
+from vae_cli.objective.auxiliary import Detached
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.divergences import (
     DIP,
@@ -341,10 +342,15 @@ def test_sliced_rejects_bad_options(kw):
 # ------------------------------------------------------------------------------- adversarial
 
 
+def latents(z, prior):
+    """A batch of latents as the auxiliary step gets it (no x or decoder output needed)."""
+    return Detached(z, z, z, prior)
+
+
 def _fit(adv, zq, prior, opt=None):
     """adv.auxiliary_steps critic steps, as the training step takes them."""
     opt = opt or adv.auxiliary_optimizer()
-    auxiliary_step(adv, prior, opt, zq, lambda params: None)
+    auxiliary_step(adv, opt, latents(zq, prior), lambda params: None)
     return opt
 
 
@@ -424,11 +430,11 @@ def test_only_the_auxiliary_step_fits_the_critic():
     objective(x)
     assert unchanged()
     objective.train()
-    out, z = objective(x)  # a forward in training does not touch it either
+    out, _ = objective(x)  # a forward in training does not touch it either
     assert unchanged() and torch.isfinite(out["loss"])
     opt = torch.optim.Adam(objective.main_parameters(), 1e-3)
     stepper = Stepper(objective, objective, opt, torch.device("cpu"),
-                      aux_opt=adv.auxiliary_optimizer())
+                      aux_opts=[adv.auxiliary_optimizer()])
     encoder = [p.detach().clone() for p in objective.model.encoder.parameters()]
     stepper(x, 0)
     assert not unchanged()  # the critic stepped after the main step ...
@@ -618,7 +624,7 @@ def test_discriminator_estimates_the_tc_of_a_correlated_gaussian():
     opt = div.auxiliary_optimizer()
     prior = NormalPrior(latent_dim=3)
     for _ in range(300):  # a fresh batch of q(z) samples per step, as in training
-        auxiliary_step(div, prior, opt, torch.randn(256, 3) @ chol.T, lambda params: None)
+        auxiliary_step(div, opt, latents(torch.randn(256, 3) @ chol.T, prior), lambda p: None)
     with torch.no_grad():
         estimate = div.discriminator.log_ratio(torch.randn(8192, 3) @ chol.T).mean().item()
     assert abs(estimate - tc) < 0.15
@@ -671,15 +677,15 @@ def test_only_the_discriminator_step_trains_d_and_it_leaves_the_vae_alone():
         return all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
     vae, d = snapshot(objective.model), snapshot(div.discriminator)
-    out, z = objective(x)
-    auxiliary_step(div, objective.model.prior, div.auxiliary_optimizer(), z, lambda p: None)
+    out, batch = objective(x)
+    auxiliary_step(div, div.auxiliary_optimizer(), batch, lambda p: None)
     assert same(vae, objective.model) and not same(d, div.discriminator)
     assert isinstance(div.auxiliary_optimizer(), torch.optim.Adam)
     assert div.auxiliary_optimizer().defaults["betas"] == (0.5, 0.9)
     # a whole training step moves both, each by its own optimizer
     opt = torch.optim.Adam(objective.main_parameters(), 1e-3)
     stepper = Stepper(objective, objective, opt, torch.device("cpu"),
-                      aux_opt=div.auxiliary_optimizer())
+                      aux_opts=[div.auxiliary_optimizer()])
     vae, d = snapshot(objective.model), snapshot(div.discriminator)
     stepper(x, 0)
     assert not same(vae, objective.model) and not same(d, div.discriminator)
@@ -719,7 +725,7 @@ def test_factorvae_refuses_iwae_and_tiny_batches():
                            iw_samples=4))
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="batch_size >= 4"):
-        _factorvae().auxiliary_loss(torch.randn(3, 3), NormalPrior(latent_dim=3))
+        _factorvae().auxiliary_loss(latents(torch.randn(3, 3), NormalPrior(latent_dim=3)))
 
 
 # -------------------------------------------------------------------------------------- dip

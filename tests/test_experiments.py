@@ -27,7 +27,8 @@ STUDY = sorted(f"{m}_{d}" for m in STUDY_MODELS for d in ("dsprites", "shapes"))
 # tests train from the command line; two of them run an epoch here, the rest take one
 # in-process step each (test_study_presets_build_and_take_a_step).
 RUN = [p for p in PRESETS if (p not in STUDY or p in ("beta_vae_shapes", "beta_tcvae_shapes"))
-       and not p.endswith("cifar10")]  # CIFAR-10's files carry md5s no stand-in matches
+       and not p.endswith("cifar10")  # CIFAR-10's files carry md5s no stand-in matches
+       and p != "ldm_kl_f8"]  # a GPU's: the user's 256 px folder (test_ldm_kl_f8_...)
 SHORT = ["trainer.epochs=1", "trainer.device=cpu", "trainer.num_images=8"]
 STAND_IN = {
     "mnist": ["dataset.val_size=20", "trainer.batch_size=20", "dataset.download=false"],
@@ -77,6 +78,27 @@ def test_presets_set_the_papers_numbers(compose_cfg):
     assert (wae.model.latent_dim, wae.divergence.beta, wae.divergence.kernel) == (8, 10.0, "imq")
     tc = validate(compose_cfg(["experiment=beta_tcvae_shapes"]))
     assert tc.divergence._target_.endswith("TotalCorrelation") and tc.dataset.image_size == 64
+
+
+def test_ldm_kl_f8_is_latent_diffusions_autoencoder_and_loss(compose_cfg, lpips_file):
+    from diffusers import AutoencoderKL
+
+    cfg = validate(compose_cfg(["experiment=ldm_kl_f8", "dataset.path=/data",
+                                f"loss.lpips={lpips_file}"]))
+    assert (cfg.loss.disc_start, cfg.loss.disc_weight, cfg.loss.perceptual_weight) == \
+           (50001, 0.5, 1.0)
+    assert cfg.loss.disc_loss == "hinge" and cfg.loss.disc_layers == 3
+    assert cfg.divergence.beta == 1e-6 and list(cfg.optim.betas) == [0.5, 0.9]
+    assert cfg.optim.lr == pytest.approx(4.5e-6 * 12 * 2) and cfg.loss.disc_lr == cfg.optim.lr
+    assert (cfg.trainer.batch_size, cfg.trainer.accumulate) == (12, 2)
+    objective = build_objective(cfg, (3, 256, 256), dataset_size=1000)
+    model = objective.model
+    assert model.latent_dim == 4 * 32 * 32
+    ours = sum(p.numel() for n, p in model.named_parameters()
+               if not n.startswith("likelihood."))
+    published = AutoencoderKL(**model.decoder.config)  # KL-f8: 83.65M parameters
+    assert ours == sum(p.numel() for p in published.parameters())
+    assert model.last_layer() is model.decoder.decoder.conv_out.weight
 
 
 STUDY_DIVERGENCES = {
@@ -145,12 +167,12 @@ def test_study_presets_build_and_take_a_step(compose_cfg, one_thread, name):
     objective = build_objective(cfg, (1, 64, 64), dataset_size=_train_size(cfg))
     opt = build_optimizer(cfg.optim, objective.main_parameters())
     div = objective.divergence
-    aux = div.auxiliary_optimizer() if div.auxiliary_steps else None
+    aux = [a.auxiliary_optimizer() for a in objective.auxiliaries()]
     own = [p.detach().clone() for p in div.auxiliary_parameters()]
-    step = Stepper(objective, objective, opt, torch.device("cpu"), aux_opt=aux)
+    step = Stepper(objective, objective, opt, torch.device("cpu"), aux_opts=aux)
     terms = step(torch.bernoulli(torch.rand(8, 1, 64, 64)), 0)
     assert all(torch.isfinite(v).all() for v in terms.values())
-    assert (aux is not None) == name.startswith("factorvae")
+    assert bool(aux) == name.startswith("factorvae")
     assert all(not torch.equal(a, b) for a, b in zip(own, div.auxiliary_parameters(),
                                                       strict=True))
 

@@ -45,23 +45,8 @@ def test_ssim_falls_as_a_blur_grows_and_the_window_is_a_normalised_gaussian():
     assert scores[-1] < 0.5
 
 
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory):
-    """An LPIPS(VGG) state dict written through the loader a user's machine runs: the lpips
-    package's own learned heads, on a VGG16 trunk without ImageNet weights (no download)."""
-    lpips = pytest.importorskip("lpips")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.pt"
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def test_lpips_of_identical_images_is_zero_and_grows_with_a_blur(lpips_file):
-    from vae_cli.evaluation.perceptual import lpips_distance, lpips_network
+    from vae_cli.nets.lpips import lpips_distance, lpips_network
 
     net = lpips_network(str(lpips_file))
     torch.manual_seed(0)
@@ -77,7 +62,7 @@ def test_lpips_of_identical_images_is_zero_and_grows_with_a_blur(lpips_file):
 
 def test_lpips_weights_that_are_not_an_lpips_state_dict_are_one_line(tmp_path, lpips_file):
     from vae_cli.errors import UserError
-    from vae_cli.evaluation.perceptual import lpips_network
+    from vae_cli.nets.lpips import lpips_network
 
     with pytest.raises(UserError, match="do not exist"):
         lpips_network(str(tmp_path / "none.pt"))

@@ -17,7 +17,7 @@ ALLOWED = {
     "objective": {"nets"},
     "runtime": set(),
     "data": {"runtime"},
-    "evaluation": {"objective", "data", "runtime"},
+    "evaluation": {"objective", "nets", "data", "runtime"},
     # post-hoc samplers train on codes the trained model gives them: above the maths
     "samplers": {"objective", "nets", "data", "evaluation", "runtime"},
     "config": {"objective", "nets", "data", "runtime", "samplers"},

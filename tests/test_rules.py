@@ -12,6 +12,7 @@ from vae_cli.objective import rules
 from vae_cli.objective.discrete import GumbelSoftmax, UniformPrior, VectorQuantizer
 from vae_cli.objective.divergences import DIP, KL, MMD, FactorVAE, TotalCorrelation
 from vae_cli.objective.likelihoods import Bernoulli, Categorical
+from vae_cli.objective.perceptual import Perceptual
 from vae_cli.objective.posteriors import DiagonalGaussian, Planar
 from vae_cli.objective.priors import LearnedPrior, MixturePrior, NormalPrior, VampPrior
 from vae_cli.objective.rules import Design
@@ -80,6 +81,12 @@ CASES = [
     (rules.iw_needs_a_factor_schedule,
      Design(prior=normal(), schedule=Capacity(), iw_samples=5), "schedule=capacity",
      Design(prior=normal(), schedule=Linear(), iw_samples=5)),
+    (rules.iw_needs_a_density,
+     Design(prior=normal(), likelihood=Perceptual(perceptual_weight=0, disc_weight=0,
+                                                  shape=(1, 4, 4)), iw_samples=5),
+     "loss=perceptual is not a log-density",
+     Design(prior=normal(), likelihood=Perceptual(perceptual_weight=0, disc_weight=0,
+                                                  shape=(1, 4, 4)))),
     (rules.iw_needs_densities_of_codes,
      Design(GumbelSoftmax(classes=2, latent_dim=D), UniformPrior(latent_dim=D), iw_samples=5),
      "no importance weights",

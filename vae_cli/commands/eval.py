@@ -72,6 +72,10 @@ def run(cfg: DictConfig) -> dict:
         factors = None if factors is None else factors[: e.max_examples]
         labels = None if labels is None else labels[: e.max_examples]
     batch, iw_batch = e.batch_size, e.iw_batch
+    iw_samples = e.iw_samples if model.likelihood.density else 0
+    if e.iw_samples and not iw_samples:
+        log.info("loss=%s is not a log-density: no likelihood bound (eval.iw_samples is "
+                 "ignored)", model.likelihood.option)
     if model.out_numel:  # L x V logits per sequence: bound what is decoded at once
         batch, iw_batch = (max(1, min(b, MAX_LOGITS // model.out_numel))
                            for b in (batch, iw_batch))
@@ -80,8 +84,8 @@ def run(cfg: DictConfig) -> dict:
               "epoch": ckpt.get("state", {}).get("epoch"),
               **({"likelihood": CONDITIONAL} if model.conditional else {}),
               **evaluate(objective, x, batch, labels=labels)}
-    if e.iw_samples:
-        result.update(iwae_bound(model, x, e.iw_samples, batch, iw_batch, labels))
+    if iw_samples:
+        result.update(iwae_bound(model, x, iw_samples, batch, iw_batch, labels))
     encoded = encode_all(model, x, batch, labels)
     if not model.autoregressive:  # images: PSNR and SSIM of the reconstructions
         result.update(fidelity(model, x, encoded[0], batch, labels, e.lpips))
@@ -91,11 +95,11 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else RunFolder.of_checkpoint(cfg.ckpt).path
     sampler, settings = build_sampler(cfg.sampler, model)
     fd = bool(cfg.fd.samples and data.vocab is None)  # images only
-    if fd or (e.iw_samples and sampler.density):
+    if fd or (iw_samples and sampler.density):
         fitted_sampler(sampler, settings, model, data, cfg.ckpt, ckpt, out_dir)
-    if e.iw_samples and sampler.density:  # the bound with the fitted density as p(z)
+    if iw_samples and sampler.density:  # the bound with the fitted density as p(z)
         torch.manual_seed(cfg.seed)
-        bound = iwae_bound(model, x, e.iw_samples, batch, iw_batch, labels, sampler.log_prob)
+        bound = iwae_bound(model, x, iw_samples, batch, iw_batch, labels, sampler.log_prob)
         result.update({f"nll_iwae_{sampler.name}": bound["nll_iwae"],
                        f"bpd_iwae_{sampler.name}": bound.get("bpd_iwae")})
     if fd:

@@ -22,8 +22,9 @@ def means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
 def evaluate(objective: Objective, x: torch.Tensor, batch_size: int,
              precision: str = "fp32", labels: torch.Tensor | None = None) -> dict[str, float]:
     """Means of every term the objective reports, at the schedule's end value, with one
-    host sync; plus the negative ELBO where the divergence bounds the likelihood (of x
-    given its ``labels`` for a conditional model)."""
+    host sync; plus the negative ELBO where the divergence bounds the likelihood and the
+    reconstruction loss is a log-density (of x given its ``labels`` for a conditional
+    model)."""
     was_training = objective.training
     objective.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -34,7 +35,7 @@ def evaluate(objective: Objective, x: torch.Tensor, batch_size: int,
             sums[k] = sums.get(k, 0) + v.detach().float() * len(xb)
     objective.train(was_training)
     result = means(sums, len(x))
-    if objective.divergence.bounds_likelihood:
+    if objective.divergence.bounds_likelihood and objective.model.likelihood.density:
         # recon + KL is the negative ELBO whatever beta trained it, so report it apart.
         result["nelbo"] = negative_elbo(result["recon"], result)
         result.update(per_unit(result["nelbo"], x))

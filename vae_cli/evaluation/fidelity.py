@@ -61,12 +61,12 @@ def fidelity(model: VAE, x: torch.Tensor, means: torch.Tensor, batch_size: int,
              labels: torch.Tensor | None = None, lpips: str | None = None
              ) -> dict[str, float]:
     """Mean PSNR and SSIM of the reconstructions of a split (image models), and LPIPS
-    with the ``lpips`` weights when given (evaluation.perceptual). The reconstructions are
+    with the ``lpips`` weights when given (nets.lpips). The reconstructions are
     decoded from the posterior means already computed for the split (``means``, as
     ``encode_all`` gives them): the encoder does not run over the split again."""
     net = None
     if lpips is not None:
-        from vae_cli.evaluation.perceptual import lpips_distance, lpips_network
+        from vae_cli.nets.lpips import lpips_distance, lpips_network
 
         net = lpips_network(lpips).to(next(model.parameters()).device)
     was_training = model.training

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal
 
+from vae_cli.objective.auxiliary import Auxiliary, Detached
 from vae_cli.objective.divergences import Divergence
 from vae_cli.objective.model import VAE
 from vae_cli.objective.parallel import WHOLE, Shard
@@ -62,8 +63,9 @@ class Objective(nn.Module):
     """The loss of a batch: model + divergence + schedule (+ k importance samples).
 
     ``forward`` returns the batch-mean terms (the "loss" entry is minimised, the others are
-    logged) and the latent sample, detached, for auxiliary steps such as a critic's (None
-    under the importance-weighted bound, which no divergence with such a step allows).
+    logged) and the step's tensors, detached, for the auxiliary networks (a critic on z, a
+    discriminator on x; None under the importance-weighted bound, which no component with
+    such a network allows).
     ``y``: the batch's class labels, for a conditional model only.
     """
 
@@ -77,21 +79,29 @@ class Objective(nn.Module):
 
     def forward(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE,
                 y: torch.Tensor | None = None
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                ) -> tuple[dict[str, torch.Tensor], Detached | None]:
         if self.iw_samples > 1:
             return self.iwae(x, self.iw_samples, step, shard, y)
         return self.elbo(x, step, shard, y)
 
     def elbo(self, x: torch.Tensor, step: int | None = None, shard: Shard = WHOLE,
-             y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        q = self.model.posterior(x, y)
-        z = self.model.rsample(q, shard=shard, step=step if self.training else None)
-        recon = -self.model.log_px(z, x, y).mean()
-        terms = self.divergence(q, z, self.model.prior)
+             y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Detached]:
+        model = self.model
+        q = model.posterior(x, y)
+        z = model.rsample(q, shard=shard, step=step if self.training else None)
+        out = model.decode(z, x, y)
+        recon = model.likelihood.nll(out, x).mean()
+        terms = self.divergence(q, z, model.prior)
         div = self.schedule.term(terms["div"], self.divergence.weight(), step)
-        own = self.model.family.terms(q)  # a family's own loss (VQ's codebook terms)
+        own = model.family.terms(q)  # a family's own loss (VQ's codebook terms)
         loss = recon + div + own.pop("penalty", 0.0)
-        return {"loss": loss, "recon": recon, **terms, **own}, z.detach()
+        # a loss's adversary on x (loss=perceptual's discriminator), in training only
+        adv = model.likelihood.adversarial(out, recon, model.last_layer,
+                                           step if self.training else None)
+        if adv:
+            loss = loss + adv.pop("adv")
+        terms = {"loss": loss, "recon": recon, **terms, **own, **adv}
+        return terms, Detached(x, z.detach(), out.detach(), model.prior)
 
     def iwae(self, x: torch.Tensor, k: int, step: int | None = None, shard: Shard = WHOLE,
              y: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], None]:
@@ -101,9 +111,13 @@ class Objective(nn.Module):
         terms = {"loss": -bound.mean(), "recon": -lw.px.mean(), "div": (lw.qz - lw.pz).mean()}
         return terms, None
 
+    def auxiliaries(self) -> list[Auxiliary]:
+        """The networks it trains for itself (objective/auxiliary.py), in a fixed order."""
+        return [a for a in (self.divergence, self.model.likelihood) if a.auxiliary_steps]
+
     def main_parameters(self) -> list[nn.Parameter]:
-        """What the main optimizer steps: everything but a divergence's own networks."""
-        own = {id(p) for p in self.divergence.auxiliary_parameters()}
+        """What the main optimizer steps: everything but the auxiliary networks."""
+        own = {id(p) for a in self.auxiliaries() for p in a.auxiliary_parameters()}
         return [p for p in self.parameters() if id(p) not in own]
 
 

@@ -9,8 +9,7 @@ how the divergence enters an importance-weighted bound (None: it has no such for
 Sample-based divergences (mmd, sliced, adversarial) compare the batch of z, i.e. the
 aggregate posterior, with as many prior samples: they need a batch of at least 2.
 A divergence that trains a network of its own (the adversarial critic, FactorVAE's
-discriminator) says so through ``auxiliary_parameters``/``auxiliary_loss``; the training
-loop steps it (see training/step).
+discriminator) does so through the auxiliary protocol (objective/auxiliary.py).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from torch import nn
 from torch.distributions import Distribution, Normal, kl_divergence
 
 from vae_cli.errors import UserError
+from vae_cli.objective.auxiliary import Auxiliary, Detached
 from vae_cli.objective.critics import Critic, Discriminator
 from vae_cli.objective.posteriors import Posterior
 from vae_cli.objective.priors import Prior
@@ -34,7 +34,7 @@ KERNELS = ("imq", "rbf")
 MMD_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-class Divergence(nn.Module):
+class Divergence(Auxiliary, nn.Module):
     # True when recon + KL is a negative ELBO: enables nelbo, bits/dim and the IWAE bound.
     # The KL is the "kl" entry of forward's result when present, else "div".
     bounds_likelihood: bool = False
@@ -58,22 +58,6 @@ class Divergence(nn.Module):
         (p(z_i) / q(z_i|x))^w, which is this divergence's objective at k = 1; None where the
         divergence has no such form."""
         return None
-
-    # A network of the divergence's own (a critic) trained by auxiliary_loss with
-    # auxiliary_optimizer, auxiliary_steps times after each training step; 0: none.
-    auxiliary_steps: int = 0
-
-    def auxiliary_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def auxiliary_optimizer(self) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def auxiliary_loss(self, z: torch.Tensor, prior: Prior) -> torch.Tensor:
-        raise NotImplementedError
-
-    def after_auxiliary_step(self, z: torch.Tensor, prior: Prior) -> None:
-        """After each auxiliary optimizer step (a critic's constraint)."""
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -217,15 +201,16 @@ class Adversarial(Divergence):
             return torch.optim.RMSprop(self.auxiliary_parameters(), lr=self.lr)
         return torch.optim.Adam(self.auxiliary_parameters(), lr=self.lr, betas=(0.5, 0.9))
 
-    def auxiliary_loss(self, zq: torch.Tensor, prior: Prior) -> torch.Tensor:
+    def auxiliary_loss(self, batch: Detached) -> torch.Tensor:
         """What the critic minimises on detached posterior samples: -W1 (+ penalty)."""
+        zq = batch.z
         with torch.no_grad():
-            zp = prior.sample(len(zq)).float()
+            zp = batch.prior.sample(len(zq)).float()
         return -self.w1(zq, zp) + self.gp_weight * self.critic.penalty(zq, zp)
 
-    def after_auxiliary_step(self, zq: torch.Tensor, prior: Prior) -> None:
+    def after_auxiliary_step(self, batch: Detached) -> None:
         with torch.no_grad():
-            zp = prior.sample(len(zq)).float()
+            zp = batch.prior.sample(len(batch.z)).float()
         self.critic.constrain(zp)
 
 
@@ -353,9 +338,10 @@ class FactorVAE(Divergence):
     def auxiliary_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.auxiliary_parameters(), lr=self.lr, betas=self.betas)
 
-    def auxiliary_loss(self, z: torch.Tensor, prior: Prior) -> torch.Tensor:
+    def auxiliary_loss(self, batch: Detached) -> torch.Tensor:
         """D's cross-entropy: the first half of the (detached) batch labelled q(z) (0), the
         second half with its dimensions permuted labelled prod_j q(z_j) (1)."""
+        z = batch.z
         n = len(z) // 2
         if n < 2:
             raise UserError("divergence=factorvae needs trainer.batch_size >= 4: half of the "

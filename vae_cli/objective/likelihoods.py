@@ -2,7 +2,10 @@
 
 Protocol: ``out_mult`` decoder outputs per data channel; ``nll(out, x)`` returns [B] nats
 (or [k, B] when out carries k leading samples and x broadcasts against it, as in IWAE);
-``mean(out)`` returns the image to show, in [0, 1]. Log-densities are computed in float32
+``mean(out)`` returns the image to show, in [0, 1]; ``density`` says whether nll is a
+negative log-density (nats: the negative ELBO and its bounds mean something), and
+``adversarial`` gives the terms of a discriminator on x that it trains (auxiliary.py), if
+any. Log-densities are computed in float32
 even when the decoder ran under autocast. ``tokens`` says whether it also scores token
 sequences (int64 [B, L]; out [N, V], the logits of x's N non-<pad> positions).
 """
@@ -10,12 +13,14 @@ sequences (int64 [B, L]; out [N, V], the logits of x's N non-<pad> positions).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.errors import UserError
+from vae_cli.objective.auxiliary import Auxiliary
 from vae_cli.tokens import is_tokens, scored
 
 
@@ -24,10 +29,19 @@ def _per_example(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(-3).sum(-1)
 
 
-class Likelihood(nn.Module):
+class Likelihood(Auxiliary, nn.Module):
     option = "likelihood"  # its name in the loss group, for messages
     out_mult: int = 1
     tokens: bool = False
+    density: bool = True
+
+    def adversarial(self, out: torch.Tensor, recon: torch.Tensor,
+                    last_layer: Callable[[], nn.Parameter], step: int | None
+                    ) -> dict[str, torch.Tensor]:
+        """The terms of its adversary on x for decoder output ``out`` whose batch-mean
+        nll is ``recon``: "adv" enters the loss, the rest are logged; {} without one.
+        ``step``: the training step (None outside training)."""
+        return {}
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

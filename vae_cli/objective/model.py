@@ -36,6 +36,11 @@ class VAE(nn.Module):
         prior.bind(self.posterior)
         prior.attach(family)
 
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's last weight tensor (LDM's ``decoder.conv_out.weight``): where an
+        adversarial loss compares its gradient with the reconstruction's."""
+        return [p for p in self.decoder.parameters() if p.dim() > 1][-1]
+
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0

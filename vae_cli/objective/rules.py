@@ -161,6 +161,13 @@ def iw_needs_a_kl_type_divergence(d: Design) -> str | None:
         "importance-weighted form: use divergence=kl or trainer.iw_samples=1"))
 
 
+def iw_needs_a_density(d: Design) -> str | None:
+    if d.iw_samples > 1 and d.likelihood is not None and not d.likelihood.density:
+        return (f"loss={d.likelihood.option} is not a log-density, so there are no "
+                "importance weights to average: use trainer.iw_samples=1")
+    return None
+
+
 def iw_needs_a_factor_schedule(d: Design) -> str | None:
     if d.iw_samples > 1 and not d.schedule.multiplicative:
         return (f"schedule={type(d.schedule).__name__.lower()} is not a factor on the "
@@ -238,6 +245,7 @@ RULES: tuple[Callable[[Design], str | None], ...] = (
     codes_need_the_uniform_prior,
     codes_need_kl,
     iw_needs_a_kl_type_divergence,
+    iw_needs_a_density,
     iw_needs_a_factor_schedule,
     iw_needs_densities_of_codes,
     dip_needs_the_normal_prior,

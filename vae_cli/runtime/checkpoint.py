@@ -86,7 +86,11 @@ def _malformed(ckpt: dict) -> str | None:
                                   and all(isinstance(t, str) for t in vocab["itos"])
                                   and isinstance(vocab.get("tokens"), str)):
         return "its vocabulary"
-    for key in ("optim", "state", "rng", "divergence", "aux_optim", "scaler", "lr_scheduler"):
+    for key in ("optim", "state", "rng", "divergence", "scaler", "lr_scheduler"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
             return f"its {key!r} is not a mapping"
+    aux = ckpt.get("aux_optim")  # a list of states (one mapping before there were several)
+    if aux is not None and not isinstance(aux, dict) and not (
+            isinstance(aux, list) and all(isinstance(a, dict) for a in aux)):
+        return "its 'aux_optim' is not a list of mappings"
     return None

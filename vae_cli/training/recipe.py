@@ -93,10 +93,9 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     limits.check_parameters(size, cfg)
     objective = objective.to(device)
     opt = build_optimizer(cfg.optim, objective.main_parameters(), t.compile)
-    div = objective.divergence
-    aux_opt = div.auxiliary_optimizer() if div.auxiliary_steps else None
+    aux_opts = [a.auxiliary_optimizer() for a in objective.auxiliaries()]
     stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
-                      t.precision, shard, aux_opt, distributed.average_grads,
+                      t.precision, shard, aux_opts, distributed.average_grads,
                       scaler=torch.amp.GradScaler(device.type) if t.precision == "fp16"
                       else None, grad_clip=t.grad_clip)
     schedule = instantiate("lr_scheduler", cfg.lr_scheduler, opt, epochs=t.epochs,
@@ -168,8 +167,10 @@ def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSche
         objective.model.load_state_dict(ckpt["model"])
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})
         load_optimizer(stepper.opt, ckpt["optim"])
-        if stepper.aux_opt is not None:
-            stepper.aux_opt.load_state_dict(ckpt["aux_optim"])
+        saved = ckpt.get("aux_optim")  # one state dict before there could be several
+        saved = [saved] if isinstance(saved, dict) else saved or []
+        for opt, state in zip(stepper.aux_opts, saved, strict=True):
+            opt.load_state_dict(state)
         if stepper.scaler is not None and ckpt.get("scaler"):
             stepper.scaler.load_state_dict(ckpt["scaler"])
         schedule.load_state_dict(ckpt.get("lr_scheduler") or {})
@@ -261,7 +262,7 @@ def save_checkpoint(run: Run, path: Path) -> Path:
         "model": run.objective.model.state_dict(),
         "divergence": run.objective.divergence.state_dict(),
         "optim": stepper.opt.state_dict(),
-        "aux_optim": stepper.aux_opt.state_dict() if stepper.aux_opt else None,
+        "aux_optim": [opt.state_dict() for opt in stepper.aux_opts],
         "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
         "lr_scheduler": run.lr_schedule.state_dict(),
         "ema": run.ema.state_dict() if run.ema else None,

@@ -2,8 +2,8 @@
 
 The order, in one place: forward (under autocast) -> backward (loss-scaled under fp16) ->
 unscale -> gradient clipping -> ``after_backward`` hooks (gradients final) -> optimizer step
--> auxiliary steps (a divergence's own network, e.g. the critic) -> ``after_update`` hooks
-(LR schedule, EMA of weights).
+-> auxiliary steps (networks the objective trains for itself: a divergence's critic, a
+loss's discriminator) -> ``after_update`` hooks (LR schedule, EMA of weights).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vae_cli.objective.auxiliary import Auxiliary, Detached
 from vae_cli.objective.bounds import Objective
-from vae_cli.objective.divergences import Divergence
 from vae_cli.objective.parallel import Shard
-from vae_cli.objective.priors import Prior
 from vae_cli.runtime.device import autocast
 
 
@@ -34,7 +33,8 @@ class Hooks:
 @dataclass
 class Stepper:
     """Takes optimizer steps on batches: ``net`` is the objective as trained (possibly
-    DDP-wrapped and compiled), ``objective`` the same parameters unwrapped."""
+    DDP-wrapped and compiled), ``objective`` the same parameters unwrapped; ``aux_opts``
+    the optimizers of ``objective.auxiliaries()``, in that order."""
 
     net: nn.Module
     objective: Objective
@@ -42,7 +42,7 @@ class Stepper:
     device: torch.device
     precision: str = "fp32"
     shard: Shard = Shard()
-    aux_opt: torch.optim.Optimizer | None = None
+    aux_opts: list[torch.optim.Optimizer] = field(default_factory=list)
     reduce_grads: Callable[[list[nn.Parameter]], None] = lambda params: None
     hooks: Hooks = field(default_factory=Hooks)
     scaler: torch.amp.GradScaler | None = None  # fp16: loss scaling keeps small grads
@@ -52,24 +52,40 @@ class Stepper:
     def __call__(self, x: torch.Tensor, step: int, y: torch.Tensor | None = None,
                  scale: float = 1.0, update: bool = True) -> dict[str, torch.Tensor]:
         """One step on batch x (with its labels y, for a conditional model), the
-        ``step``-th; returns the batch's terms (on device), with ``grad_norm`` (the norm
-        before clipping) when clipping is on. Gradient accumulation: the loss's gradient,
-        times ``scale``, adds to those of the batches before it since the last update, and
-        the optimizer steps only when ``update``."""
+        ``step``-th; returns the batch's terms (on device), then those of the update:
+        ``grad_norm`` (the norm before clipping) when clipping is on, and the losses of
+        the auxiliary networks that log one. Gradient accumulation: the loss's gradient,
+        times ``scale``, adds to those of the batches before it since the last update,
+        and the optimizer steps only when ``update``. A batch without an update reports
+        its update terms as 0 and the update's as ``1 / scale`` times their value, so an
+        epoch's mean per batch is their mean per update, weighted by group size."""
         with autocast(self.device, self.precision):
-            terms, z = self.net(x, step, self.shard, y)
+            terms, batch = self.net(x, step, self.shard, y)
         if self.fresh:
             self.opt.zero_grad(set_to_none=True)
         loss = terms["loss"] * scale if scale != 1.0 else terms["loss"]
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self.fresh = update
         if not update:
-            return terms
+            zero = terms["loss"].detach().new_zeros(())
+            return {**terms, **{k: zero for k in self.update_terms()}}
+        made = self.update(step, batch)
+        return {**terms, **{k: v / scale for k, v in made.items()}}
+
+    def update_terms(self) -> list[str]:
+        """The names of the terms an update adds, in order."""
+        aux = [a.logged for a in self.objective.auxiliaries() if a.logged]
+        return (["grad_norm"] if self.grad_clip is not None else []) + aux
+
+    def update(self, step: int, batch: Detached) -> dict[str, torch.Tensor]:
+        """The optimizer step on the summed gradients, then the auxiliary steps and the
+        after_update hooks."""
+        made: dict[str, torch.Tensor] = {}
         if self.scaler:
             self.scaler.unscale_(self.opt)  # the clip threshold is in true gradient units
         if self.grad_clip is not None:
             params = [p for g in self.opt.param_groups for p in g["params"]]
-            terms = {**terms, "grad_norm": nn.utils.clip_grad_norm_(params, self.grad_clip)}
+            made["grad_norm"] = nn.utils.clip_grad_norm_(params, self.grad_clip)
         for hook in self.hooks.after_backward:
             hook()
         if self.scaler:
@@ -77,31 +93,35 @@ class Stepper:
             self.scaler.update()
         else:
             self.opt.step()
-        if self.aux_opt is not None:
-            auxiliary_step(self.objective.divergence, self.objective.model.prior,
-                           self.aux_opt, z, self.reduce_grads)
+        for aux, opt in zip(self.objective.auxiliaries(), self.aux_opts, strict=True):
+            loss = batch.x.new_zeros(())
+            if step >= aux.auxiliary_start:
+                loss = auxiliary_step(aux, opt, batch, self.reduce_grads)
+            if aux.logged:
+                made[aux.logged] = loss
         for hook in self.hooks.after_update:
             hook(step + 1)
-        return terms
+        return made
 
 
-def auxiliary_step(div: Divergence, prior: Prior, opt: torch.optim.Optimizer,
-                   z: torch.Tensor, reduce_grads: Callable[[list[nn.Parameter]], None]
-                   ) -> None:
-    """The divergence's own network trained on this batch's (detached) latents. Its
-    parameters take gradients only here, so the main backward never reaches them and data
-    parallelism leaves them to ``reduce_grads``."""
-    params = div.auxiliary_parameters()
+def auxiliary_step(aux: Auxiliary, opt: torch.optim.Optimizer, batch: Detached,
+                   reduce_grads: Callable[[list[nn.Parameter]], None]) -> torch.Tensor:
+    """An auxiliary network trained on this step's detached tensors; returns its last
+    loss. Its parameters take gradients only here, so the main backward never reaches them
+    and data parallelism leaves them to ``reduce_grads``."""
+    params = aux.auxiliary_parameters()
+    batch = batch._replace(z=batch.z.float())
     for p in params:
         p.requires_grad_(True)
     try:
-        for _ in range(div.auxiliary_steps):
-            loss = div.auxiliary_loss(z.float(), prior)
+        for _ in range(aux.auxiliary_steps):
+            loss = aux.auxiliary_loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             reduce_grads(params)  # replicas step alike under data parallelism
             opt.step()
-            div.after_auxiliary_step(z.float(), prior)
+            aux.after_auxiliary_step(batch)
     finally:
         for p in params:
             p.requires_grad_(False)
+    return loss.detach()
