@@ -24,7 +24,7 @@ ALLOWED = {
     "export": {"config", "objective", "nets", "runtime"},
     "reports": {"objective", "data", "evaluation", "runtime"},
     "training": {"config", "objective", "data", "evaluation", "reports", "runtime"},
-    "commands": {"config", "objective", "data", "evaluation", "samplers", "export",
+    "commands": {"config", "objective", "nets", "data", "evaluation", "samplers", "export",
                  "reports", "runtime", "training"},
 }
 

@@ -151,3 +151,51 @@ def test_training_starts_from_a_diffusers_autoencoderkl_folder(compose_cfg, tmp_
     (tmp_path / "broken" / "config.json").write_text(json.dumps({"_class_name": "x"}))
     with pytest.raises(UserError, match="cannot be loaded as a diffusers AutoencoderKL"):
         objective(compose_cfg, f"model.init_from={tmp_path / 'broken'}")
+
+
+def test_tiles_are_decoded_at_the_tile_size_and_blended_only_at_their_seams(compose_cfg):
+    from vae_cli.nets.ldm import decode_any_size, reconstruct_any_size
+
+    torch.manual_seed(0)
+    model = objective(compose_cfg).model.eval()
+    dec = model.decoder
+    x = torch.rand(2, 1, 16, 16)
+    # an image of the training size is not tiled: the model's own reconstruction
+    whole = model.likelihood.mean(reconstruct_any_size(dec, x, 16))
+    assert torch.allclose(whole, model.reconstruct(x), atol=1e-6)
+    # a 4 x 16 x 16 latent map (32 px) in tiles of 8 latents (16 px) overlapping by 2:
+    # the first tile's unblended part is that tile decoded alone, which the whole map's
+    # decoding (GroupNorm statistics and attention over all of it) is not
+    z = torch.randn(1, 4, 16, 16)
+    tiled = decode_any_size(dec, z, 16)
+    with torch.no_grad():
+        alone = (dec.decoder(dec.post_quant_conv(z[:, :, :8, :8])) + 1) / 2
+        untiled = decode_any_size(dec, z, 32)
+    assert tiled.shape == (1, 1, 32, 32)
+    assert torch.allclose(tiled[..., :12, :12], alone[..., :12, :12], atol=1e-6)
+    assert not torch.allclose(untiled[..., :12, :12], alone[..., :12, :12], atol=1e-3)
+    with pytest.raises(UserError, match="multiple of 4 x 2"):
+        dec.tiled(20)
+
+
+def test_eval_and_sample_read_and_write_larger_images_in_tiles(ldm_run, finished_run,
+                                                               tmp_path):
+    from PIL import Image
+
+    ckpt = f"ckpt={ldm_run / 'checkpoints/best.pt'}"
+    in_process("eval", ckpt, "eval.image_size=32", "eval.iw_samples=0", "fd.samples=0",
+               "eval.max_examples=8", "eval.disentanglement.metrics=[]",
+               f"out_dir={tmp_path}", cwd=tmp_path)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 < result["psnr_32px"] < 100 and 0 < result["ssim_32px"] <= 1
+    in_process("sample", ckpt, "image_size=48", "num_samples=2", "pictures=false",
+               f"out_dir={tmp_path}", cwd=tmp_path)
+    grid = Image.open(tmp_path / "samples_48px_seed0.png")
+    assert min(grid.size) >= 48
+    for args, why in ((("eval", f"ckpt={finished_run / 'checkpoints/last.pt'}",
+                        "eval.image_size=64"), "eval.image_size needs model=ldm"),
+                      (("sample", ckpt, "image_size=33"), "not a multiple of the model's "
+                                                         "factor 2"),
+                      (("sample", ckpt, "image_size=32", "tile=12"), "multiple of 4 x 2")):
+        done = in_process(*args, f"out_dir={tmp_path}", cwd=tmp_path, check=False)
+        assert done.returncode == 2 and why in done.stderr and done.stderr.count("\n") == 1

@@ -91,6 +91,16 @@ def test_the_nll_is_l1_plus_lpips_at_every_pixel_in_the_latent_diffusion_units(
     assert blurred[0] < blurred[1] < blurred[2]
 
 
+def test_a_discriminator_leaves_the_models_initial_weights_as_they_were(compose_cfg):
+    weights = []
+    for extra in (["loss.disc_weight=0"], ["loss.disc_weight=0.5"]):
+        torch.manual_seed(3)
+        model = objective(compose_cfg, *GAN, *extra).model
+        weights.append({k: v for k, v in model.state_dict().items()
+                        if not k.startswith("likelihood.")})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_the_discriminator_trains_only_in_its_own_step_and_only_from_disc_start(
         compose_cfg):
     obj = objective(compose_cfg, *gan(2))

@@ -20,9 +20,10 @@ from vae_cli.evaluation.diagnostics import encode_all, mean_encoder, posterior_s
 from vae_cli.evaluation.disentanglement.suite import Intervention, score
 from vae_cli.evaluation.evaluate import evaluate
 from vae_cli.evaluation.features import extractor
-from vae_cli.evaluation.fidelity import fidelity
+from vae_cli.evaluation.fidelity import fidelity, fidelity_any_size
 from vae_cli.evaluation.frechet import fd_score, reconstruction_fd
 from vae_cli.evaluation.likelihood import iwae_bound
+from vae_cli.nets.ldm import tile_for
 from vae_cli.objective.model import VAE
 from vae_cli.reports.tables import table
 from vae_cli.runtime.device import resolve_device
@@ -63,6 +64,9 @@ def run(cfg: DictConfig) -> dict:
     e = cfg.eval
     objective, ckpt = load_trained(cfg.ckpt, resolve_device(cfg.device))
     model = objective.model
+    tile = None
+    if e.image_size:  # refused before any work when the model cannot take another size
+        tile = tile_for(model.decoder, e.tile, "eval.image_size", e.image_size)
     data = load_data(ckpt, cfg.dataset, next(objective.parameters()).device)
     x, factors = data.split(e.split), data.factors.get(e.split)
     check_metrics(list(e.disentanglement.metrics), factors is not None, data.name)
@@ -89,6 +93,8 @@ def run(cfg: DictConfig) -> dict:
     encoded = encode_all(model, x, batch, labels)
     if not model.autoregressive:  # images: PSNR and SSIM of the reconstructions
         result.update(fidelity(model, x, encoded[0], batch, labels, e.lpips))
+    if e.image_size:  # tiled, at another size than the training one
+        result.update(resized_fidelity(cfg, model, ckpt, tile))
     result.update(posterior_stats(model, x, batch, encoded=encoded))
     if factors is not None:
         result.update(disentanglement(cfg, model, data, encoded[0], factors))
@@ -108,6 +114,15 @@ def run(cfg: DictConfig) -> dict:
     print(table(result))
     log.info("wrote %s", path)
     return result
+
+
+def resized_fidelity(cfg: DictConfig, model, ckpt: dict, tile: int) -> dict:
+    """PSNR, SSIM (and LPIPS) of the split read at eval.image_size, encoded and decoded in
+    tiles of ``tile`` px (model=ldm)."""
+    e = cfg.eval
+    data = load_data(ckpt, cfg.dataset, next(model.parameters()).device, e.image_size)
+    x = data.split(e.split)[: e.max_examples or None]
+    return fidelity_any_size(model, x, e.batch_size, tile, e.lpips)
 
 
 def frechet(cfg: DictConfig, model, data, x: torch.Tensor, sampler, ckpt: dict,

@@ -20,8 +20,10 @@ from vae_cli.data.vocab import Vocab
 from vae_cli.errors import UserError
 from vae_cli.evaluation.features import extractor
 from vae_cli.evaluation.frechet import fd_score
+from vae_cli.nets.ldm import decode_any_size, tile_for
 from vae_cli.objective.model import VAE
-from vae_cli.reports.images import sample_draws, save_samples
+from vae_cli.objective.priors import NormalPrior
+from vae_cli.reports.images import sample_draws, save_grid, save_samples
 from vae_cli.reports.pictures import write_curves, write_data_pictures
 from vae_cli.reports.text_outputs import sample_text
 from vae_cli.runtime.device import resolve_device
@@ -42,6 +44,7 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"fd.samples={cfg.fd.samples}: the Fréchet distance scores images, "
                         "and this is a text model; leave fd.samples=0")
     sampler, settings = build_sampler(cfg.sampler, model)
+    tile = large_tile(cfg, model, sampler) if cfg.image_size else None
     out_dir = Path(cfg.out_dir) if cfg.out_dir else RunFolder.of_checkpoint(cfg.ckpt).path
     data = None
     if sampler.needs_fit or cfg.fd.samples:  # both need the data; without it, one line
@@ -63,12 +66,36 @@ def run(cfg: DictConfig) -> Path:
             saved["labels"] = labels.cpu()
         torch.save(saved, main.with_suffix(".pt"))
         written = [main, main.with_suffix(".pt")]
+    if cfg.image_size:
+        written.append(large_samples(cfg, model, tile, out_dir))
     if cfg.fd.samples:
         written.append(score(cfg, model, sampler, data, ckpt, main.with_suffix(".json")))
     if cfg.pictures:
         written += pictures(cfg, model, ckpt, data, out_dir)
     print("wrote " + ", ".join(str(p) for p in written))
     return main
+
+
+def large_tile(cfg: DictConfig, model: VAE, sampler) -> int:
+    """The tile size for samples of cfg.image_size px, or one line why there are none:
+    model=ldm with prior=normal, whose prior is the same at every position of the map
+    and so extends to a larger one."""
+    tile = tile_for(model.decoder, cfg.tile, "image_size", cfg.image_size)
+    if sampler.name != "prior" or not isinstance(model.prior, NormalPrior):
+        raise UserError("image_size draws latent maps from N(0, I) at every position: it "
+                        "needs prior=normal and sampler=prior")
+    return tile
+
+
+def large_samples(cfg: DictConfig, model: VAE, tile: int, out_dir: Path) -> Path:
+    """cfg.num_samples latent maps of N(0, I) for images of cfg.image_size px, decoded in
+    tiles of ``tile`` px."""
+    c, side = model.decoder.grid[0], cfg.image_size // model.decoder.factor
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    z = torch.randn(cfg.num_samples, c, side, side, device=device)
+    images = model.likelihood.mean(decode_any_size(model.decoder, z, tile))
+    return save_grid(images.cpu(), out_dir / f"samples_{cfg.image_size}px_seed{cfg.seed}.png")
 
 
 def score(cfg: DictConfig, model: VAE, sampler, data: Splits, ckpt: dict, path: Path) -> Path:

@@ -112,9 +112,11 @@ WHERE = ("root", "download", "path", "val_path", "test_path", "urls", "stream", 
          "prefetch")
 
 
-def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device) -> Splits:
+def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device,
+              image_size: int | None = None) -> Splits:
     """The dataset a checkpoint was trained on (its own config, with non-null command-line
-    keys such as dataset.root laid over it), on the given device. Text is encoded with the
+    keys such as dataset.root laid over it), on the given device; read at another
+    ``image_size`` when given (a model that reads any size). Text is encoded with the
     checkpoint's own vocabulary, never one rebuilt from the file."""
     check_saved(ckpt["config"]["dataset"], "dataset")
     node = OmegaConf.create(ckpt["config"]["dataset"])
@@ -127,6 +129,11 @@ def load_data(ckpt: dict, overrides: DictConfig | None, device: torch.device) ->
                             "trained on; only where the data is (dataset.root, dataset.path) "
                             "may change")
         node[key] = value
+    if image_size is not None:
+        if "image_size" not in node:
+            raise UserError(f"dataset={str(node.get('_target_')).rpartition('.')[2]} has one "
+                            "size: it cannot be read at another image_size")
+        node["image_size"] = image_size
     check_targets(node, "dataset")
     check_component("dataset", node)
     vocab = Vocab.from_state(ckpt.get("vocab"))

@@ -100,6 +100,8 @@ class EvalConfig:
     mig_bins: int = 20
     max_examples: int | None = None
     lpips: str | None = None  # torchvision | an LPIPS state dict file: LPIPS of reconstructions
+    image_size: int | None = None  # model=ldm: also PSNR/SSIM/LPIPS at this size, tiled
+    tile: int | None = None  # the tiles' size in px (None: the training size)
     disentanglement: DisentanglementConfig = dataclasses.field(
         default_factory=DisentanglementConfig)
 
@@ -148,6 +150,8 @@ class SampleCommand:
     pictures: bool = True
     split: str = "test"
     label: int | None = None  # a conditional model: draw this class only (None: every class)
+    image_size: int | None = None  # model=ldm: decode latent maps of this size, tiled
+    tile: int | None = None  # the tiles' size in px (None: the training size)
     dataset: dict[str, Any] = dataclasses.field(default_factory=dataset_overrides)
     sampler: dict[str, Any] = dataclasses.field(default_factory=prior_sampler)
     fd: FrechetConfig = dataclasses.field(default_factory=lambda: FrechetConfig(samples=0))
@@ -322,8 +326,9 @@ def validate_eval(cfg: DictConfig) -> DictConfig:
              eval__mig_bins=e.mig_bins)
     if e.iw_samples < 0:
         raise UserError(f"eval.iw_samples={e.iw_samples!r} must be >= 0 (0 skips the bound)")
-    if e.max_examples is not None:
-        positive(eval__max_examples=e.max_examples)
+    for key in ("max_examples", "image_size", "tile"):
+        if e[key] is not None:
+            positive(**{f"eval__{key}": e[key]})
     if e.lpips not in (None, "torchvision") and not Path(e.lpips).expanduser().is_file():
         raise UserError(f"eval.lpips={e.lpips} is neither torchvision nor a file")
     check_disentanglement(e.disentanglement)
@@ -359,6 +364,9 @@ def check_disentanglement(d: DictConfig) -> None:
 def validate_sample(cfg: DictConfig) -> DictConfig:
     cfg = reader_command(cfg, SampleCommand)
     positive(num_samples=cfg.num_samples)
+    for key in ("image_size", "tile"):
+        if cfg[key] is not None:
+            positive(**{key: cfg[key]})
     if cfg.temperature < 0:
         raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: greedy only)")
     if cfg.split not in SPLITS:

@@ -61,9 +61,31 @@ def fidelity(model: VAE, x: torch.Tensor, means: torch.Tensor, batch_size: int,
              labels: torch.Tensor | None = None, lpips: str | None = None
              ) -> dict[str, float]:
     """Mean PSNR and SSIM of the reconstructions of a split (image models), and LPIPS
-    with the ``lpips`` weights when given (nets.lpips). The reconstructions are
-    decoded from the posterior means already computed for the split (``means``, as
-    ``encode_all`` gives them): the encoder does not run over the split again."""
+    with the ``lpips`` weights when given (nets.lpips). The reconstructions are decoded
+    from the posterior means already computed for the split (``means``, as ``encode_all``
+    gives them): the encoder does not run over the split again."""
+    def decoded(i: int, xb: torch.Tensor, yb: torch.Tensor | None) -> torch.Tensor:
+        mu = means[i * batch_size:(i + 1) * batch_size].to(xb.device)
+        return model.generate(mu, y=yb)
+    return image_scores(model, x, labels, batch_size, decoded, lpips)
+
+
+@torch.no_grad()
+def fidelity_any_size(model: VAE, x: torch.Tensor, batch_size: int, tile: int,
+                      lpips: str | None = None) -> dict[str, float]:
+    """The same scores for images of another size than the training one (model=ldm),
+    encoded and decoded in tiles of ``tile`` px; keys end in ``_<size>px``."""
+    from vae_cli.nets.ldm import reconstruct_any_size
+
+    def decoded(i: int, xb: torch.Tensor, yb: torch.Tensor | None) -> torch.Tensor:
+        return model.likelihood.mean(reconstruct_any_size(model.decoder, xb, tile))
+    scores = image_scores(model, x, None, batch_size, decoded, lpips)
+    return {f"{k}_{x.shape[-1]}px": v for k, v in scores.items()}
+
+
+def image_scores(model: VAE, x: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
+                 decoded, lpips: str | None) -> dict[str, float]:  # noqa: ANN001
+    """PSNR, SSIM (and LPIPS) of ``decoded(i, xb, yb)``, batch i's reconstructions."""
     net = None
     if lpips is not None:
         from vae_cli.nets.lpips import lpips_distance, lpips_network
@@ -73,8 +95,7 @@ def fidelity(model: VAE, x: torch.Tensor, means: torch.Tensor, batch_size: int,
     model.eval()
     sums, n = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}, 0
     for i, (xb, yb) in enumerate(labelled(x, labels, batch_size)):
-        mu = means[i * batch_size:(i + 1) * batch_size].to(xb.device)
-        r = model.generate(mu, y=yb).clamp(0, 1)
+        r = decoded(i, xb, yb).clamp(0, 1)
         sums["psnr"] += float(psnr(r, xb).clamp(max=100).sum())  # a copy: 100 dB, not inf
         sums["ssim"] += float(ssim(r, xb).sum())
         if net is not None:

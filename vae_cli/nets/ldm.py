@@ -48,15 +48,60 @@ class LDMDecoder(nn.Module):
     """z [B, latent x h x w] -> the likelihood's parameters [B, C x out_mult, H, W], the
     image mean in [0, 1] units."""
 
-    def __init__(self, post_quant_conv: nn.Module, decoder: nn.Module,
-                 grid: tuple[int, int, int], config: dict[str, Any]):
+    def __init__(self, autoencoder: nn.Module, grid: tuple[int, int, int],
+                 config: dict[str, Any]):
         super().__init__()
-        self.post_quant_conv, self.decoder, self.grid = post_quant_conv, decoder, grid
+        self.post_quant_conv, self.decoder = autoencoder.post_quant_conv, autoencoder.decoder
+        self.grid, self.factor = grid, 2 ** (len(config["block_out_channels"]) - 1)
         self.config = config  # the AutoencoderKL these networks are (vae export)
+        # the same modules as one AutoencoderKL, for its tiling (kept out of the state dict)
+        self.__dict__["autoencoder"] = autoencoder
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.post_quant_conv(z.reshape(z.shape[0], *self.grid))
         return (self.decoder(h) + 1) / 2
+
+    def tiled(self, tile: int) -> nn.Module:
+        """The AutoencoderKL of these modules with diffusers' tiling on: an image larger
+        than ``tile`` px (a latent map larger than tile / f) is encoded (decoded) in
+        overlapping tiles of that size, blended at the seams, so memory stays that of one
+        tile and each tile is seen at the size the networks trained on."""
+        if tile % (4 * self.factor):
+            raise UserError(f"a tile of {tile} px must be a multiple of 4 x {self.factor} "
+                            "(the overlap is a quarter of a tile, in whole latents)")
+        ae = self.autoencoder
+        ae.enable_tiling()
+        ae.tile_sample_min_size, ae.tile_latent_min_size = tile, tile // self.factor
+        return ae
+
+
+def tile_for(decoder: nn.Module, tile: int | None, key: str, size: int) -> int:
+    """The tile size for a model asked (by ``key``) for images of ``size`` px: the
+    training size unless given; one line for a model or a size that cannot be."""
+    if not isinstance(decoder, LDMDecoder):
+        raise UserError(f"{key} needs model=ldm, whose convolutional networks read and "
+                        "write images of any size")
+    if size % decoder.factor:
+        raise UserError(f"{key}={size} is not a multiple of the model's factor "
+                        f"{decoder.factor}")
+    tile = tile if tile is not None else decoder.config["sample_size"]
+    decoder.tiled(tile)  # a tile that cannot overlap in whole latents: refused here
+    return tile
+
+
+@torch.no_grad()
+def reconstruct_any_size(decoder: LDMDecoder, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """The decoder's output [B, C', H, W] ([0, 1] units) for the posterior means of images
+    x [B, C, H, W] of any size that is a multiple of f, tiled beyond ``tile`` px."""
+    ae = decoder.tiled(tile)
+    mean = ae.encode(x * 2 - 1).latent_dist.mean
+    return (ae.decode(mean).sample + 1) / 2
+
+
+@torch.no_grad()
+def decode_any_size(decoder: LDMDecoder, z: torch.Tensor, tile: int) -> torch.Tensor:
+    """The decoder's output for latent maps z [B, latent, h, w] of any size."""
+    return (decoder.tiled(tile).decode(z).sample + 1) / 2
 
 
 def autoencoder_config(c: int, out_channels: int, size: int, latent_dim: int, ch: int,
@@ -93,7 +138,7 @@ def build(latent_dim: int = 4, ch: int = 128, ch_mult: list[int] = (1, 2, 4, 4),
         load_pretrained(ae, init_from, config)
     grid = (latent_dim, h // factor, w // factor)
     return Networks(LDMEncoder(ae.encoder, ae.quant_conv),
-                    LDMDecoder(ae.post_quant_conv, ae.decoder, grid, config), grid=grid[1:])
+                    LDMDecoder(ae, grid, config), grid=grid[1:])
 
 
 def check(ch: int, ch_mult: list[int], num_res_blocks: int, norm_groups: int, h: int, w: int,

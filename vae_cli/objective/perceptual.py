@@ -123,7 +123,11 @@ class Perceptual(Likelihood):
         self.disc_weight, self.disc_loss = float(disc_weight), disc_loss
         self.disc_lr, self.disc_betas = float(disc_lr), tuple(disc_betas)
         if self.disc_weight:
-            self.discriminator = PatchDiscriminator(shape[0], disc_ch, disc_layers)
+            # drawn from a stream of its own: the model's initial weights are the same with
+            # or without a discriminator, so runs differ only where its term enters
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed())
+                self.discriminator = PatchDiscriminator(shape[0], disc_ch, disc_layers)
             self.discriminator.requires_grad_(False)  # trained by the auxiliary step only
             self.auxiliary_steps, self.auxiliary_start = 1, int(disc_start)
 
