@@ -41,6 +41,7 @@ class TrainerConfig:
     iw_samples: int = 1  # > 1 trains on the IWAE bound (KL-family divergences only)
     detect_anomaly: bool = False  # torch.autograd anomaly mode: names the op that made NaN
     compile: bool = False  # torch.compile the training step (model forward and optimizer)
+    cuda_graph: bool = False  # the graph-safe step, captured into a CUDA graph on CUDA
     grad_clip: float | None = None  # max total gradient norm (after fp16 unscaling)
     ema: float | None = None  # decay of an exponential moving average of the weights
     bucket: bool = False  # token data: batches of lines of similar length (less padding)

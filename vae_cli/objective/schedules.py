@@ -5,6 +5,10 @@ Protocol: ``term(div, weight, step)`` returns the term added to the reconstructi
 of the schedule, which evaluation uses so scores do not depend on when they were taken.
 A ``multiplicative`` schedule's term is ``factor(step) * weight * div``, so the same factor
 can scale the log-weights inside an importance-weighted bound (see bounds.py).
+
+``step`` may also be a float64 device tensor (the graph-safe step, training/graph.py):
+the factor is then computed on the device in float64, the arithmetic Python does, and
+enters the term as the same float32 number.
 """
 
 from __future__ import annotations
@@ -14,6 +18,19 @@ import math
 import torch
 
 from vae_cli.errors import UserError
+
+Step = int | torch.Tensor | None
+
+
+def at_most_one(v: float | torch.Tensor) -> float | torch.Tensor:
+    """min(1, v), for a number or a tensor."""
+    return v.clamp(max=1.0) if isinstance(v, torch.Tensor) else min(1.0, v)
+
+
+def as_factor(f: float | torch.Tensor, div: torch.Tensor) -> float | torch.Tensor:
+    """A factor on div as the ordinary step applies it: a tensor in div's dtype (a
+    Python number is cast to it by the multiplication itself)."""
+    return f.to(div.dtype) if isinstance(f, torch.Tensor) else f
 
 
 class Schedule:
@@ -25,11 +42,11 @@ class Schedule:
         a validation loss measured while the objective still moves says little)."""
         return 0
 
-    def factor(self, step: int | None) -> float:
+    def factor(self, step: Step) -> float | torch.Tensor:
         return 1.0
 
-    def term(self, div: torch.Tensor, weight: float, step: int | None) -> torch.Tensor:
-        return weight * self.factor(step) * div
+    def term(self, div: torch.Tensor, weight: float, step: Step) -> torch.Tensor:
+        return as_factor(weight * self.factor(step), div) * div
 
 
 class Constant(Schedule):
@@ -49,10 +66,10 @@ class Linear(Schedule):
     def settles_at(self) -> int:
         return self.warmup_steps
 
-    def factor(self, step: int | None) -> float:
+    def factor(self, step: Step) -> float | torch.Tensor:
         if step is None:
             return 1.0
-        return self.start + (1 - self.start) * min(1.0, step / self.warmup_steps)
+        return self.start + (1 - self.start) * at_most_one(step / self.warmup_steps)
 
 
 class Logistic(Schedule):
@@ -69,10 +86,11 @@ class Logistic(Schedule):
     def settles_at(self) -> int:
         return self.midpoint + math.ceil(math.log(999) / self.k)  # factor >= 0.999
 
-    def factor(self, step: int | None) -> float:
+    def factor(self, step: Step) -> float | torch.Tensor:
         if step is None:
             return 1.0
-        return 1.0 / (1.0 + math.exp(-self.k * (step - self.midpoint)))
+        exp = torch.exp if isinstance(step, torch.Tensor) else math.exp
+        return 1.0 / (1.0 + exp(-self.k * (step - self.midpoint)))
 
 
 class Cyclical(Schedule):
@@ -89,11 +107,13 @@ class Cyclical(Schedule):
     def settles_at(self) -> int:  # the end of the last cycle's ramp
         return self.cycle_steps * (self.cycles - 1) + math.ceil(self.ramp * self.cycle_steps)
 
-    def factor(self, step: int | None) -> float:
-        if step is None or step >= self.cycle_steps * self.cycles:
+    def factor(self, step: Step) -> float | torch.Tensor:
+        if step is None:
             return 1.0
-        phase = (step % self.cycle_steps) / self.cycle_steps
-        return min(1.0, phase / self.ramp)
+        ramp = at_most_one((step % self.cycle_steps) / self.cycle_steps / self.ramp)
+        if isinstance(step, torch.Tensor):
+            return torch.where(step >= self.cycle_steps * self.cycles, 1.0, ramp)
+        return 1.0 if step >= self.cycle_steps * self.cycles else ramp
 
 
 class Capacity(Schedule):
@@ -111,8 +131,8 @@ class Capacity(Schedule):
     def settles_at(self) -> int:
         return self.steps
 
-    def capacity(self, step: int | None) -> float:
-        return self.c_max if step is None else self.c_max * min(1.0, step / self.steps)
+    def capacity(self, step: Step) -> float | torch.Tensor:
+        return self.c_max if step is None else self.c_max * at_most_one(step / self.steps)
 
-    def term(self, div: torch.Tensor, weight: float, step: int | None) -> torch.Tensor:
-        return self.gamma * weight * (div - self.capacity(step)).abs()
+    def term(self, div: torch.Tensor, weight: float, step: Step) -> torch.Tensor:
+        return self.gamma * weight * (div - as_factor(self.capacity(step), div)).abs()

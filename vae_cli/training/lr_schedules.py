@@ -18,6 +18,13 @@ from vae_cli.errors import UserError
 Per = Literal["step", "epoch", "val"]
 
 
+def plain(v: object) -> object:
+    """0-dim tensors (in a list too) as Python numbers."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        return v.item()
+    return [plain(u) for u in v] if isinstance(v, list) else v
+
+
 class LRSchedule:
     """No schedule: the optimizer's lr throughout (``lr_scheduler=none``)."""
 
@@ -46,7 +53,11 @@ class LRSchedule:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict:
-        return self.scheduler.state_dict() if self.scheduler is not None else {}
+        """Its torch scheduler's state, numbers as numbers: a graph-safe run keeps the lr
+        as a device tensor, and its checkpoint must resume anywhere."""
+        if self.scheduler is None:
+            return {}
+        return {k: plain(v) for k, v in self.scheduler.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
         """A saved state of the same shape as this schedule's own: torch's schedulers take

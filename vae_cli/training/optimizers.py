@@ -4,12 +4,14 @@ torch.optim that published recipes need."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.config.components import instantiate
+from vae_cli.config.registry import locate
 
 
 class NormalizedAdam(torch.optim.Adam):
@@ -38,14 +40,20 @@ def optimizer_settings(cfg: DictConfig) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
-def build_optimizer(cfg: DictConfig, params: list, compiled: bool = True
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DictConfig, params: list, compiled: bool = True,
+                    capturable: bool = False) -> torch.optim.Optimizer:
     """A torch.optim optimizer named by ``optim._target_`` (allow-listed to torch.optim).
 
     For an eager step (``compiled=False``), torch's one-kernel update where the optimizer,
     the device and this torch have one: the per-tensor loop it replaces took a quarter of a
-    small MLP's eager CPU step; same maths. A compiled step fuses the loop itself."""
-    node = OmegaConf.create({"_target_": cfg._target_, **optimizer_settings(cfg)})
+    small MLP's eager CPU step; same maths. A compiled step fuses the loop itself.
+    ``capturable``: its state on the device, for a step captured in a CUDA graph (where
+    the optimizer has the option; SGD keeps no step count and needs none)."""
+    settings = optimizer_settings(cfg)
+    if capturable and "capturable" in inspect.signature(
+            locate("optim", cfg._target_)).parameters:
+        settings["capturable"] = True
+    node = OmegaConf.create({"_target_": cfg._target_, **settings})
     if not compiled:  # torch's own range checks (momentum < 0...): instantiate's one line
         with contextlib.suppress(RuntimeError):  # no fused kernel for these parameters
             return instantiate("optim", node, params, fused=True)

@@ -29,6 +29,7 @@ from vae_cli.runtime import checkpoint, distributed
 from vae_cli.runtime.device import resolve_device
 from vae_cli.runtime.rng import rng_state, seed_all, set_rng_state
 from vae_cli.runtime.run_folder import RunFolder, read_metrics, write_metrics
+from vae_cli.training import graph
 from vae_cli.training.ema import WeightAverage
 from vae_cli.training.loop import StopRequested, train_epoch
 from vae_cli.training.lr_schedules import LRSchedule
@@ -92,7 +93,11 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     size = sum(p.numel() for p in objective.parameters())
     limits.check_parameters(size, cfg)
     objective = objective.to(device)
-    opt = build_optimizer(cfg.optim, objective.main_parameters(), t.compile)
+    why = graph.refusal(objective, t, shard.world) if t.cuda_graph else None
+    if why:
+        raise UserError(why)
+    capture = t.cuda_graph and device.type == "cuda"
+    opt = build_optimizer(cfg.optim, objective.main_parameters(), t.compile, capture)
     aux_opts = [a.auxiliary_optimizer() for a in objective.auxiliaries()]
     stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
                       t.precision, shard, aux_opts, distributed.average_grads,
@@ -107,6 +112,8 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
         check_position(ckpt, cfg)
         check_schedule_span(ckpt, cfg, schedule)
         state = restore(ckpt, objective, stepper, schedule, ema, cfg, order, ckpt_path)
+    if t.cuda_graph:  # after restore: the saved lr becomes the device tensor it updates
+        stepper = graph.graph_safe(stepper, capture)
     stepper.hooks.after_update.append(lambda step: schedule.advance("step"))
     if ema:
         stepper.hooks.after_update.append(lambda step: ema.update())
@@ -192,10 +199,13 @@ def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSche
 def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
     """The saved moments and settings, with this process's implementation choice (a run
     saved fused on one device may continue where that kernel is missing, or compiled)."""
-    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+    chosen = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
+              for g in opt.param_groups]
     opt.load_state_dict(saved)
     for group, keep in zip(opt.param_groups, chosen, strict=True):
         group.update(keep)
+        if isinstance(group["lr"], torch.Tensor):  # saved by a graph-safe run
+            group["lr"] = float(group["lr"])
 
 
 def override_settings(opt: torch.optim.Optimizer, optim_cfg: DictConfig, ckpt: dict,
