@@ -26,9 +26,11 @@ from vae_cli.training.step import Stepper
 pytest.importorskip("lpips")
 
 # the tiny LDM of test_ldm with a 2-layer PatchGAN (16 px -> a 2 x 2 logit map)
-def gan(start: int = 0) -> list[str]:
-    return ["loss=perceptual", "loss.perceptual_weight=0", "loss.disc_layers=2",
-            "loss.disc_ch=8", f"loss.disc_start={start}", "optim.lr=1e-3"]
+def gan(start: int = 0, lpips: object = None) -> list[str]:
+    """The loss with a small discriminator, LPIPS with the ``lpips`` weights if given."""
+    perceptual = [f"loss.lpips={lpips}"] if lpips else ["loss.perceptual_weight=0"]
+    return ["loss=perceptual", *perceptual, "loss.disc_layers=2", "loss.disc_ch=8",
+            f"loss.disc_start={start}", "optim.lr=1e-3"]
 
 
 GAN = gan()
@@ -162,20 +164,39 @@ def test_settings_the_loss_cannot_take_are_one_line(compose_cfg, override, why):
 
 
 def test_lpips_weights_are_needed_only_for_the_perceptual_term(compose_cfg, tmp_path):
+    lik = objective(compose_cfg, "loss=perceptual", f"loss.lpips={tmp_path / 'none.pt'}",
+                    "loss.disc_weight=0").model.likelihood  # a reader of the model needs none
     with pytest.raises(UserError, match="do not exist"):
-        objective(compose_cfg, "loss=perceptual", f"loss.lpips={tmp_path / 'none.pt'}",
-                  "loss.disc_weight=0")
+        lik.ready()
     with pytest.raises(UserError, match="needs loss.lpips"):
         objective(compose_cfg, "loss=perceptual", "loss.lpips=null", "loss.disc_weight=0")
     assert objective(compose_cfg, *GAN, "loss.lpips=null").model.likelihood.lpips_net is None
 
 
-def _train(tmp, name, *extra):
-    in_process("train", *TINY_LDM, *gan(3), "dataset.n_train=64",
+def _train(tmp, name, *extra, lpips=None):
+    in_process("train", *TINY_LDM, *gan(3, lpips), "dataset.n_train=64",
                "dataset.n_val=16", "dataset.n_test=16", f"dataset.root={tmp / 'data'}",
                "trainer.batch_size=16", "trainer.pictures=false",
                f"hydra.run.dir={tmp / name}", *extra, cwd=tmp)
     return tmp / name
+
+
+def test_a_run_whose_lpips_weights_are_gone_still_samples_and_exports(tmp_path,
+                                                                      lpips_file):
+    import shutil
+
+    weights = tmp_path / "lpips.pt"
+    missing = in_process("train", *TINY_LDM, *gan(3, weights), f"hydra.run.dir={tmp_path}/no",
+                         cwd=tmp_path, check=False)  # training stops before any step
+    assert missing.returncode == 2 and "do not exist" in missing.stderr
+    assert missing.stderr.count("\n") == 1 and not (tmp_path / "no/checkpoints").exists()
+    shutil.copy(lpips_file, weights)
+    run = _train(tmp_path, "run", "trainer.epochs=1", lpips=weights)
+    weights.unlink()
+    ckpt = f"ckpt={run / 'checkpoints/last.pt'}"
+    in_process("sample", ckpt, "num_samples=2", "pictures=false", cwd=tmp_path)
+    in_process("export", ckpt, "format=diffusers", f"out_dir={tmp_path / 'ae'}", cwd=tmp_path)
+    assert (tmp_path / "ae" / "config.json").is_file()
 
 
 def test_a_run_with_the_discriminator_resumes_bit_for_bit(tmp_path):

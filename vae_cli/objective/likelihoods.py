@@ -35,6 +35,11 @@ class Likelihood(Auxiliary, nn.Module):
     tokens: bool = False
     density: bool = True
 
+    def ready(self) -> None:
+        """Load what computing the loss needs beyond the weights (LPIPS's network), so
+        that training stops on it in one line before any step; reading a trained model
+        (sampling, exporting) needs none of it."""
+
     def adversarial(self, out: torch.Tensor, recon: torch.Tensor,
                     last_layer: Callable[[], nn.Parameter], step: int | None
                     ) -> dict[str, torch.Tensor]:

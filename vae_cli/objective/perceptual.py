@@ -114,12 +114,9 @@ class Perceptual(Likelihood):
             self.logvar = nn.Parameter(value)
         else:
             self.register_buffer("logvar", value)
-        # the frozen LPIPS network is kept out of the state dict: weights the user has
-        self.__dict__["lpips_net"] = None
-        if self.perceptual_weight:
-            from vae_cli.nets.lpips import lpips_network
-
-            self.__dict__["lpips_net"] = lpips_network(lpips)
+        # the frozen LPIPS network is kept out of the state dict (weights the user has),
+        # loaded when a loss is first needed: sampling or exporting a model needs none
+        self.lpips, self.__dict__["loaded"] = lpips, None
         self.disc_weight, self.disc_loss = float(disc_weight), disc_loss
         self.disc_lr, self.disc_betas = float(disc_lr), tuple(disc_betas)
         if self.disc_weight:
@@ -130,6 +127,17 @@ class Perceptual(Likelihood):
                 self.discriminator = PatchDiscriminator(shape[0], disc_ch, disc_layers)
             self.discriminator.requires_grad_(False)  # trained by the auxiliary step only
             self.auxiliary_steps, self.auxiliary_start = 1, int(disc_start)
+
+    def ready(self) -> None:
+        if self.perceptual_weight and self.loaded is None:
+            from vae_cli.nets.lpips import lpips_network
+
+            self.__dict__["loaded"] = lpips_network(self.lpips)
+
+    @property
+    def lpips_net(self) -> nn.Module | None:
+        self.ready()
+        return self.loaded
 
     def distance(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """LPIPS per example for any leading dims, [...]: images in [0, 1]."""

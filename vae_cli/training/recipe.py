@@ -90,6 +90,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
         data.check_class_ids()
     objective = build_objective(cfg, data.shape, len(data.train),
                                 data.vocab and len(data.vocab), data.num_classes)
+    objective.model.likelihood.ready()
     size = sum(p.numel() for p in objective.parameters())
     limits.check_parameters(size, cfg)
     objective = objective.to(device)
