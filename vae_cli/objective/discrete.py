@@ -349,11 +349,8 @@ class VectorQuantizer(Discrete):
         commit = (q.ze - q.zq.detach()).pow(2).flatten(1).sum(1).mean()
         codebook = (q.ze.detach() - q.zq).pow(2).flatten(1).sum(1).mean()
         penalty = self.beta * commit + (0 if self.ema else codebook)
-        counts = torch.bincount(q.indices.flatten(), minlength=self.k).float()
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
         return {"penalty": penalty, "commit": commit, "codebook": codebook.detach(),
-                "perplexity": perplexity, "usage": (counts > 0).float().mean()}
+                **usage(q.indices, self.k)}
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         hh, ww = self.hw
@@ -374,6 +371,15 @@ class VectorQuantizer(Discrete):
             return self.embed(torch.randint(self.k, (n, hh, ww), device=device))
 
         return UniformCodes(hh * ww, self.k, latent_dim, draw)
+
+
+def usage(indices: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """How a batch uses K codes: the perplexity exp(H) of their frequencies (K when used
+    evenly) and the fraction used at least once."""
+    counts = torch.bincount(indices.flatten(), minlength=k).float()
+    p = counts / counts.sum()
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return {"perplexity": perplexity, "usage": (counts > 0).float().mean()}
 
 
 class UniformPrior(Prior):

@@ -124,7 +124,7 @@ def codes_need_the_uniform_prior(d: Design) -> str | None:
                 "prior=uniform (a learned prior over its codes is fitted after training: "
                 "vae sample sampler=pixelcnn)")
     if getattr(d.prior, "discrete", False) and not d.family.discrete:
-        return ("prior=uniform is the prior of a discrete latent (posterior=vq or gumbel), "
+        return ("prior=uniform is the prior of a discrete latent (posterior=vq, fsq or gumbel), "
                 f"not of posterior={d.family.option}")
     return None
 

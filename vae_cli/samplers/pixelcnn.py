@@ -199,7 +199,7 @@ class PixelCNNSampler(Sampler):
     def _bind(self, prior: Any) -> None:
         problem = protocol_problem(prior)
         if problem:
-            raise UserError(f"sampler=pixelcnn needs a discrete latent (posterior=vq or "
+            raise UserError(f"sampler=pixelcnn needs a discrete latent (posterior=vq, fsq or "
                             f"posterior=gumbel); this model's prior, "
                             f"{type(prior).__name__}, is not a grid of codes ({problem})")
         if prior.latent_dim != self.latent_dim:

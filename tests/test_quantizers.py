@@ -1,0 +1,87 @@
+"""posterior=fsq: its codes are exactly the lattice of its levels, the K = prod(levels)
+indices name them one to one, gradients pass straight through the rounding to the bound,
+and a model with it trains, reports its code usage and has the PixelCNN prior fitted over
+its codes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hostile import in_process
+
+from vae_cli.errors import UserError
+from vae_cli.objective.quantizers import FiniteScalar
+
+LEVELS = [3, 4, 5]
+
+
+def fsq(levels=LEVELS, hw=(2, 2)) -> FiniteScalar:
+    f = FiniteScalar(levels, latent_dim=len(levels))
+    f.hw = hw
+    return f
+
+
+def test_every_value_is_a_lattice_point_and_every_lattice_point_is_reached():
+    f = fsq()
+    torch.manual_seed(0)
+    q = f(torch.randn(256, 3, 2, 2) * 4)  # wide inputs reach the ends of every channel
+    for d, n in enumerate(LEVELS):
+        values = set(q.zq[:, d].flatten().tolist())
+        lattice = {(k - n // 2) / (n // 2) for k in range(n)}
+        assert values == lattice, (n, values)  # L values exactly, not L + 1
+    assert f.classes == 60 and set(q.indices.flatten().tolist()) <= set(range(60))
+    # the indices are a mixed-radix numbering of the lattice: one to one, both ways
+    every = torch.arange(60).view(60, 1, 1).expand(60, 2, 2)
+    z = f.embed(every)
+    assert torch.equal(f.codes(z), every)
+    points = {tuple(z[i].view(3, 4)[:, 0].tolist()) for i in range(60)}
+    assert points == set(itertools.product(*[[(k - n // 2) / (n // 2) for k in range(n)]
+                                             for n in LEVELS]))
+    assert torch.equal(f.embed(q.indices), q.zq.flatten(1))
+    assert torch.equal(f.snap(q.zq.flatten(1)), q.zq.flatten(1))
+
+
+def test_the_bound_is_zero_at_zero_and_gradients_pass_straight_through():
+    f = fsq()
+    assert torch.equal(f.bound(torch.zeros(1, 3, 1, 1)), torch.zeros(1, 3, 1, 1))
+    h = torch.randn(4, 3, 2, 2, requires_grad=True)
+    q = f(h)
+    z = q.draw(None, (), 0)
+    assert torch.equal(z.detach(), q.zq.flatten(1))  # forward: the lattice point
+    (grad,) = torch.autograd.grad(z.sum(), h)
+    n = torch.tensor(LEVELS, dtype=torch.float32).view(1, 3, 1, 1)
+    half_l, offset = (n - 1) * (1 + 1e-3) / 2, torch.where(n % 2 == 0, 0.5, 0.0)
+    t = torch.tanh(h.detach() + torch.atanh(offset / half_l))
+    expected = (1 - t ** 2) * half_l / torch.div(n, 2, rounding_mode="floor")
+    assert torch.allclose(grad, expected, atol=1e-6)  # d bound / dh, rounding skipped
+
+
+def test_levels_that_do_not_fit_the_latent_are_one_line():
+    with pytest.raises(UserError, match="set model.latent_dim=3 or give one level"):
+        FiniteScalar(LEVELS, latent_dim=8)
+    with pytest.raises(UserError, match="integers >= 2"):
+        FiniteScalar([4, 1], latent_dim=2)
+
+
+def test_fsq_trains_reports_code_usage_and_fits_the_pixelcnn_prior(tmp_path):
+    run = tmp_path / "run"
+    in_process("train", "experiment=fsq_shapes", "dataset.n_train=128", "dataset.n_val=32",
+               "dataset.n_test=32", "trainer.epochs=1", "trainer.batch_size=32",
+               "trainer.num_images=4", f"dataset.root={tmp_path / 'data'}",
+               f"hydra.run.dir={run}", cwd=tmp_path)
+    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
+    values = dict(zip(header.split(","), row.split(","), strict=True))
+    assert 1 <= float(values["train_perplexity"]) <= 1000
+    assert 0 < float(values["train_usage"]) <= 1
+    assert float(values["val_div"]) == pytest.approx(64 * math.log(1000), rel=1e-5)
+    in_process("sample", f"ckpt={run / 'checkpoints/last.pt'}", "sampler=pixelcnn",
+               "sampler.epochs=1", "sampler.layers=2", "num_samples=4", "pictures=false",
+               cwd=tmp_path)
+    assert (run / "samples_pixelcnn_seed0.png").is_file()
+    in_process("eval", f"ckpt={run / 'checkpoints/last.pt'}", "eval.iw_samples=2",
+               "fd.samples=0", "eval.disentanglement.metrics=[]", cwd=tmp_path)
+    assert math.isfinite(json.loads((run / "eval.json").read_text())["nll_iwae"])
