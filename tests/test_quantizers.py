@@ -14,7 +14,7 @@ import torch
 from hostile import in_process
 
 from vae_cli.errors import UserError
-from vae_cli.objective.quantizers import FiniteScalar
+from vae_cli.objective.quantizers import FiniteScalar, ResidualVQ
 
 LEVELS = [3, 4, 5]
 
@@ -85,3 +85,55 @@ def test_fsq_trains_reports_code_usage_and_fits_the_pixelcnn_prior(tmp_path):
     in_process("eval", f"ckpt={run / 'checkpoints/last.pt'}", "eval.iw_samples=2",
                "fd.samples=0", "eval.disentanglement.metrics=[]", cwd=tmp_path)
     assert math.isfinite(json.loads((run / "eval.json").read_text())["nll_iwae"])
+
+
+def rvq(n: int = 4, dropout: bool = False) -> ResidualVQ:
+    r = ResidualVQ(quantizers=n, codes=16, latent_dim=3, dropout=dropout, decay=0.8)
+    r.hw = (2, 2)
+    return r
+
+
+def test_each_residual_stage_lowers_the_error_on_fixed_data():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 2, 2)
+    r = rvq().train()
+    for _ in range(30):  # the EMA codebooks fit the data and their residuals
+        r(x)
+    r.eval()
+    q = r(x)
+    codes = [stage.embed(q.indices[:, s]).view_as(x) for s, stage in enumerate(r.stages)]
+    errors = [(x - sum(codes[:n])).pow(2).sum().item() for n in range(1, 5)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0], errors
+    assert torch.allclose(q.zq, sum(codes))
+    # the codes of the encoder's map are the stages' indices, stacked: N H x W
+    assert torch.equal(r.codes(x.flatten(1)), q.indices.flatten(1, 2))
+    assert torch.allclose(r.embed(r.codes(x.flatten(1))), q.zq.flatten(1))
+    assert r.grid == (8, 2) and r.classes == 16
+
+
+def test_quantizer_dropout_keeps_a_prefix_of_the_stages_per_example():
+    torch.manual_seed(1)
+    x = torch.randn(256, 3, 2, 2)
+    r = rvq(dropout=True).train()
+    q = r(x)
+    keep = r.kept(256, x.device)  # a fresh draw, for its shape and form
+    assert ((keep[:, 1:] <= keep[:, :-1]).all() and (keep[:, 0] == 1).all())
+    # some examples decode fewer stages than others: their commitment terms stop early
+    stages_used = (q.commit > 0).sum(1)
+    assert stages_used.min() >= 1 and stages_used.max() == 4 and stages_used.float().std() > 0
+
+
+def test_rvq_trains_reports_each_stages_usage_and_fits_the_pixelcnn_prior(tmp_path):
+    run = tmp_path / "run"
+    in_process("train", "experiment=rvq_shapes", "dataset.n_train=128", "dataset.n_val=32",
+               "dataset.n_test=32", "trainer.epochs=1", "trainer.batch_size=32",
+               "trainer.num_images=4", f"dataset.root={tmp_path / 'data'}",
+               f"hydra.run.dir={run}", cwd=tmp_path)
+    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
+    values = dict(zip(header.split(","), row.split(","), strict=True))
+    assert all(0 < float(values[f"train_usage_{s}"]) <= 1 for s in range(1, 5))
+    assert float(values["val_div"]) == pytest.approx(4 * 64 * math.log(64), rel=1e-5)
+    in_process("sample", f"ckpt={run / 'checkpoints/last.pt'}", "sampler=pixelcnn",
+               "sampler.epochs=1", "sampler.layers=2", "num_samples=4", "pictures=false",
+               cwd=tmp_path)
+    assert (run / "samples_pixelcnn_seed0.png").is_file()

@@ -9,6 +9,13 @@ fitted over their codes afterwards).
   even L (so rounding gives L values, not L + 1) and s = atanh(o / ((L - 1)(1 + 1e-3) / 2))
   (so f(0) = 0); z_q = round(f(z)) / (L // 2), in [-1, 1]. Gradients pass straight through
   the rounding to f(z).
+- ``rvq`` (residual VQ; Zeghidour et al. 2021, SoundStream): ``quantizers`` VQ codebooks
+  (each as ``posterior=vq``'s, EMA-trained, dead codes restarted), the first quantizing the
+  encoder's map, each next one what the ones before left; z_q is their sum, gradients
+  straight through to the map, each stage's commitment term on its own residual. With
+  ``dropout`` each training example keeps only its first n ~ U{1..N} stages, so any prefix
+  decodes (bitrate scalability). The codes are N maps of K, stacked: a grid of N H x W
+  positions (the PixelCNN prior reads them stage after stage), K^N values per position.
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ import torch
 from torch.distributions import Distribution
 
 from vae_cli.errors import UserError
-from vae_cli.objective.discrete import Discrete, Quantized, UniformCodes, usage
+from vae_cli.objective.discrete import (
+    Discrete,
+    Quantized,
+    UniformCodes,
+    VectorQuantizer,
+    usage,
+)
+from vae_cli.objective.parallel import AllSum
 
 
 class FiniteScalar(Discrete):
@@ -106,3 +120,113 @@ class FiniteScalar(Discrete):
                                             device=self.basis.device))
 
         return UniformCodes(hh * ww, self.classes, latent_dim, draw)
+
+
+class Residuals(Quantized):
+    """q(z|x) of residual VQ: a point mass on the sum of the kept stages' codes, with each
+    stage's commitment term [B] and code indices [B, N, H, W]."""
+
+    def __init__(self, ze: torch.Tensor, zq: torch.Tensor, indices: torch.Tensor,
+                 commit: torch.Tensor):
+        super().__init__(ze, zq, indices)
+        self.commit = commit
+
+
+class ResidualVQ(Discrete):
+    option = "rvq"
+    spatial = True
+    deterministic = True
+
+    def __init__(self, quantizers: int = 4, codes: int = 256, commitment: float = 0.25,
+                 decay: float = 0.99, epsilon: float = 1e-5, restart: float = 1.0,
+                 dropout: bool = False, *, latent_dim: int):
+        super().__init__()
+        if quantizers < 1:
+            raise UserError(f"posterior.quantizers={quantizers} must be >= 1")
+        self.stages = torch.nn.ModuleList(
+            VectorQuantizer(codes, commitment, True, decay, epsilon, restart,
+                            latent_dim=latent_dim) for _ in range(quantizers))
+        self.k, self.beta, self.dropout = codes, commitment, dropout
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.stages[0].hw
+
+    @hw.setter
+    def hw(self, hw: tuple[int, int]) -> None:
+        for stage in self.stages:
+            stage.hw = hw
+
+    def distribute(self, all_sum: AllSum) -> None:
+        for stage in self.stages:
+            stage.distribute(all_sum)
+
+    def outputs(self, latent_dim: int) -> int:
+        return latent_dim
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return len(self.stages) * self.hw[0], self.hw[1]
+
+    @property
+    def classes(self) -> int:
+        return self.k
+
+    def kept(self, b: int, device: torch.device) -> torch.Tensor:
+        """[B, N] 1 for the stages each example keeps: its first n ~ U{1..N} under
+        quantizer dropout in training, all of them otherwise."""
+        n = len(self.stages)
+        if not (self.training and self.dropout):
+            return torch.ones(b, n, device=device)
+        first = torch.randint(1, n + 1, (b, 1), device=device)
+        return (torch.arange(n, device=device) < first).float()
+
+    def forward(self, h: torch.Tensor) -> Residuals:
+        ze = h.float()
+        keep = self.kept(len(ze), ze.device)
+        residual, total = ze, torch.zeros_like(ze)
+        commits, indices = [], []
+        for s, stage in enumerate(self.stages):
+            q = stage(residual.detach() if s else residual)
+            m = keep[:, s].view(-1, 1, 1, 1)
+            commits.append(((residual - q.zq.detach()).pow(2) * m).flatten(1).sum(1))
+            total = total + m * q.zq
+            residual = residual - q.zq.detach()
+            indices.append(q.indices)
+        return Residuals(ze, total, torch.stack(indices, 1), torch.stack(commits, 1))
+
+    def terms(self, q: Residuals) -> dict[str, torch.Tensor]:
+        """The commitment terms (per example, summed over stages and the grid) as the
+        penalty, and each stage's code usage."""
+        commit = q.commit.sum(1).mean()
+        out = {"penalty": self.beta * commit, "commit": commit.detach()}
+        for s in range(len(self.stages)):
+            for name, v in usage(q.indices[:, s], self.k).items():
+                out[f"{name}_{s + 1}"] = v
+        return out
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        hh, ww = self.hw
+        residual = z.float().view(len(z), -1, hh, ww)
+        found = []
+        for stage in self.stages:
+            idx = stage.codes(residual.flatten(1))
+            residual = residual - stage.embed(idx).view_as(residual)
+            found.append(idx)
+        return torch.cat(found, 1)  # [B, N H, W]
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        per = indices.view(len(indices), len(self.stages), *self.hw)
+        return sum(stage.embed(per[:, s]) for s, stage in enumerate(self.stages))
+
+    def snap(self, z: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.codes(z))
+
+    def uniform(self, latent_dim: int) -> Distribution:
+        rows, ww = self.grid
+
+        def draw(n: int) -> torch.Tensor:
+            device = self.stages[0].codebook.device
+            return self.embed(torch.randint(self.k, (n, rows, ww), device=device))
+
+        return UniformCodes(rows * ww, self.k, latent_dim, draw)
