@@ -14,7 +14,7 @@ import torch
 from hostile import in_process
 
 from vae_cli.errors import UserError
-from vae_cli.objective.quantizers import FiniteScalar, ResidualVQ
+from vae_cli.objective.quantizers import FiniteScalar, LookupFree, ResidualVQ
 
 LEVELS = [3, 4, 5]
 
@@ -137,3 +137,41 @@ def test_rvq_trains_reports_each_stages_usage_and_fits_the_pixelcnn_prior(tmp_pa
                "sampler.epochs=1", "sampler.layers=2", "num_samples=4", "pictures=false",
                cwd=tmp_path)
     assert (run / "samples_pixelcnn_seed0.png").is_file()
+
+
+def test_lfqs_codes_are_the_signs_and_its_entropies_equal_a_hand_enumeration():
+    lfq = LookupFree(temperature=0.5, latent_dim=2)
+    lfq.hw = (1, 2)
+    z = torch.tensor([[[[0.3, -0.2]], [[-0.1, 0.05]]]])  # one image, D = 2, two positions
+    q = lfq(z)
+    assert torch.equal(q.zq, torch.tensor([[[[1.0, -1.0]], [[-1.0, 1.0]]]]))
+    assert q.indices.tolist() == [[[1, 2]]]  # bit d of the code is channel d's sign
+    assert torch.equal(lfq.embed(q.indices), q.zq.flatten(1))
+    assert torch.equal(lfq.codes(q.ze.flatten(1)), q.indices)
+    codes = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+    points = z[0].flatten(1).T  # the positions' vectors, [2, D]
+    probs = torch.softmax(-torch.cdist(points, codes).pow(2) / 0.5, dim=1)  # all 4 codes
+    per = -(probs * probs.log()).sum(1).mean()
+    mean = probs.mean(0)
+    batch = -(mean * mean.log()).sum()
+    got = lfq.entropies(z)
+    assert torch.allclose(got[0], per, atol=1e-6) and torch.allclose(got[1], batch, atol=1e-6)
+    terms = lfq.terms(q)
+    commit = (z - q.zq).pow(2).sum()
+    assert torch.allclose(terms["penalty"], 0.1 * (per - batch) + 0.25 * commit, atol=1e-6)
+    with pytest.raises(UserError, match="must be 1 to 16"):
+        LookupFree(latent_dim=20)
+
+
+def test_lfq_trains_with_its_entropy_terms_in_the_metrics(tmp_path):
+    run = tmp_path / "run"
+    in_process("train", "dataset=shapes", "model=conv", "model.halvings=2", "posterior=lfq",
+               "prior=uniform", "divergence=kl", "model.latent_dim=8",
+               "dataset.n_train=128", "dataset.n_val=32", "dataset.n_test=32",
+               "trainer.epochs=1", "trainer.batch_size=32", "trainer.pictures=false",
+               f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
+    values = dict(zip(header.split(","), row.split(","), strict=True))
+    assert 0 <= float(values["train_entropy"]) <= 8 * math.log(2)
+    assert 0 < float(values["train_batch_entropy"]) <= 8 * math.log(2) + 1e-4
+    assert float(values["val_div"]) == pytest.approx(64 * 8 * math.log(2), rel=1e-5)

@@ -16,6 +16,12 @@ fitted over their codes afterwards).
   ``dropout`` each training example keeps only its first n ~ U{1..N} stages, so any prefix
   decodes (bitrate scalability). The codes are N maps of K, stacked: a grid of N H x W
   positions (the PixelCNN prior reads them stage after stage), K^N values per position.
+- ``lfq`` (lookup-free quantization; Yu et al. 2023, MAGVIT-v2): each channel of the map is
+  quantized to its sign, z_q in {-1, 1}^D, the code the binary number of its signs
+  (K = 2^D), straight-through gradients. Its penalty is ``entropy_weight`` x (the mean
+  entropy of each position's soft code distribution - ``diversity`` x the entropy of their
+  batch mean), q(c | z) proportional to exp(-|z - c|^2 / ``temperature``): confident codes,
+  all of them used. Plus the commitment term |z - sg(z_q)|^2.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Distribution
 
 from vae_cli.errors import UserError
@@ -230,3 +237,81 @@ class ResidualVQ(Discrete):
             return self.embed(torch.randint(self.k, (n, rows, ww), device=device))
 
         return UniformCodes(rows * ww, self.k, latent_dim, draw)
+
+
+class LookupFree(Discrete):
+    option = "lfq"
+    spatial = True
+    deterministic = True
+
+    def __init__(self, entropy_weight: float = 0.1, diversity: float = 1.0,
+                 temperature: float = 0.01, commitment: float = 0.25, *, latent_dim: int):
+        super().__init__()
+        if not 1 <= latent_dim <= 16:
+            raise UserError(f"posterior=lfq has 2^model.latent_dim codes and computes their "
+                            f"batch entropy exactly: model.latent_dim={latent_dim} must be "
+                            "1 to 16")
+        if entropy_weight < 0 or diversity < 0 or not temperature > 0 or commitment < 0:
+            raise UserError("posterior=lfq needs entropy_weight, diversity and commitment "
+                            ">= 0 and temperature > 0")
+        self.d, self.weight, self.diversity = latent_dim, entropy_weight, diversity
+        self.temperature, self.beta = temperature, commitment
+        bits = (torch.arange(2 ** latent_dim).unsqueeze(1) >> torch.arange(latent_dim)) & 1
+        self.register_buffer("bits", bits.float(), persistent=False)  # [K, D], bit d of k
+        self.hw: tuple[int, int] = (1, 1)
+
+    def outputs(self, latent_dim: int) -> int:
+        return latent_dim
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.hw
+
+    @property
+    def classes(self) -> int:
+        return 2 ** self.d
+
+    def forward(self, h: torch.Tensor) -> Quantized:
+        ze = h.float()
+        zq = torch.where(ze > 0, 1.0, -1.0)
+        weights = (2 ** torch.arange(self.d, device=ze.device)).view(-1, 1, 1)
+        indices = ((zq > 0).long() * weights).sum(1)
+        return Quantized(ze, zq, indices)
+
+    def entropies(self, ze: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean entropy of q(c | z) over positions, and the entropy of its mean. With
+        codes in {-1, 1}^D, |z - c|^2 differs between c_d = +1 and -1 by 4 z_d, so q
+        factorises: q(c_d = 1 | z) = sigmoid(4 z_d / temperature)."""
+        logits = 4 * ze.movedim(1, -1).reshape(-1, self.d) / self.temperature
+        up, down = F.logsigmoid(logits), F.logsigmoid(-logits)  # log q(c_d = +-1)
+        per = -(up.exp() * up + down.exp() * down).sum(1).mean()
+        log_q = up @ self.bits.T + down @ (1 - self.bits).T  # [M, K]
+        mean = log_q.exp().mean(0)
+        return per, -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+
+    def terms(self, q: Quantized) -> dict[str, torch.Tensor]:
+        per, batch = self.entropies(q.ze)
+        commit = (q.ze - q.zq).pow(2).flatten(1).sum(1).mean()
+        penalty = self.weight * (per - self.diversity * batch) + self.beta * commit
+        return {"penalty": penalty, "commit": commit.detach(), "entropy": per.detach(),
+                "batch_entropy": batch.detach(), **usage(q.indices, self.classes)}
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        maps = z.float().view(len(z), self.d, *self.hw)
+        weights = (2 ** torch.arange(self.d, device=z.device)).view(-1, 1, 1)
+        return ((maps > 0).long() * weights).sum(1)
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        return (self.bits[indices] * 2 - 1).movedim(-1, 1).flatten(1)
+
+    def snap(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.where(z > 0, 1.0, -1.0)
+
+    def uniform(self, latent_dim: int) -> Distribution:
+        hh, ww = self.hw
+
+        def draw(n: int) -> torch.Tensor:
+            return self.embed(torch.randint(self.classes, (n, hh, ww),
+                                            device=self.bits.device))
+
+        return UniformCodes(hh * ww, self.classes, latent_dim, draw)
