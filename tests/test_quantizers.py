@@ -175,3 +175,23 @@ def test_lfq_trains_with_its_entropy_terms_in_the_metrics(tmp_path):
     assert 0 <= float(values["train_entropy"]) <= 8 * math.log(2)
     assert 0 < float(values["train_batch_entropy"]) <= 8 * math.log(2) + 1e-4
     assert float(values["val_div"]) == pytest.approx(64 * 8 * math.log(2), rel=1e-5)
+
+
+def test_kmeans_initialisation_lowers_the_first_codebooks_distortion():
+    from vae_cli.objective.discrete import VectorQuantizer
+
+    torch.manual_seed(0)
+    centres = torch.randn(8, 3) * 5
+    x = (centres.repeat(32, 1) + 0.1 * torch.randn(256, 3)).view(256, 3, 1, 1)
+
+    def distortion(iterations: int) -> float:
+        torch.manual_seed(1)  # the same random picks before k-means
+        vq = VectorQuantizer(codes=8, kmeans=iterations, latent_dim=3).train()
+        vq.hw = (1, 1)
+        q = vq(x)
+        return (q.ze - q.zq).pow(2).sum().item()
+
+    d = [distortion(n) for n in (0, 1, 3, 10)]
+    assert d == sorted(d, reverse=True) and d[-1] < 0.5 * d[0], d  # Lloyd never worsens it
+    with pytest.raises(UserError, match="needs posterior.ema=true"):
+        VectorQuantizer(codes=8, kmeans=3, ema=False, latent_dim=3)

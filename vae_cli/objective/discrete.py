@@ -20,7 +20,9 @@ grid of codebook entries (VQ-VAE). Both are posterior families (``posterior=gumb
   Both terms are squared distances summed over the grid per example, as the
   log-likelihood is summed over pixels. Codes whose moving-average count falls under
   ``restart`` are restarted from random encoder outputs of the batch (Dhariwal et al.
-  2020), which also initialises the codebook from data at the first training step.
+  2020), which also initialises the codebook from data at the first training step; with
+  ``kmeans`` > 0 that initial codebook is refined by as many Lloyd iterations of k-means
+  over the first batch's encoder outputs (as vector-quantize-pytorch's ``kmeans_init``).
 
 Both expose their codes to the prior and to a learned prior fitted after training
 (``sampler=pixelcnn``): ``grid`` (H, W), ``classes`` K, ``codes(z)`` -> indices and
@@ -263,12 +265,17 @@ class VectorQuantizer(Discrete):
     deterministic = True  # q(z|x) is a point mass
 
     def __init__(self, codes: int = 512, commitment: float = 0.25, ema: bool = True,
-                 decay: float = 0.99, epsilon: float = 1e-5, restart: float = 1.0, *,
-                 latent_dim: int):
+                 decay: float = 0.99, epsilon: float = 1e-5, restart: float = 1.0,
+                 kmeans: int = 0, *, latent_dim: int):
         super().__init__()
         if codes < 2 or commitment < 0 or not 0 < decay < 1 or epsilon <= 0 or restart < 0:
             raise UserError("posterior=vq needs codes >= 2, commitment >= 0, 0 < decay < 1, "
                             "epsilon > 0 and restart >= 0")
+        if kmeans < 0 or (kmeans and not (ema and restart)):
+            raise UserError("posterior.kmeans refines the codebook's data initialisation: it "
+                            "needs posterior.ema=true and posterior.restart > 0, and >= 0 "
+                            "iterations")
+        self.kmeans = kmeans
         self.k, self.d, self.beta, self.ema = codes, latent_dim, commitment, ema
         self.decay, self.epsilon, self.restart = decay, epsilon, restart
         book = torch.randn(codes, latent_dim)
@@ -308,6 +315,7 @@ class VectorQuantizer(Discrete):
         flat = ze.permute(0, 2, 3, 1).reshape(-1, d)
         if self.training and self.ema and self.restart and not self.started:  # data init
             self.restart_codes(flat, torch.ones_like(self.ema_count, dtype=torch.bool))
+            self.lloyd(flat)
         idx = self.nearest(flat)
         zq = F.embedding(idx, self.codebook.float()).view(b, hh, ww, d).permute(0, 3, 1, 2)
         if self.training and self.ema:
@@ -330,6 +338,20 @@ class VectorQuantizer(Discrete):
         self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
         if self.restart:
             self.restart_codes(flat, self.ema_count < self.restart)
+
+    @torch.no_grad()
+    def lloyd(self, flat: torch.Tensor) -> None:
+        """``kmeans`` iterations of k-means from the current codebook over ``flat``: each
+        code moves to the mean of the vectors nearest to it (a code none is nearest to
+        stays). The moving averages start from the result."""
+        for _ in range(self.kmeans):
+            idx = self.nearest(flat)
+            rows = torch.cat([flat.new_ones(len(flat), 1), flat], 1)
+            both = flat.new_zeros(self.k, 1 + flat.shape[1]).index_add_(0, idx, rows)
+            counts, sums = both[:, :1], both[:, 1:]
+            moved = torch.where(counts > 0, sums / counts.clamp_min(1), self.codebook.float())
+            self.codebook.copy_(moved)
+            self.ema_sum.copy_(moved)
 
     @torch.no_grad()
     def restart_codes(self, flat: torch.Tensor, dead: torch.Tensor) -> None:

@@ -146,12 +146,12 @@ class ResidualVQ(Discrete):
 
     def __init__(self, quantizers: int = 4, codes: int = 256, commitment: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, restart: float = 1.0,
-                 dropout: bool = False, *, latent_dim: int):
+                 dropout: bool = False, kmeans: int = 0, *, latent_dim: int):
         super().__init__()
         if quantizers < 1:
             raise UserError(f"posterior.quantizers={quantizers} must be >= 1")
         self.stages = torch.nn.ModuleList(
-            VectorQuantizer(codes, commitment, True, decay, epsilon, restart,
+            VectorQuantizer(codes, commitment, True, decay, epsilon, restart, kmeans,
                             latent_dim=latent_dim) for _ in range(quantizers))
         self.k, self.beta, self.dropout = codes, commitment, dropout
 
