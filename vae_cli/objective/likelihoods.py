@@ -181,6 +181,26 @@ def sequence_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mask, nll).sum(-1)
 
 
+def bin_centres(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """[0, 1] pixels as the centres of their bins in [-1, 1] coordinates."""
+    return 2 * _levels(x, bins).float() / (bins - 1) - 1
+
+
+def bin_log_prob(y: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+                 bins: int) -> torch.Tensor:
+    """log of a logistic(loc, e^log_scale)'s mass on the bin [y - 1/(bins-1), y + 1/(bins-1)]
+    around each bin centre y in [-1, 1], the end bins open to +-infinity (broadcasting)."""
+    half, inv = 1.0 / (bins - 1), torch.exp(-log_scale)
+    plus, minus = inv * (y - loc + half), inv * (y - loc - half)
+    log_cdf_plus = F.logsigmoid(plus)  # log P(X <= upper edge), used at the bottom bin
+    log_sf_minus = F.logsigmoid(-minus)  # log P(X > lower edge), used at the top bin
+    # log(s(plus) - s(minus)) without cancellation: s(a) - s(b) = s(a) s(-b) (1 - e^(b-a)).
+    mid = F.logsigmoid(plus) + F.logsigmoid(-minus) + torch.log(
+        -torch.expm1(minus - plus).clamp(max=-1e-12))
+    return torch.where(y < -1 + half, log_cdf_plus, torch.where(y > 1 - half, log_sf_minus,
+                                                                mid))
+
+
 class DiscretizedLogistic(Likelihood):
     """Discretized logistic (Salimans et al. 2017, one component): the probability mass of
     the bin [x - 1/255, x + 1/255] in [-1, 1] coordinates, edges open to +-infinity."""
@@ -199,17 +219,8 @@ class DiscretizedLogistic(Likelihood):
 
     def nll(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         loc, log_scale = self._params(out)
-        y = 2 * _levels(x, self.bins).float() / (self.bins - 1) - 1
-        half, inv = 1.0 / (self.bins - 1), torch.exp(-log_scale)
-        plus, minus = inv * (y - loc + half), inv * (y - loc - half)
-        log_cdf_plus = F.logsigmoid(plus)  # log P(X <= upper edge), used at the bottom bin
-        log_sf_minus = F.logsigmoid(-minus)  # log P(X > lower edge), used at the top bin
-        # log(s(plus) - s(minus)) without cancellation: s(a) - s(b) = s(a) s(-b) (1 - e^(b-a)).
-        mid = F.logsigmoid(plus) + F.logsigmoid(-minus) + torch.log(
-            -torch.expm1(minus - plus).clamp(max=-1e-12))
-        logp = torch.where(y < -1 + half, log_cdf_plus, torch.where(y > 1 - half, log_sf_minus,
-                                                                    mid))
-        return -_per_example(logp)
+        return -_per_example(bin_log_prob(bin_centres(x, self.bins), loc, log_scale,
+                                          self.bins))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return ((self._params(out)[0] + 1) / 2).clamp(0, 1)
