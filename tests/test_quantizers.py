@@ -19,6 +19,17 @@ from vae_cli.objective.quantizers import FiniteScalar, LookupFree, ResidualVQ
 LEVELS = [3, 4, 5]
 
 
+def one_epoch(tmp_path, *overrides: str) -> tuple[object, dict[str, str]]:
+    """A run of one epoch on 128 shapes; its folder and its metrics.csv row."""
+    run = tmp_path / "run"
+    in_process("train", *overrides, "dataset.n_train=128", "dataset.n_val=32",
+               "dataset.n_test=32", "trainer.epochs=1", "trainer.batch_size=32",
+               "trainer.num_images=4", f"dataset.root={tmp_path / 'data'}",
+               f"hydra.run.dir={run}", cwd=tmp_path)
+    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
+    return run, dict(zip(header.split(","), row.split(","), strict=True))
+
+
 def fsq(levels=LEVELS, hw=(2, 2)) -> FiniteScalar:
     f = FiniteScalar(levels, latent_dim=len(levels))
     f.hw = hw
@@ -68,13 +79,7 @@ def test_levels_that_do_not_fit_the_latent_are_one_line():
 
 
 def test_fsq_trains_reports_code_usage_and_fits_the_pixelcnn_prior(tmp_path):
-    run = tmp_path / "run"
-    in_process("train", "experiment=fsq_shapes", "dataset.n_train=128", "dataset.n_val=32",
-               "dataset.n_test=32", "trainer.epochs=1", "trainer.batch_size=32",
-               "trainer.num_images=4", f"dataset.root={tmp_path / 'data'}",
-               f"hydra.run.dir={run}", cwd=tmp_path)
-    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
-    values = dict(zip(header.split(","), row.split(","), strict=True))
+    run, values = one_epoch(tmp_path, "experiment=fsq_shapes")
     assert 1 <= float(values["train_perplexity"]) <= 1000
     assert 0 < float(values["train_usage"]) <= 1
     assert float(values["val_div"]) == pytest.approx(64 * math.log(1000), rel=1e-5)
@@ -124,13 +129,7 @@ def test_quantizer_dropout_keeps_a_prefix_of_the_stages_per_example():
 
 
 def test_rvq_trains_reports_each_stages_usage_and_fits_the_pixelcnn_prior(tmp_path):
-    run = tmp_path / "run"
-    in_process("train", "experiment=rvq_shapes", "dataset.n_train=128", "dataset.n_val=32",
-               "dataset.n_test=32", "trainer.epochs=1", "trainer.batch_size=32",
-               "trainer.num_images=4", f"dataset.root={tmp_path / 'data'}",
-               f"hydra.run.dir={run}", cwd=tmp_path)
-    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
-    values = dict(zip(header.split(","), row.split(","), strict=True))
+    run, values = one_epoch(tmp_path, "experiment=rvq_shapes")
     assert all(0 < float(values[f"train_usage_{s}"]) <= 1 for s in range(1, 5))
     assert float(values["val_div"]) == pytest.approx(4 * 64 * math.log(64), rel=1e-5)
     in_process("sample", f"ckpt={run / 'checkpoints/last.pt'}", "sampler=pixelcnn",
@@ -164,14 +163,9 @@ def test_lfqs_codes_are_the_signs_and_its_entropies_equal_a_hand_enumeration():
 
 
 def test_lfq_trains_with_its_entropy_terms_in_the_metrics(tmp_path):
-    run = tmp_path / "run"
-    in_process("train", "dataset=shapes", "model=conv", "model.halvings=2", "posterior=lfq",
-               "prior=uniform", "divergence=kl", "model.latent_dim=8",
-               "dataset.n_train=128", "dataset.n_val=32", "dataset.n_test=32",
-               "trainer.epochs=1", "trainer.batch_size=32", "trainer.pictures=false",
-               f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}", cwd=tmp_path)
-    header, row = (run / "metrics.csv").read_text().splitlines()[:2]
-    values = dict(zip(header.split(","), row.split(","), strict=True))
+    _, values = one_epoch(tmp_path, "dataset=shapes", "model=conv", "model.halvings=2",
+                          "posterior=lfq", "prior=uniform", "divergence=kl",
+                          "model.latent_dim=8", "trainer.pictures=false")
     assert 0 <= float(values["train_entropy"]) <= 8 * math.log(2)
     assert 0 < float(values["train_batch_entropy"]) <= 8 * math.log(2) + 1e-4
     assert float(values["val_div"]) == pytest.approx(64 * 8 * math.log(2), rel=1e-5)

@@ -31,6 +31,7 @@ Both expose their codes to the prior and to a learned prior fitted after trainin
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -201,6 +202,41 @@ class Discrete(Posterior):
         raise NotImplementedError
 
 
+class CodeMap(Discrete):
+    """A quantizer of the encoder's feature map: a code at each position of its H x W grid
+    (``hw``, set by the model's builder) from the map's model.latent_dim channels; q(z|x)
+    is a point mass."""
+
+    spatial = True
+    deterministic = True
+
+    def __init__(self):
+        super().__init__()
+        self.hw: tuple[int, int] = (1, 1)
+
+    def outputs(self, latent_dim: int) -> int:
+        return latent_dim  # channels of the encoder's map
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.hw
+
+    def uniform(self, latent_dim: int) -> Distribution:
+        return uniform_codes(self, latent_dim)
+
+
+def uniform_codes(family: Discrete, latent_dim: int) -> UniformCodes:
+    """The uniform distribution over a family's codes: each of its grid's positions one of
+    its K classes, drawn as indices and embedded."""
+    rows, cols = family.grid
+
+    def draw(n: int) -> torch.Tensor:
+        device = next(itertools.chain(family.buffers(), family.parameters())).device
+        return family.embed(torch.randint(family.classes, (n, rows, cols), device=device))
+
+    return UniformCodes(rows * cols, family.classes, latent_dim, draw)
+
+
 class GumbelSoftmax(Discrete):
     """N categorical variables of ``classes`` classes (N = model.latent_dim / classes), their
     logits from the encoder; see the module docstring for the temperature."""
@@ -256,13 +292,11 @@ class GumbelSoftmax(Discrete):
         return Categoricals(self.flat)
 
 
-class VectorQuantizer(Discrete):
+class VectorQuantizer(CodeMap):
     """A codebook of ``codes`` vectors of model.latent_dim numbers (see the module
-    docstring). ``grid`` comes from the network (set by the model's builder)."""
+    docstring)."""
 
     option = "vq"
-    spatial = True
-    deterministic = True  # q(z|x) is a point mass
 
     def __init__(self, codes: int = 512, commitment: float = 0.25, ema: bool = True,
                  decay: float = 0.99, epsilon: float = 1e-5, restart: float = 1.0,
@@ -286,18 +320,10 @@ class VectorQuantizer(Discrete):
         self.register_buffer("ema_count", torch.ones(codes))
         self.register_buffer("ema_sum", book.clone())
         self.register_buffer("started", torch.tensor(False))
-        self.hw: tuple[int, int] = (1, 1)  # the encoder's map, set by the model's builder
         self.all_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
     def distribute(self, all_sum: AllSum) -> None:
         self.all_sum = all_sum
-
-    def outputs(self, latent_dim: int) -> int:
-        return latent_dim  # channels of the encoder's map
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.hw
 
     @property
     def classes(self) -> int:
@@ -384,15 +410,6 @@ class VectorQuantizer(Discrete):
 
     def snap(self, z: torch.Tensor) -> torch.Tensor:
         return self.embed(self.codes(z))
-
-    def uniform(self, latent_dim: int) -> Distribution:
-        hh, ww = self.hw
-        device = self.codebook.device
-
-        def draw(n: int) -> torch.Tensor:
-            return self.embed(torch.randint(self.k, (n, hh, ww), device=device))
-
-        return UniformCodes(hh * ww, self.k, latent_dim, draw)
 
 
 def usage(indices: torch.Tensor, k: int) -> dict[str, torch.Tensor]:

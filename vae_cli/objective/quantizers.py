@@ -34,19 +34,18 @@ from torch.distributions import Distribution
 
 from vae_cli.errors import UserError
 from vae_cli.objective.discrete import (
+    CodeMap,
     Discrete,
     Quantized,
-    UniformCodes,
     VectorQuantizer,
+    uniform_codes,
     usage,
 )
 from vae_cli.objective.parallel import AllSum
 
 
-class FiniteScalar(Discrete):
+class FiniteScalar(CodeMap):
     option = "fsq"
-    spatial = True
-    deterministic = True  # q(z|x) is a point mass
 
     def __init__(self, levels: list[int] = (8, 5, 5, 5), *, latent_dim: int):
         super().__init__()
@@ -64,14 +63,6 @@ class FiniteScalar(Discrete):
         self.register_buffer("basis", torch.tensor([math.prod(levels[:i])
                                                     for i in range(len(levels))]),
                              persistent=False)
-        self.hw: tuple[int, int] = (1, 1)  # the encoder's map, set by the model's builder
-
-    def outputs(self, latent_dim: int) -> int:
-        return latent_dim  # channels of the encoder's map
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.hw
 
     @property
     def classes(self) -> int:
@@ -118,15 +109,6 @@ class FiniteScalar(Discrete):
 
     def snap(self, z: torch.Tensor) -> torch.Tensor:
         return self.lattice(self.maps(z)).flatten(1)
-
-    def uniform(self, latent_dim: int) -> Distribution:
-        hh, ww = self.hw
-
-        def draw(n: int) -> torch.Tensor:
-            return self.embed(torch.randint(self.classes, (n, hh, ww),
-                                            device=self.basis.device))
-
-        return UniformCodes(hh * ww, self.classes, latent_dim, draw)
 
 
 class Residuals(Quantized):
@@ -230,19 +212,11 @@ class ResidualVQ(Discrete):
         return self.embed(self.codes(z))
 
     def uniform(self, latent_dim: int) -> Distribution:
-        rows, ww = self.grid
-
-        def draw(n: int) -> torch.Tensor:
-            device = self.stages[0].codebook.device
-            return self.embed(torch.randint(self.k, (n, rows, ww), device=device))
-
-        return UniformCodes(rows * ww, self.k, latent_dim, draw)
+        return uniform_codes(self, latent_dim)
 
 
-class LookupFree(Discrete):
+class LookupFree(CodeMap):
     option = "lfq"
-    spatial = True
-    deterministic = True
 
     def __init__(self, entropy_weight: float = 0.1, diversity: float = 1.0,
                  temperature: float = 0.01, commitment: float = 0.25, *, latent_dim: int):
@@ -258,14 +232,6 @@ class LookupFree(Discrete):
         self.temperature, self.beta = temperature, commitment
         bits = (torch.arange(2 ** latent_dim).unsqueeze(1) >> torch.arange(latent_dim)) & 1
         self.register_buffer("bits", bits.float(), persistent=False)  # [K, D], bit d of k
-        self.hw: tuple[int, int] = (1, 1)
-
-    def outputs(self, latent_dim: int) -> int:
-        return latent_dim
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.hw
 
     @property
     def classes(self) -> int:
@@ -306,12 +272,3 @@ class LookupFree(Discrete):
 
     def snap(self, z: torch.Tensor) -> torch.Tensor:
         return torch.where(z > 0, 1.0, -1.0)
-
-    def uniform(self, latent_dim: int) -> Distribution:
-        hh, ww = self.hw
-
-        def draw(n: int) -> torch.Tensor:
-            return self.embed(torch.randint(self.classes, (n, hh, ww),
-                                            device=self.bits.device))
-
-        return UniformCodes(hh * ww, self.classes, latent_dim, draw)
