@@ -43,6 +43,8 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the training step (model forward and optimizer)
     cuda_graph: bool = False  # the graph-safe step, captured into a CUDA graph on CUDA
     grad_clip: float | None = None  # max total gradient norm (after fp16 unscaling)
+    skip_threshold: float | None = None  # skip updates whose gradient norm exceeds this
+    skip_limit: int = 100  # that many skipped updates in a row stop the run
     ema: float | None = None  # decay of an exponential moving average of the weights
     bucket: bool = False  # token data: batches of lines of similar length (less padding)
 
@@ -264,6 +266,9 @@ def validate_train(cfg: DictConfig) -> DictConfig:
     check_device("trainer.device", t.device)
     if t.grad_clip is not None and not t.grad_clip > 0:
         raise UserError(f"trainer.grad_clip={t.grad_clip} must be > 0 or null")
+    if t.skip_threshold is not None and not t.skip_threshold > 0:
+        raise UserError(f"trainer.skip_threshold={t.skip_threshold} must be > 0 or null")
+    positive(trainer__skip_limit=t.skip_limit)
     if t.ema is not None and not 0 < t.ema < 1:
         raise UserError(f"trainer.ema={t.ema} must be a decay in (0, 1) or null")
     if not _number(o.get("lr", 1)) or not o.get("lr", 1) > 0:

@@ -48,6 +48,8 @@ def refusal(objective: Objective, t, world: int) -> str | None:  # noqa: ANN001
         "trainer.compile=true (use one or the other)": t.compile,
         "several processes (torchrun)": world > 1,
         "trainer.detect_anomaly=true": t.detect_anomaly,
+        "trainer.skip_threshold (a decision on the host at each step)":
+            t.skip_threshold is not None,
         "a network trained beside the model (a critic or discriminator)":
             bool(objective.auxiliaries()),
         "token sequences (their scored positions vary per batch)":

@@ -36,7 +36,7 @@ from vae_cli.training.lr_schedules import LRSchedule
 from vae_cli.training.optimizers import build_optimizer, optimizer_settings
 from vae_cli.training.signals import Interrupted, Signalled, StopFlag
 from vae_cli.training.state import TrainState
-from vae_cli.training.step import Stepper
+from vae_cli.training.step import SkipRule, Stepper
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     stepper = Stepper(training_net(objective, opt, t.compile, device), objective, opt, device,
                       t.precision, shard, aux_opts, distributed.average_grads,
                       scaler=torch.amp.GradScaler(device.type) if t.precision == "fp16"
-                      else None, grad_clip=t.grad_clip)
+                      else None, grad_clip=t.grad_clip,
+                      skip=SkipRule(t.skip_threshold, t.skip_limit) if t.skip_threshold
+                      else None)
     schedule = instantiate("lr_scheduler", cfg.lr_scheduler, opt, epochs=t.epochs,
                            steps_per_epoch=-(-(len(data.train) // t.batch_size)
                                              // t.accumulate))

@@ -8,12 +8,14 @@ loss's discriminator) -> ``after_update`` hooks (LR schedule, EMA of weights).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from vae_cli.errors import UserError
 from vae_cli.objective.auxiliary import Auxiliary, Detached
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.parallel import Shard
@@ -28,6 +30,30 @@ class Hooks:
     after_backward: list[Callable[[], None]] = field(default_factory=list)
     after_update: list[Callable[[int], None]] = field(default_factory=list)
     on_log: list[Callable[[int, dict[str, float]], None]] = field(default_factory=list)
+
+
+@dataclass
+class SkipRule:
+    """VDVAE's stabiliser (Child 2021): an update whose gradient norm exceeds
+    ``threshold`` (or is not finite) is skipped, the batch's gradients dropped; ``limit``
+    skips in a row stop the run in one line rather than skipping forever (the failure
+    VDVAE's users report). Judging reads the norm on the host: one sync per update."""
+
+    threshold: float
+    limit: int
+    in_a_row: int = 0
+
+    def judge(self, norm: torch.Tensor) -> torch.Tensor:
+        """1.0 when this update is skipped, else 0.0 (on the norm's device)."""
+        value = float(norm)
+        skipped = not value <= self.threshold
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if self.in_a_row >= self.limit:
+            raise UserError(f"{self.in_a_row} updates in a row were skipped: the gradient "
+                            f"norm ({value:.4g}) stays above trainer.skip_threshold="
+                            f"{self.threshold:g}; raise it or lower optim.lr (the last good "
+                            "checkpoint is kept)")
+        return norm.new_tensor(float(skipped))
 
 
 @dataclass
@@ -47,6 +73,7 @@ class Stepper:
     hooks: Hooks = field(default_factory=Hooks)
     scaler: torch.amp.GradScaler | None = None  # fp16: loss scaling keeps small grads
     grad_clip: float | None = None  # max total gradient norm
+    skip: SkipRule | None = None  # skip updates whose gradient norm is too large
     fresh: bool = field(default=True, init=False)  # no gradient accumulated yet
 
     def __call__(self, x: torch.Tensor, step: int, y: torch.Tensor | None = None,
@@ -75,7 +102,8 @@ class Stepper:
     def update_terms(self) -> list[str]:
         """The names of the terms an update adds, in order."""
         aux = [a.logged for a in self.objective.auxiliaries() if a.logged]
-        return (["grad_norm"] if self.grad_clip is not None else []) + aux
+        norm = ["grad_norm"] if self.grad_clip is not None or self.skip else []
+        return norm + (["skipped"] if self.skip else []) + aux
 
     def update(self, step: int, batch: Detached) -> dict[str, torch.Tensor]:
         """The optimizer step on the summed gradients, then the auxiliary steps and the
@@ -83,15 +111,20 @@ class Stepper:
         made: dict[str, torch.Tensor] = {}
         if self.scaler:
             self.scaler.unscale_(self.opt)  # the clip threshold is in true gradient units
-        if self.grad_clip is not None:
+        if self.grad_clip is not None or self.skip:  # the norm before clipping
             params = [p for g in self.opt.param_groups for p in g["params"]]
-            made["grad_norm"] = nn.utils.clip_grad_norm_(params, self.grad_clip)
+            made["grad_norm"] = nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
         for hook in self.hooks.after_backward:
             hook()
+        skipped = False
+        if self.skip:
+            made["skipped"] = self.skip.judge(made["grad_norm"])
+            skipped = self.skip.in_a_row > 0
         if self.scaler:
-            self.scaler.step(self.opt)  # skipped when the scaled grads overflowed
+            if not skipped:
+                self.scaler.step(self.opt)  # skipped when the scaled grads overflowed
             self.scaler.update()
-        else:
+        elif not skipped:
             self.opt.step()
         for aux, opt in zip(self.objective.auxiliaries(), self.aux_opts, strict=True):
             loss = batch.x.new_zeros(())
