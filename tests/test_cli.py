@@ -203,6 +203,15 @@ def test_a_time_budget_stops_between_epochs_and_the_same_command_continues(tmp_p
     assert [r["epoch"] for r in rows(run)] == ["1", "2", "3"]
 
 
+def test_the_next_epoch_is_predicted_past_one_stretched_epoch():
+    from vae_cli.training.recipe import next_epoch
+
+    assert next_epoch([31.0]) == 31.0
+    assert next_epoch([30.0, 31.0, 4483.0]) == 31.0  # one epoch that spanned a pause
+    assert next_epoch([30.0, 40.0, 50.0, 60.0, 70.0, 80.0]) == 60.0  # the last five
+    assert next_epoch([30.0, 30.0, 90.0, 90.0, 90.0]) == 90.0  # a lasting slowdown counts
+
+
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     vae("train", "-m", *DATA, "trainer.epochs=1", f"dataset.root={tmp_path / 'data'}",

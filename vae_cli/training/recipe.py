@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,7 +336,7 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
     trainer.epochs, on early stopping, at trainer.max_minutes, or with Interrupted on a
     signal."""
     t, state = run.cfg.trainer, run.state
-    started = time.monotonic()
+    started, durations = time.monotonic(), []
     while state.epoch < t.epochs:
         epoch_start = time.monotonic()
         row, improved = run_epoch(run, stop)
@@ -353,22 +354,30 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
         if t.patience and state.bad_epochs >= t.patience:
             log.info("early stop: no val improvement in %d epochs", t.patience)
             break
-        if state.epoch < t.epochs and out_of_time(run, started, epoch_start):
+        durations.append(time.monotonic() - epoch_start)
+        if state.epoch < t.epochs and out_of_time(run, started, durations):
             log.info("time limit: another epoch would pass trainer.max_minutes=%g; stopped "
                      "after epoch %d (trainer.resume=true continues)", t.max_minutes,
                      state.epoch)
             break
 
 
-def out_of_time(run: Run, started: float, epoch_start: float) -> bool:
-    """Whether one more epoch, as long as the last one, would end past trainer.max_minutes
-    of this invocation; rank 0's clock decides for every rank."""
+def out_of_time(run: Run, started: float, durations: list[float]) -> bool:
+    """Whether one more epoch, as long as ``next_epoch`` predicts, would end past
+    trainer.max_minutes of this invocation; rank 0's clock decides for every rank."""
     limit = run.cfg.trainer.max_minutes
     if limit is None:
         return False
-    now = time.monotonic()
-    late = int(run.writer and now - started + (now - epoch_start) > 60 * limit)
+    elapsed = time.monotonic() - started
+    late = int(run.writer and elapsed + next_epoch(durations) > 60 * limit)
     return bool(distributed.all_max_int(late, run.stepper.device))
+
+
+def next_epoch(durations: list[float]) -> float:
+    """The next epoch's expected seconds: the median of the last five epochs', so that
+    one epoch stretched by a pause (a suspended job, a busy machine) does not end a
+    budget hours early, while a lasting slowdown shows within three epochs."""
+    return statistics.median(durations[-5:])
 
 
 def check_run_dir(run: Run) -> None:
