@@ -52,16 +52,22 @@ def finished_run(tmp_path_factory):
     return once("finished_run", train)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lpips_file(tmp_path_factory):
     """An LPIPS(VGG) state dict written through the loader a user's machine runs: the lpips
-    package's own learned heads, on a VGG16 trunk without ImageNet weights (no download)."""
+    package's own learned heads, on a VGG16 trunk without ImageNet weights (no download);
+    written once per test process."""
     lpips = pytest.importorskip("lpips")
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.pt"
-    torch.save(net.state_dict(), path)
-    return path
+    from hostile import once
+
+    def write():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        path = tmp_path_factory.mktemp("lpips") / "lpips_vgg.pt"
+        torch.save(net.state_dict(), path)
+        return path
+
+    return once("lpips_file", write)
