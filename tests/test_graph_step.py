@@ -19,6 +19,10 @@ from vae_cli.training.step import Stepper
 
 TINY = ["dataset.image_size=16", "model.hidden=[32]", "model.latent_dim=4",
         "schedule=linear", "schedule.warmup_steps=5"]
+# the two-level HVAE with a VampPrior on its top layer (the VampPrior paper's best row)
+HVAE = ["dataset.image_size=16", "model=hvae", "model.hidden=32", "model.latent_dim=4",
+        "model.top_dim=3", "prior=vamp", "prior.components=5", "schedule=linear",
+        "schedule.warmup_steps=5"]
 
 
 @pytest.mark.parametrize("schedule", [Linear(7, 0.1), Logistic(0.3, 4), Cyclical(5, 2, 0.6),
@@ -31,9 +35,9 @@ def test_a_schedule_gives_the_same_float32_term_for_a_step_number_or_tensor(sche
         assert on_device.dtype == torch.float32 and torch.equal(plain, on_device), step
 
 
-def _stepper(compose, graph: bool, *extra: str):
+def _stepper(compose, graph: bool, *extra: str, base: list[str] = TINY):
     torch.manual_seed(0)
-    cfg = validate_train(compose([*TINY, *extra]))
+    cfg = validate_train(compose([*base, *extra]))
     objective = build_objective(cfg, (1, 16, 16), 256)
     opt = build_optimizer(cfg.optim, objective.main_parameters(), compiled=False)
     step = Stepper(objective, objective, opt, torch.device("cpu"), grad_clip=2.0)
@@ -42,9 +46,10 @@ def _stepper(compose, graph: bool, *extra: str):
     return (graph_safe(step, capture=False) if graph else step), objective
 
 
-def test_the_graph_safe_step_takes_the_ordinary_steps_weights_and_metrics(compose_cfg):
-    plain, a = _stepper(compose_cfg, False)
-    safe, b = _stepper(compose_cfg, True)
+@pytest.mark.parametrize("base", [TINY, HVAE], ids=["mlp", "hvae-vamp"])
+def test_the_graph_safe_step_takes_the_ordinary_steps_weights_and_metrics(compose_cfg, base):
+    plain, a = _stepper(compose_cfg, False, base=base)
+    safe, b = _stepper(compose_cfg, True, base=base)
     assert isinstance(safe, GraphStepper)
     assert all(isinstance(g["lr"], torch.Tensor) for g in safe.opt.param_groups)
     torch.manual_seed(1)

@@ -32,10 +32,14 @@ import torch
 from torch import nn
 
 from vae_cli.objective.bounds import Objective
+from vae_cli.objective.hierarchy import TwoLevel
 from vae_cli.objective.posteriors import DiagonalGaussian
 from vae_cli.runtime.device import autocast
 from vae_cli.training.step import Stepper
 
+# posteriors whose sampling and density are tensor work alone (the two-level one draws z1
+# given z2 with the same default generator)
+GRAPH_SAFE_FAMILIES = (DiagonalGaussian, TwoLevel)
 WARMUP = 3  # eager steps on a side stream before capture, as CUDA graphs require
 
 
@@ -54,19 +58,21 @@ def refusal(objective: Objective, t, world: int) -> str | None:  # noqa: ANN001
             bool(objective.auxiliaries()),
         "token sequences (their scored positions vary per batch)":
             objective.model.autoregressive,
-        f"posterior={objective.model.family.option} (only posterior=gaussian is graph-safe)":
-            type(objective.model.family) is not DiagonalGaussian,
+        f"posterior={objective.model.family.option} (only the Gaussian posteriors are "
+        "graph-safe)": type(objective.model.family) not in GRAPH_SAFE_FAMILIES,
     }
     found = next((k for k, v in why.items() if v), None)
     return None if found is None else f"trainer.cuda_graph=true cannot take {found}"
 
 
 def tensor_lr(opt: torch.optim.Optimizer, device: torch.device) -> None:
-    """Each group's lr as a device tensor, written in place from now on."""
+    """Each group's lr as a device tensor, written in place from now on. float32 on CUDA:
+    the fused CUDA kernel reads a tensor lr as float32, the type it casts a float lr to for
+    float32 weights, so the update is the same; float64 elsewhere, as the CPU kernel uses."""
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
     for group in opt.param_groups:
         if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64,
-                                       device=device)
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=device)
 
 
 @dataclass
