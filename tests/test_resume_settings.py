@@ -98,3 +98,31 @@ def test_accumulating_two_batches_takes_the_step_of_one_twice_as_large(tmp_path)
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert state["one"]["state"]["step"] == state["two"]["state"]["step"] == 8
     assert state["odd"]["state"]["step"] == 6  # 8 batches an epoch: groups of 3, 3, 2
+
+
+def test_a_resumed_run_may_read_its_data_from_another_folder_but_not_other_data(
+        tmp_path, compose_cfg):
+    """dataset.root says where the files are, not what they are: a run moved to another
+    machine continues with its data read from there; other data there (another size) is
+    refused in one line, before any step."""
+    from test_data import make_mnist
+
+    for name, n in (("here", 60), ("there", 60), ("other", 70)):
+        make_mnist(tmp_path / name, n_train=n)
+
+    def run(root: str, epochs: int, *extra: str) -> None:
+        overrides = ["dataset=mnist", f"dataset.root={tmp_path / root}", "dataset.val_size=12",
+                     "dataset.download=false", "model.hidden=[16]", "model.latent_dim=2",
+                     "trainer.batch_size=16", "trainer.device=cpu", "trainer.pictures=false",
+                     f"trainer.epochs={epochs}", *extra]
+        train(validate_train(compose_cfg(overrides)), tmp_path / "run", overrides)
+
+    run("here", 1)
+    run("there", 2, "trainer.resume=true")
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
+    with pytest.raises(UserError, match="a resumed run keeps its data") as e:
+        run("other", 3, "trainer.resume=true")
+    message = str(e.value)
+    assert "58 training examples of shape [1, 28, 28], the run's had 48" in message
+    assert "\n" not in message
+    assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 2

@@ -35,6 +35,7 @@ from vae_cli.training.ema import WeightAverage
 from vae_cli.training.loop import StopRequested, train_epoch
 from vae_cli.training.lr_schedules import LRSchedule
 from vae_cli.training.optimizers import build_optimizer, optimizer_settings
+from vae_cli.training.resume import check_data
 from vae_cli.training.signals import Interrupted, Signalled, StopFlag
 from vae_cli.training.state import TrainState
 from vae_cli.training.step import SkipRule, Stepper
@@ -86,6 +87,8 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     if t.bucket and data.vocab is None:
         raise UserError(f"trainer.bucket=true groups token sequences by length, but "
                         f"{data.name} gives images; leave trainer.bucket=false")
+    if ckpt:
+        check_data(ckpt, data.shape, len(data.train))
     data = data.to(device)
     if cfg.model.get("conditional") and data.num_classes:
         data.check_class_ids()
@@ -205,9 +208,11 @@ def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
     saved fused on one device may continue where that kernel is missing, or compiled)."""
     chosen = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
               for g in opt.param_groups]
-    opt.load_state_dict(saved)
-    for group, keep in zip(opt.param_groups, chosen, strict=True):
-        group.update(keep)
+    # the choice goes in before loading: torch places each step count by it (on the
+    # weights' device for a fused or capturable update, a CPU run's continuing on a GPU)
+    groups = [{**g, **keep} for g, keep in zip(saved["param_groups"], chosen, strict=True)]
+    opt.load_state_dict({**saved, "param_groups": groups})
+    for group in opt.param_groups:
         if isinstance(group["lr"], torch.Tensor):  # saved by a graph-safe run
             group["lr"] = float(group["lr"])
 

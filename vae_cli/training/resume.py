@@ -10,6 +10,11 @@ from vae_cli.config.registry import COMPONENTS, SWAPPABLE
 from vae_cli.errors import UserError
 from vae_cli.runtime.run_folder import FAILED, HYDRA, LOG, RunFolder
 
+# A component's settings that say where its files are, not what they are: a run moved to
+# another machine continues with its data read from there (setup checks that the data has
+# the run's shape and size).
+LOCATION = ("root", "download")
+
 # What a run folder may hold before a run starts in it: Hydra's record of this start, its
 # log, a failed sweep job's marker. Anything else belongs to another run.
 OWN = {HYDRA, LOG, FAILED}
@@ -55,7 +60,8 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
     """The checkpoint's config, with this command's trainer/optim/seed overrides on top.
 
     Component choices (dataset, model, ...) define the weights, so changing one is refused;
-    the logger may change (a resumed run can start tracking).
+    the logger may change (a resumed run can start tracking), and so may where the data is
+    (``LOCATION``).
     """
     cfg = OmegaConf.create(saved)
     for ov in overrides:
@@ -66,13 +72,14 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
         if head == "experiment":  # a preset: what it chose must be what the run chose
             check_components(current, saved, ov)
             continue
-        if head in COMPONENTS and head not in SWAPPABLE:
+        if head in COMPONENTS and head not in SWAPPABLE and key.split(".")[-1] not in LOCATION:
             if key == head:  # a group choice: compare the resulting nodes
                 here, there = ov.split("=", 1)[1], "another option"
-                same = OmegaConf.to_container(current[head], resolve=True) == saved[head]
+                same = located(OmegaConf.to_container(current[head], resolve=True)) == \
+                    located(saved[head])
             else:
                 here, there = OmegaConf.select(current, key), OmegaConf.select(cfg, key)
-                same = here == there or same_path(key, here, there)
+                same = here == there
             if not same:
                 raise UserError(f"{key}={here} differs from the checkpoint ({there}); a resumed "
                                 f"run keeps its {head} (as its other components)")
@@ -91,24 +98,23 @@ def check_components(current: DictConfig, saved: dict, override: str) -> None:
         if group in SWAPPABLE or group not in current or group not in saved:
             continue
         here = OmegaConf.to_container(current[group], resolve=True)
-        if rooted(here) != rooted(saved[group]):
+        if located(here) != located(saved[group]):
             raise UserError(f"{override} gives another {group} than the checkpoint's; a "
                             f"resumed run keeps its {group} (as its other components)")
 
 
-def rooted(node: object) -> object:
-    """A component's settings with its data folder (``root``) made absolute."""
-    if isinstance(node, dict) and isinstance(node.get("root"), str):
-        return {**node, "root": absolute(node["root"])}
+def located(node: object) -> object:
+    """A component's settings without those that say where its files are."""
+    if isinstance(node, dict):
+        return {k: v for k, v in node.items() if k not in LOCATION}
     return node
 
 
-def absolute(folder: str) -> str:
-    return str(Path(folder).expanduser().resolve())
 
-
-def same_path(key: str, here: object, there: object) -> bool:
-    """A folder named relative to here and the absolute one a run recorded are the same."""
-    if not (key.endswith(".root") and isinstance(here, str) and isinstance(there, str)):
-        return False
-    return absolute(here) == absolute(there)
+def check_data(ckpt: dict, shape: tuple[int, ...], size: int) -> None:
+    """The data a resumed run reads (wherever it is now) has the run's shape and size."""
+    want = (ckpt.get("shape", list(shape)), ckpt.get("dataset_size", size))
+    if (list(shape), size) != (list(want[0]), want[1]):
+        raise UserError(f"the data read now has {size} training examples of shape "
+                        f"{list(shape)}, the run's had {want[1]} of shape {list(want[0])}; a "
+                        "resumed run keeps its data")
