@@ -24,7 +24,13 @@ from vae_cli.evaluation.disentanglement.factor_vae import factor_vae
 from vae_cli.evaluation.disentanglement.mig import mig
 from vae_cli.evaluation.disentanglement.modularity import modularity
 from vae_cli.evaluation.disentanglement.sap import sap, score_matrix
-from vae_cli.evaluation.disentanglement.suite import METRICS, Intervention, score, train_test
+from vae_cli.evaluation.disentanglement.suite import (
+    METRICS,
+    SAP_LATENTS,
+    Intervention,
+    score,
+    train_test,
+)
 from vae_cli.reports.comparison import build_table
 
 SIZES = (3, 5, 8)
@@ -235,6 +241,16 @@ def test_sap_of_a_perfect_code_is_one_minus_chance():
     leaky = z.clone()
     leaky[test] = _noise(classes[test], 3, 10)
     assert sap(leaky, classes.float(), train, test)["sap"] < 0.05
+
+
+def test_sap_of_a_latent_of_thousands_of_dimensions_is_skipped_with_its_reason():
+    """model=vdvae's flat latent: SAP's classifier per latent and factor would take hours."""
+    classes = draw(60)
+    z = torch.randn(60, SAP_LATENTS + 1, dtype=torch.float64)
+    settings = {**SMALL, "metrics": ["sap", "dci"]}
+    result = score(z, classes.float(), ["a", "b", "c"], settings, 0, 20)
+    assert "sap" not in result and "dci_disentanglement" in result
+    assert f"{SAP_LATENTS + 1} latents" in result["disentanglement_skipped"]["sap"]
 
 
 def test_intervention_scores_are_one_for_a_perfect_code_and_one_over_k_for_none():

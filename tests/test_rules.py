@@ -22,6 +22,7 @@ D = 4
 FLAT = SimpleNamespace(grid=None, hierarchy=None)
 MAP = SimpleNamespace(grid=(2, 2), hierarchy=None)
 HVAE = SimpleNamespace(grid=None, hierarchy=nn.Linear(1, 1))
+VDVAE = SimpleNamespace(grid=None, hierarchy=None, topdown=nn.Linear(1, 1))
 
 
 def VQ():  # noqa: N802 (reads as the class it builds)
@@ -122,6 +123,9 @@ CASES = [
      Design(DiagonalGaussian(), normal(), TotalCorrelation(dataset_size=10), nets=HVAE),
      "posterior=gaussian with model=hvae",
      Design(DiagonalGaussian(), normal(), TotalCorrelation(dataset_size=10), nets=FLAT)),
+    (rules.topdown_has_its_own_prior,
+     Design(prior=vamp(), nets=VDVAE), "model=vdvae's prior is its own top-down layers",
+     Design(prior=normal(), nets=VDVAE)),
     (rules.batch_divergences_need_densities,
      Design(Planar(steps=2), normal(), DIP()), "divergence=dip",
      Design(DiagonalGaussian(), normal(), DIP())),

@@ -21,6 +21,7 @@ from vae_cli.objective.hierarchy import TwoLevel, TwoLevelPrior
 from vae_cli.objective.model import VAE
 from vae_cli.objective.posteriors import Posterior
 from vae_cli.objective.rules import Design
+from vae_cli.objective.topdown import Layered, LayeredPrior
 from vae_cli.runtime import checkpoint
 from vae_cli.samplers.base import Sampler
 
@@ -55,17 +56,23 @@ def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
     if nets.hierarchy is not None:  # model=hvae: z = [z1, z2], p(z2) the configured prior
         family = TwoLevel(nets.hierarchy, family.bounds)
         prior = TwoLevelPrior(prior, family)
+    if nets.topdown is not None:  # model=vdvae: p(z) is the decoder's top-down layers
+        family = Layered(nets.topdown, family.bounds)
+        prior = LayeredPrior(family)
     model = VAE(nets, family, prior, likelihood, runtime["latent_dim"])
     return Objective(model, divergence, schedule, int(cfg.trainer.iw_samples))
 
 
 def latent_dim(family: Posterior, nets: Networks, width: int) -> int:
     """The size of z that divergences and schedules see: a latent map (posterior=vq's codes,
-    model=ldm's Gaussian map) flattened [D x H x W]; model=hvae's z = [z1, z2]."""
+    model=ldm's Gaussian map) flattened [D x H x W]; model=hvae's z = [z1, z2];
+    model=vdvae's every layer's map, flattened."""
     if nets.grid is not None:
         return width * nets.grid[0] * nets.grid[1]
     if nets.hierarchy is not None:
         return nets.hierarchy.latent_dim + nets.hierarchy.top_dim
+    if nets.topdown is not None:
+        return nets.topdown.latent_dim
     return width
 
 

@@ -38,6 +38,8 @@ class Networks:
     classes: int = 0
     # Two stochastic layers (model=hvae): the layers reading z2, see nets/hvae.py.
     hierarchy: nn.Module | None = None
+    # A top-down hierarchy of many layers (model=vdvae): the decoder, see nets/vdvae.py.
+    topdown: nn.Module | None = None
     # A spatial latent (posterior=vq): the (H, W) of the encoder's map; None: a flat one.
     grid: tuple[int, int] | None = None
 

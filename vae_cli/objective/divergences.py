@@ -89,7 +89,9 @@ class KL(Divergence):
             self._analytic = True
             return
         dense = family is None or family.closed_form
-        self._analytic = dense and self.estimator != "mc" and prior.kl_closed_form()
+        layerwise = getattr(family, "layerwise_kl", False)  # model=vdvae: per layer, given z_<l
+        self._analytic = self.estimator != "mc" and (
+            layerwise or (dense and prior.kl_closed_form()))
 
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         if self._analytic is None:

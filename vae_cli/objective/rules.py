@@ -50,7 +50,14 @@ class Design:
 
     @property
     def hierarchy(self) -> bool:
-        return getattr(self.nets, "hierarchy", None) is not None
+        """A model of several stochastic layers (model=hvae or vdvae)."""
+        return self.layered_model is not None
+
+    @property
+    def layered_model(self) -> str | None:
+        if getattr(self.nets, "hierarchy", None) is not None:
+            return "hvae"
+        return "vdvae" if getattr(self.nets, "topdown", None) is not None else None
 
     @property
     def dense(self) -> bool:
@@ -61,12 +68,14 @@ class Design:
     @property
     def posterior(self) -> str:
         """The posterior by its option's name, as the user chose it."""
-        return "gaussian with model=hvae" if self.hierarchy else self.family.option
+        return f"gaussian with model={self.layered_model}" if self.hierarchy else \
+            self.family.option
 
     @property
     def kl_prior(self) -> str:
         """The prior the divergence sees, by name: model=hvae composes its own."""
-        return "TwoLevelPrior" if self.hierarchy else type(self.prior).__name__
+        names = {"hvae": "TwoLevelPrior", "vdvae": "LayeredPrior"}
+        return names.get(self.layered_model, type(self.prior).__name__)
 
     @property
     def kl_closed_form(self) -> bool:
@@ -97,9 +106,16 @@ def quantised_latents_are_unconditional(d: Design) -> str | None:
 
 def hierarchy_needs_gaussian_layers(d: Design) -> str | None:
     if d.hierarchy and type(d.family) is not DiagonalGaussian:
-        return (f"model=hvae has Gaussian layers; posterior={d.family.option} is not "
-                "available for it, use posterior=gaussian (its logvar bounds apply to every "
-                "layer)")
+        return (f"model={d.layered_model} has Gaussian layers; posterior={d.family.option} "
+                "is not available for it, use posterior=gaussian (its logvar bounds apply "
+                "to every layer)")
+    return None
+
+
+def topdown_has_its_own_prior(d: Design) -> str | None:
+    if d.layered_model == "vdvae" and type(d.prior) is not NormalPrior:
+        return (f"model=vdvae's prior is its own top-down layers, p(z_l | z_<l); "
+                f"prior={type(d.prior).__name__} cannot replace it: use prior=normal")
     return None
 
 
@@ -240,6 +256,7 @@ RULES: tuple[Callable[[Design], str | None], ...] = (
     quantiser_needs_a_feature_map,
     quantised_latents_are_unconditional,
     hierarchy_needs_gaussian_layers,
+    topdown_has_its_own_prior,
     sequences_need_categorical,
     vamp_needs_densities,
     codes_need_the_uniform_prior,

@@ -10,7 +10,9 @@ import torch
 from vae_cli.data.batching import to_unit
 from vae_cli.evaluation.diagnostics import encode_all, posterior_stats
 from vae_cli.objective.model import VAE
+from vae_cli.objective.topdown import LayeredPrior
 from vae_cli.reports.images import save_interpolations, save_reconstructions, save_traversals
+from vae_cli.reports.layers import save_layer_resampling, save_temperatures
 from vae_cli.reports.plots import plot_curves, plot_scatter
 from vae_cli.reports.text_outputs import write_text_pictures
 from vae_cli.runtime.run_folder import RunFileError, RunFolder, read_metrics
@@ -46,6 +48,9 @@ def write_data_pictures(model: VAE, data, split: str, out_dir: Path, count: int 
     if order:  # a code map has no axes to sweep
         written.append(save_traversals(model, x, order, scale, out_dir / "traversals.png",
                                        labels=y))
+    if isinstance(model.prior, LayeredPrior):  # model=vdvae: its layers' pictures
+        written += [save_layer_resampling(model, x, out_dir / "layers.png"),
+                    save_temperatures(model, out_dir / "temperatures.png")]
     mu = encoded[0]
     labels, factors = data.labels.get(split), data.factors.get(split)
     colour, name = None, ""

@@ -81,14 +81,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     # A text run continues with its own vocabulary, never one rebuilt from an edited file.
     vocab = Vocab.from_state(ckpt.get("vocab")) if ckpt else None
     data = instantiate("dataset", cfg.dataset, vocab=vocab.itos if vocab else None)
-    if t.batch_size > len(data.train):
-        raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
-                        f"({len(data.train)} examples)")
-    if t.bucket and data.vocab is None:
-        raise UserError(f"trainer.bucket=true groups token sequences by length, but "
-                        f"{data.name} gives images; leave trainer.bucket=false")
-    if ckpt:
-        check_data(ckpt, data.shape, len(data.train))
+    check_fit(t, data, ckpt)
     data = data.to(device)
     if cfg.model.get("conditional") and data.num_classes:
         data.check_class_ids()
@@ -170,6 +163,18 @@ def check_schedule_span(ckpt: dict, cfg: DictConfig, schedule: LRSchedule) -> No
             raise UserError(f"trainer.{key}={now} differs from the checkpoint's ({then}), and "
                             f"lr_scheduler={name} anneals over the run it was set for; resume "
                             f"with trainer.{key}={then}, or start a new run")
+
+
+def check_fit(t: DictConfig, data: Splits, ckpt: dict | None) -> None:
+    """The data fits the trainer's settings, and a resumed run's checkpoint."""
+    if t.batch_size > len(data.train):
+        raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
+                        f"({len(data.train)} examples)")
+    if t.bucket and data.vocab is None:
+        raise UserError(f"trainer.bucket=true groups token sequences by length, but "
+                        f"{data.name} gives images; leave trainer.bucket=false")
+    if ckpt:
+        check_data(ckpt, data.shape, len(data.train))
 
 
 def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSchedule,
