@@ -43,10 +43,10 @@ def _by_hand(net, enc: torch.Tensor, z: torch.Tensor):
     n, w = len(z), net.width
     e4, e2 = enc[:, :w * 16].view(n, w, 4, 4), enc[:, w * 16:].view(n, w, 2, 2)
     z1, z2 = z[:, :2 * 4].view(n, 2, 2, 2), z[:, 2 * 4:].view(n, 2, 4, 4)
-    h = net.start.expand(n, -1, -1, -1)
+    h = torch.zeros(n, w, 1, 1)
     out = []
     for i, (e, zl) in enumerate(((e2, z1), (e4, z2))):
-        h = resize(h, e.shape[-1])
+        h = resize(h, e.shape[-1]) + net.bias[i]  # each resolution's learned map
         prior = net.prior[i](h)
         p = _normal(prior[:, :4])
         q = _normal(net.post[i](torch.cat([h, e], 1)))
@@ -165,3 +165,21 @@ def test_a_tiny_run_trains_scores_and_draws_its_layers(tmp_path):
     import json
     scores = json.loads((run / "eval.json").read_text())
     assert scores["nll_iwae"] <= scores["nelbo"] + 1e-3 and scores["bpd_iwae"] > 0
+
+
+def test_the_cifar10_preset_is_vdvaes_network(compose_cfg):
+    """openai/vdvae's cifar10 set: 43 stochastic layers of 16 channels, 39M parameters (the
+    paper's count), the mixture of 10 logistics; one step on two images."""
+    cfg = validate_train(compose_cfg(["experiment=vdvae_cifar10"]))
+    objective = build_objective(cfg, (3, 32, 32), 45000)
+    net = objective.model.prior.net
+    assert len(net.at) == 43 and net.zdim == 16 and net.width == 384
+    assert [net.at.count(r) for r in (1, 4, 8, 16, 32)] == [1, 3, 6, 11, 22]
+    count = sum(p.numel() for p in objective.parameters())
+    assert 38.5e6 < count < 39.5e6, count
+    assert (cfg.trainer.grad_clip, cfg.trainer.skip_threshold, cfg.trainer.ema) == \
+           (200.0, 400.0, 0.9999)
+    x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 255
+    terms, _ = objective(x, step=0)
+    terms["loss"].backward()
+    assert math.isfinite(terms["loss"].item()) and "kl_43" in terms

@@ -31,14 +31,18 @@ from vae_cli.nets import Networks, image_shape
 
 
 class Block(nn.Module):
-    """VDVAE's bottleneck block: GELU, 1x1 -> 3x3 -> 3x3 -> 1x1, optionally residual. The last
-    convolution starts scaled by 1 / sqrt(depth), so a deep stack starts near identity."""
+    """VDVAE's bottleneck block: GELU, 1x1 -> 3x3 -> 3x3 -> 1x1 (1x1 throughout on maps of at
+    most 2x2, ``res``), optionally residual. The last convolution starts scaled by
+    1 / sqrt(depth), so a deep stack starts near identity."""
 
-    def __init__(self, c_in: int, mid: int, c_out: int, residual: bool, depth: int = 1):
+    def __init__(self, c_in: int, mid: int, c_out: int, residual: bool, depth: int = 1,
+                 res: int = 3):
         super().__init__()
         self.residual = residual
-        self.convs = nn.ModuleList([nn.Conv2d(c_in, mid, 1), nn.Conv2d(mid, mid, 3, padding=1),
-                                    nn.Conv2d(mid, mid, 3, padding=1), nn.Conv2d(mid, c_out, 1)])
+        k = 3 if res > 2 else 1  # a 3x3 kernel sees nothing more on a 1x1 or 2x2 map
+        self.convs = nn.ModuleList([
+            nn.Conv2d(c_in, mid, 1), nn.Conv2d(mid, mid, k, padding=k // 2),
+            nn.Conv2d(mid, mid, k, padding=k // 2), nn.Conv2d(mid, c_out, 1)])
         with torch.no_grad():
             self.convs[-1].weight.mul_(1 / math.sqrt(depth))
 
@@ -61,13 +65,14 @@ class Encoder(nn.Module):
     """x -> the activations at every resolution, highest first, flattened into one row."""
 
     def __init__(self, c: int, size: int, width: int, mid: int, resolutions: list[int],
-                 blocks: int, depth: int):
+                 blocks: list[int]):
         super().__init__()
         self.size, self.resolutions = size, sorted(resolutions, reverse=True)
         self.stem = nn.Conv2d(c, width, 3, padding=1)
+        depth = sum(blocks)
         self.stages = nn.ModuleList([
-            nn.Sequential(*[Block(width, mid, width, True, depth) for _ in range(blocks)])
-            for _ in self.resolutions])
+            nn.Sequential(*[Block(width, mid, width, True, depth, r) for _ in range(n)])
+            for r, n in zip(self.resolutions, blocks[::-1], strict=True)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, kept = self.stem(x), []
@@ -105,19 +110,22 @@ class TopDown(nn.Module):
         widths = {r: width * r * r for r in sorted(resolutions, reverse=True)}
         starts = [0, *torch.tensor(list(widths.values())).cumsum(0).tolist()[:-1]]
         self.enc_slices = {r: (s, widths[r]) for r, s in zip(widths, starts, strict=True)}
-        self.start = nn.Parameter(torch.zeros(1, width, min(resolutions), min(resolutions)))
-        self.prior = nn.ModuleList([Block(width, mid, 2 * zdim + width, False)
-                                    for _ in self.at])
-        self.post = nn.ModuleList([Block(2 * width, mid, 2 * zdim, False) for _ in self.at])
+        # a learned map at each resolution, added where the state arrives there
+        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(1, width, r, r))
+                                      for r in sorted(resolutions)])
+        self.prior = nn.ModuleList([Block(width, mid, 2 * zdim + width, False, res=r)
+                                    for r in self.at])
+        self.post = nn.ModuleList([Block(2 * width, mid, 2 * zdim, False, res=r)
+                                   for r in self.at])
         self.proj = nn.ModuleList([nn.Conv2d(zdim, width, 1) for _ in self.at])
-        self.blocks = nn.ModuleList([Block(width, mid, width, True, depth) for _ in self.at])
+        self.blocks = nn.ModuleList([Block(width, mid, width, True, depth, r) for r in self.at])
         for conv in self.proj:  # the new z enters the state at 1 / sqrt(depth)
             conv.weight.data.mul_(1 / math.sqrt(depth))
         with torch.no_grad():  # the prior's own features start at zero, its z at N(0, I)
             for p in self.prior:
                 p.convs[-1].weight.zero_()
                 p.convs[-1].bias.zero_()
-        self.out = nn.Conv2d(width, c_out, 3, padding=1)
+        self.out = nn.Conv2d(width, c_out, 1)
 
         self._kept: Pass | None = None
 
@@ -145,11 +153,13 @@ class TopDown(nn.Module):
         is given (the encoder's rows, repeated to n), else drawn from p with its standard
         deviation times ``temperature``. ``noise(width)`` gives the standard normal draws."""
         self._kept = None
-        h = self.start.expand(n, -1, -1, -1)
+        bias = dict(zip(sorted(self.enc_slices), self.bias, strict=True))
+        h = torch.zeros_like(self.bias[0]).expand(n, -1, -1, -1)
         found = Pass(z=torch.empty(0), out=torch.empty(0))
         zs, offset = [], 0
         for i, r in enumerate(self.at):
-            h = resize(h, r)
+            if i == 0 or r != self.at[i - 1]:
+                h = resize(h, r) + bias[r]
             mu_p, logvar_p, feat = self.prior[i](h).split([self.zdim, self.zdim, self.width], 1)
             p = gaussian(mu_p, logvar_p, bounds)
             q = None
@@ -184,11 +194,11 @@ def gaussian(mu: torch.Tensor, logvar: torch.Tensor,
 
 def build(latent_dim: int = 16, width: int = 64, bottleneck: float = 0.25,
           resolutions: tuple[int, ...] = (4, 8, 16), layers: tuple[int, ...] = (2, 2, 2),
-          enc_blocks: int = 2, conditional: bool = False, *,
+          enc_blocks: int | list[int] = 2, conditional: bool = False, *,
           shape: tuple[int, int, int], out_mult: int = 1, **_: object) -> Networks:
     """``latent_dim``: channels of each layer's z; ``resolutions``: the maps' sizes, lowest
     first; ``layers``: stochastic layers at each; ``enc_blocks``: the encoder's residual
-    blocks per resolution."""
+    blocks at each resolution (one count for all, or one per resolution, lowest first)."""
     zdim = latent_dim
     if conditional:
         raise UserError("model=vdvae has no conditional form yet; use model=mlp, conv or "
@@ -203,11 +213,15 @@ def build(latent_dim: int = 16, width: int = 64, bottleneck: float = 0.25,
     if sorted(set(resolutions)) != resolutions or resolutions[0] < 1 or resolutions[-1] > h:
         raise UserError(f"model.resolutions={resolutions} must increase, from 1 up to the "
                         f"image size {h}")
-    if width < 1 or zdim < 1 or enc_blocks < 1 or not 0 < bottleneck <= 1:
-        raise UserError("model.width, model.latent_dim and model.enc_blocks must be >= 1 and "
-                        f"model.bottleneck in (0, 1] (got {width}, {zdim}, {enc_blocks}, "
-                        f"{bottleneck})")
-    mid, depth = max(1, int(width * bottleneck)), sum(layers) + enc_blocks * len(layers)
-    decoder = TopDown(c * out_mult, h, width, mid, zdim, resolutions, layers, depth)
-    encoder = Encoder(c, h, width, mid, resolutions, enc_blocks, depth)
+    blocks = [int(b) for b in enc_blocks] if isinstance(enc_blocks, list | tuple) else \
+        [int(enc_blocks)] * len(resolutions)
+    if len(blocks) != len(resolutions) or min(blocks) < 1:
+        raise UserError(f"model.enc_blocks={enc_blocks} needs one count >= 1 (or one for "
+                        f"each of model.resolutions={resolutions})")
+    if width < 1 or zdim < 1 or not 0 < bottleneck <= 1:
+        raise UserError("model.width and model.latent_dim must be >= 1 and model.bottleneck "
+                        f"in (0, 1] (got {width}, {zdim}, {bottleneck})")
+    mid = max(1, int(width * bottleneck))
+    decoder = TopDown(c * out_mult, h, width, mid, zdim, resolutions, layers, sum(layers))
+    encoder = Encoder(c, h, width, mid, resolutions, blocks)
     return Networks(encoder, decoder, topdown=decoder)

@@ -114,7 +114,7 @@ class LayeredPrior(Prior):
         return sum(found.log_p).view(z.shape[:-1])
 
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
-        eps = lambda w: torch.randn(n, w, device=self.net.start.device)  # noqa: E731
+        eps = lambda w: torch.randn(n, w, device=self.net.bias[0].device)  # noqa: E731
         found = self.net.run(n, noise=eps, temperature=temperature)
         self.net.keep(found)
         return found.z
