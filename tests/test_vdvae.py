@@ -177,8 +177,9 @@ def test_the_cifar10_preset_is_vdvaes_network(compose_cfg):
     assert [net.at.count(r) for r in (1, 4, 8, 16, 32)] == [1, 3, 6, 11, 22]
     count = sum(p.numel() for p in objective.parameters())
     assert 38.5e6 < count < 39.5e6, count
+    # VDVAE's per-dimension 200 and 400 in vae's per-image units
     assert (cfg.trainer.grad_clip, cfg.trainer.skip_threshold, cfg.trainer.ema) == \
-           (200.0, 400.0, 0.9999)
+           (200.0 * 3072, 400.0 * 3072, 0.9999)
     x = torch.randint(0, 256, (2, 3, 32, 32)).float() / 255
     terms, _ = objective(x, step=0)
     terms["loss"].backward()

@@ -15,7 +15,7 @@ import torch
 from torch.distributions import Distribution, Independent
 
 from vae_cli.objective.posteriors import Posterior, PushedGaussian, bounded_gaussian
-from vae_cli.objective.priors import Prior
+from vae_cli.objective.priors import Prior, PriorDist
 
 
 class TwoLevel(Posterior):
@@ -86,7 +86,7 @@ class TwoLevelPrior(Prior):
         return bounded_gaussian(self.hierarchy.prior_z1(z2), self._family.bounds)
 
     def dist(self) -> Distribution:
-        return TwoLevelPriorDist(self)
+        return PriorDist(self)  # no closed-form KL against anything: Monte Carlo
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         d1 = self.hierarchy.latent_dim
@@ -106,20 +106,3 @@ class TwoLevelPrior(Prior):
         d1 = self.hierarchy.latent_dim
         return torch.cat([self.conditional(z[..., d1:]).base_dist.loc, z[..., d1:]], dim=-1)
 
-
-class TwoLevelPriorDist(Distribution):
-    """The prior as a Distribution (no closed-form KL against anything: Monte Carlo)."""
-
-    arg_constraints: dict = {}
-    has_rsample = True
-
-    def __init__(self, prior: TwoLevelPrior):
-        super().__init__(torch.Size(), torch.Size([prior.latent_dim]), validate_args=False)
-        self.prior = prior
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return self.prior.log_prob(z)
-
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
-        n = int(torch.Size(sample_shape).numel())
-        return self.prior.sample(n).view(*sample_shape, self.prior.latent_dim)

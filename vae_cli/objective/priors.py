@@ -84,6 +84,26 @@ class Prior(nn.Module):
         return z
 
 
+class PriorDist(Distribution):
+    """A prior known by its log_prob and sample alone (a hierarchy's, formed layer by
+    layer) as a torch Distribution: no closed-form KL against anything but what a model
+    registers for its own posterior."""
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, prior: Prior):
+        super().__init__(torch.Size(), torch.Size([prior.latent_dim]), validate_args=False)
+        self.prior = prior
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.prior.log_prob(z)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
+        n = int(torch.Size(sample_shape).numel())
+        return self.prior.sample(n).view(*sample_shape, self.prior.latent_dim)
+
+
 class NormalPrior(Prior):
     """Standard normal N(0, I)."""
 

@@ -22,7 +22,7 @@ from torch.distributions import Distribution, register_kl
 from vae_cli.nets.vdvae import Pass, TopDown
 from vae_cli.objective.parallel import Noise
 from vae_cli.objective.posteriors import LatentDistribution, Posterior
-from vae_cli.objective.priors import Prior
+from vae_cli.objective.priors import Prior, PriorDist
 
 
 class Layered(Posterior):
@@ -103,7 +103,7 @@ class LayeredPrior(Prior):
         self.__dict__["net"] = family.net
 
     def dist(self) -> Distribution:
-        return LayeredPriorDist(self)
+        return PriorDist(self)
 
     def kl_closed_form(self) -> bool:
         return False
@@ -120,25 +120,11 @@ class LayeredPrior(Prior):
         return found.z
 
 
-class LayeredPriorDist(Distribution):
-    arg_constraints: dict = {}
-    has_rsample = True
-
-    def __init__(self, prior: LayeredPrior):
-        super().__init__(torch.Size(), torch.Size([prior.latent_dim]), validate_args=False)
-        self.prior = prior
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return self.prior.log_prob(z)
-
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:  # noqa: B008
-        n = int(torch.Size(sample_shape).numel())
-        return self.prior.sample(n).view(*sample_shape, self.prior.latent_dim)
-
-
-@register_kl(LayeredPosterior, LayeredPriorDist)
-def _layerwise_kl(q: LayeredPosterior, p: LayeredPriorDist) -> torch.Tensor:
+@register_kl(LayeredPosterior, PriorDist)
+def _layerwise_kl(q: LayeredPosterior, p: PriorDist) -> torch.Tensor:
     """VDVAE's KL at q's last sample: sum over layers of KL(q_l || p_l) given z_<l."""
+    if not isinstance(p.prior, LayeredPrior):
+        raise NotImplementedError
     if q.last is None or not q.last.kl:
         raise ValueError("the layers' KL is known after the posterior drew a sample")
     return sum(q.last.kl).view(-1, len(q.enc)).squeeze(0)
