@@ -184,3 +184,12 @@ def test_the_cifar10_preset_is_vdvaes_network(compose_cfg):
     terms, _ = objective(x, step=0)
     terms["loss"].backward()
     assert math.isfinite(terms["loss"].item()) and "kl_43" in terms
+
+
+def test_the_posterior_groups_bounds_clamp_every_layers_q_and_p(compose_cfg):
+    model = _objective(compose_cfg, "posterior.logvar_min=-1.0", "posterior.logvar_max=0.5").model
+    q = model.posterior(torch.rand(3, 1, 8, 8))
+    model.rsample(q)
+    scales = torch.cat(q.last.scale, 1)
+    assert scales.min() >= math.exp(-0.5) - 1e-6 and scales.max() <= math.exp(0.25) + 1e-6
+    assert model.prior.net.bounds == (-1.0, 0.5)

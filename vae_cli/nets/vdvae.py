@@ -126,7 +126,8 @@ class TopDown(nn.Module):
                 p.convs[-1].weight.zero_()
                 p.convs[-1].bias.zero_()
         self.out = nn.Conv2d(width, c_out, 1)
-
+        # the log-variance bounds of every layer's q and p: the posterior group's (set there)
+        self.bounds = (-30.0, 20.0)
         self._kept: Pass | None = None
 
     def keep(self, found: Pass) -> None:
@@ -147,12 +148,12 @@ class TopDown(nn.Module):
 
     def run(self, n: int, enc: torch.Tensor | None = None, given: torch.Tensor | None = None,
             noise: Callable[[int], torch.Tensor] | None = None, temperature: float = 1.0,
-            keep: int = 0, bounds: tuple[float, float] = (-30.0, 20.0)) -> Pass:
+            keep: int = 0) -> Pass:
         """One top-down pass over n rows. Layer l's z is, in this order: the given one (for
         l < keep when sampling, or every layer without ``noise``), drawn from q when ``enc``
         is given (the encoder's rows, repeated to n), else drawn from p with its standard
         deviation times ``temperature``. ``noise(width)`` gives the standard normal draws."""
-        self._kept = None
+        self._kept, bounds = None, self.bounds
         bias = dict(zip(sorted(self.enc_slices), self.bias, strict=True))
         h = torch.zeros_like(self.bias[0]).expand(n, -1, -1, -1)
         found = Pass(z=torch.empty(0), out=torch.empty(0))

@@ -35,6 +35,7 @@ class Layered(Posterior):
     def __init__(self, net: TopDown, bounds: tuple[float, float]):
         super().__init__(*bounds)
         self.__dict__["net"] = net  # the decoder's: saved there, once
+        net.bounds = self.bounds
 
     def forward(self, h: torch.Tensor) -> Distribution:
         return LayeredPosterior(h, self)
@@ -65,7 +66,7 @@ class LayeredPosterior(LatentDistribution):
         """z drawn top-down with the standard normal draws ``eps(width)`` [k x B, width]."""
         k, b = math.prod(lead), len(self.enc)
         enc = self.enc if k == 1 else self.enc.repeat(k, 1)
-        self.last = self.net.run(k * b, enc=enc, noise=eps, bounds=self.family.bounds)
+        self.last = self.net.run(k * b, enc=enc, noise=eps)
         self.net.keep(self.last)
         return self.last.z.view(*lead, b, -1)
 
