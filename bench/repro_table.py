@@ -30,11 +30,17 @@ PUBLISHED = {
 
 
 def wall(run: Path) -> tuple[int, str]:
-    """Seconds summed over the invocations in wall.txt, and the machine of the last one."""
+    """Seconds summed over the invocations in wall.txt, and the machine; a row trained on
+    several (a run moved to a GPU and back) lists each with its hours."""
     lines = (run / "wall.txt").read_text().splitlines() if (run / "wall.txt").is_file() else []
-    seconds = sum(int(line.split()[0]) for line in lines if line.strip())
-    machine = re.sub(r"^\d+ s on \S+, ", "", lines[-1]).split(":")[0] if lines else "?"
-    return seconds, machine
+    hours: dict[str, float] = {}
+    for line in filter(str.strip, lines):
+        machine = re.sub(r"^\d+ s on \S+, ", "", line).split(":")[0]
+        hours[machine] = hours.get(machine, 0.0) + int(line.split()[0]) / 3600
+    seconds = round(sum(hours.values()) * 3600)
+    if len(hours) < 2:
+        return seconds, next(iter(hours), "?")
+    return seconds, "; ".join(f"{h:.1f} h on {m}" for m, h in hours.items())
 
 
 def stopped_by(val: list[float], patience: int | None, epochs: int) -> str:

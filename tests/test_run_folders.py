@@ -116,3 +116,17 @@ def test_the_reproductions_table_says_what_stopped_a_run():
     assert stopped_by(val, 2, 2000) == "patience"
     assert stopped_by(val, 3, 2000) == "budget"
     assert stopped_by(val, None, 5) == stopped_by(val, 3, 5) == "epochs"
+
+
+def test_the_reproductions_table_sums_the_wall_time_of_each_machine(tmp_path):
+    """A row moved to a GPU and back lists each machine with its hours; one machine alone
+    is named plainly."""
+    wall = _repro_table().wall
+    (tmp_path / "wall.txt").write_text(
+        "3600 s on vm, AMD EPYC, 2 cores, OMP_NUM_THREADS=1: train, exit 0\n"
+        "720 s on gpu, Intel Xeon, 16 cores, NVIDIA H200, OMP_NUM_THREADS=4: train, exit 0\n"
+        "1800 s on vm, AMD EPYC, 2 cores, OMP_NUM_THREADS=1: train + eval, exit 0\n")
+    assert wall(tmp_path) == (6120, "1.5 h on AMD EPYC, 2 cores, OMP_NUM_THREADS=1; 0.2 h on "
+                                    "Intel Xeon, 16 cores, NVIDIA H200, OMP_NUM_THREADS=4")
+    (tmp_path / "wall.txt").write_text("60 s on vm, AMD EPYC, 2 cores: train, exit 0\n")
+    assert wall(tmp_path) == (60, "AMD EPYC, 2 cores")
