@@ -81,7 +81,7 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     # A text run continues with its own vocabulary, never one rebuilt from an edited file.
     vocab = Vocab.from_state(ckpt.get("vocab")) if ckpt else None
     data = instantiate("dataset", cfg.dataset, vocab=vocab.itos if vocab else None)
-    check_fit(t, data, ckpt)
+    check_fit(cfg, data, ckpt)
     data = data.to(device)
     if cfg.model.get("conditional") and data.num_classes:
         data.check_class_ids()
@@ -165,8 +165,9 @@ def check_schedule_span(ckpt: dict, cfg: DictConfig, schedule: LRSchedule) -> No
                             f"with trainer.{key}={then}, or start a new run")
 
 
-def check_fit(t: DictConfig, data: Splits, ckpt: dict | None) -> None:
+def check_fit(cfg: DictConfig, data: Splits, ckpt: dict | None) -> None:
     """The data fits the trainer's settings, and a resumed run's checkpoint."""
+    t = cfg.trainer
     if t.batch_size > len(data.train):
         raise UserError(f"trainer.batch_size={t.batch_size} is larger than the training split "
                         f"({len(data.train)} examples)")
@@ -174,7 +175,7 @@ def check_fit(t: DictConfig, data: Splits, ckpt: dict | None) -> None:
         raise UserError(f"trainer.bucket=true groups token sequences by length, but "
                         f"{data.name} gives images; leave trainer.bucket=false")
     if ckpt:
-        check_data(ckpt, data.shape, len(data.train))
+        check_data(ckpt, cfg.dataset, data.shape, len(data.train))
 
 
 def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSchedule,
