@@ -40,7 +40,7 @@ def _normal(params: torch.Tensor) -> Normal:
 
 def _by_hand(net, enc: torch.Tensor, z: torch.Tensor):
     """The two layers' q and p at the given z, the top-down pass written out."""
-    n, w = len(z), net.width
+    n, w = len(z), net.widths[4]
     e4, e2 = enc[:, :w * 16].view(n, w, 4, 4), enc[:, w * 16:].view(n, w, 2, 2)
     z1, z2 = z[:, :2 * 4].view(n, 2, 2, 2), z[:, 2 * 4:].view(n, 2, 4, 4)
     h = torch.zeros(n, w, 1, 1)
@@ -173,7 +173,7 @@ def test_the_cifar10_preset_is_vdvaes_network(compose_cfg):
     cfg = validate_train(compose_cfg(["experiment=vdvae_cifar10"]))
     objective = build_objective(cfg, (3, 32, 32), 45000)
     net = objective.model.prior.net
-    assert len(net.at) == 43 and net.zdim == 16 and net.width == 384
+    assert len(net.at) == 43 and net.zdim == 16 and set(net.widths.values()) == {384}
     assert [net.at.count(r) for r in (1, 4, 8, 16, 32)] == [1, 3, 6, 11, 22]
     count = sum(p.numel() for p in objective.parameters())
     assert 38.5e6 < count < 39.5e6, count
@@ -193,3 +193,37 @@ def test_the_posterior_groups_bounds_clamp_every_layers_q_and_p(compose_cfg):
     scales = torch.cat(q.last.scale, 1)
     assert scales.min() >= math.exp(-0.5) - 1e-6 and scales.max() <= math.exp(0.25) + 1e-6
     assert model.prior.net.bounds == (-1.0, 0.5)
+
+
+def test_a_width_per_resolution_is_projected_where_the_state_arrives(compose_cfg):
+    """Efficient-VDVAE narrows its blocks towards the image: 16 channels at 2 px, 8 at 4 px;
+    a 1x1 convolution changes the width between resolutions, in both directions."""
+    objective = _objective(compose_cfg, "model.width=[16,8]", "model.enc_blocks=[1,2]")
+    net, encoder = objective.model.prior.net, objective.model.encoder
+    assert net.widths == {2: 16, 4: 8}
+    assert [tuple(m.weight.shape) for m in net.shifts if hasattr(m, "weight")] == [(8, 16, 1, 1)]
+    assert [tuple(m.weight.shape) for m in encoder.shifts if hasattr(m, "weight")] == \
+        [(16, 8, 1, 1)]
+    assert [len(stage) for stage in encoder.stages] == [2, 1]  # 4 px, then 2 px
+    x = torch.rand(3, 1, 8, 8)
+    assert encoder(x).shape == (3, 8 * 16 + 16 * 4)
+    terms, _ = objective(x.round(), step=0)
+    terms["loss"].backward()
+    z = objective.model.rsample(objective.model.posterior(x))
+    fresh = net.run(3, given=z.clone())
+    torch.testing.assert_close(objective.model.decode(z), fresh.out)
+
+
+def test_the_binarized_mnist_preset_is_efficient_vdvaes_layout(compose_cfg):
+    """egs/binarized_mnist_baseline.cfg: 23 layers of 32 channels, 5/5/10/2/1 from the top,
+    blocks narrowing from 512 to 32 channels, Bernoulli pixels; one step on two images."""
+    cfg = validate_train(compose_cfg(["experiment=vdvae_binarized_mnist"]))
+    objective = build_objective(cfg, (1, 28, 28), 55000)
+    net = objective.model.prior.net
+    assert [net.at.count(r) for r in (1, 4, 7, 14, 28)] == [5, 5, 10, 2, 1]
+    assert net.widths == {1: 512, 4: 256, 7: 128, 14: 64, 28: 32} and net.zdim == 32
+    assert cfg.trainer.skip_threshold == 800.0 * 784 and cfg.optim._target_ == "torch.optim.Adamax"
+    x = (torch.rand(2, 1, 28, 28) > 0.5).float()
+    terms, _ = objective(x, step=0)
+    terms["loss"].backward()
+    assert math.isfinite(terms["loss"].item()) and "kl_23" in terms

@@ -61,23 +61,32 @@ def resize(h: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(h, size=size, mode="nearest")
 
 
+def widen(c_in: int, c_out: int) -> nn.Module:
+    """Where the width changes between resolutions: a 1x1 convolution (else nothing)."""
+    return nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+
 class Encoder(nn.Module):
     """x -> the activations at every resolution, highest first, flattened into one row."""
 
-    def __init__(self, c: int, size: int, width: int, mid: int, resolutions: list[int],
-                 blocks: list[int]):
+    def __init__(self, c: int, widths: dict[int, int], mids: dict[int, int],
+                 blocks: dict[int, int]):
         super().__init__()
-        self.size, self.resolutions = size, sorted(resolutions, reverse=True)
-        self.stem = nn.Conv2d(c, width, 3, padding=1)
-        depth = sum(blocks)
+        self.resolutions = sorted(widths, reverse=True)
+        top = self.resolutions[0]
+        self.stem = nn.Conv2d(c, widths[top], 3, padding=1)
+        depth = sum(blocks.values())
+        above = [top, *self.resolutions[:-1]]  # the resolution each stage comes from
+        self.shifts = nn.ModuleList([widen(widths[a], widths[r]) for a, r
+                                     in zip(above, self.resolutions, strict=True)])
         self.stages = nn.ModuleList([
-            nn.Sequential(*[Block(width, mid, width, True, depth, r) for _ in range(n)])
-            for r, n in zip(self.resolutions, blocks[::-1], strict=True)])
+            nn.Sequential(*[Block(widths[r], mids[r], widths[r], True, depth, r)
+                            for _ in range(blocks[r])]) for r in self.resolutions])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, kept = self.stem(x), []
-        for r, stage in zip(self.resolutions, self.stages, strict=True):
-            h = stage(resize(h, r))
+        for r, shift, stage in zip(self.resolutions, self.shifts, self.stages, strict=True):
+            h = stage(shift(resize(h, r)))
             kept.append(h.flatten(1))
         return torch.cat(kept, dim=1)
 
@@ -99,33 +108,37 @@ class Pass:
 class TopDown(nn.Module):
     """The decoder: the top-down path (prior, posterior and generator together)."""
 
-    def __init__(self, c_out: int, size: int, width: int, mid: int, zdim: int,
-                 resolutions: list[int], layers: list[int], depth: int):
+    def __init__(self, c_out: int, size: int, widths: dict[int, int], mids: dict[int, int],
+                 zdim: int, layers: dict[int, int]):
         super().__init__()
-        self.size, self.zdim, self.width = size, zdim, width
-        self.at = [r for r, n in zip(sorted(resolutions), layers, strict=True) for _ in range(n)]
+        self.size, self.zdim, self.widths = size, zdim, widths
+        self.at = [r for r in sorted(layers) for _ in range(layers[r])]
         self.sizes = [zdim * r * r for r in self.at]  # each layer's share of the flat z
         self.latent_dim = sum(self.sizes)
         # the encoder's row holds its resolutions highest first; where each one starts
-        widths = {r: width * r * r for r in sorted(resolutions, reverse=True)}
-        starts = [0, *torch.tensor(list(widths.values())).cumsum(0).tolist()[:-1]]
-        self.enc_slices = {r: (s, widths[r]) for r, s in zip(widths, starts, strict=True)}
-        # a learned map at each resolution, added where the state arrives there
-        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(1, width, r, r))
-                                      for r in sorted(resolutions)])
-        self.prior = nn.ModuleList([Block(width, mid, 2 * zdim + width, False, res=r)
-                                    for r in self.at])
-        self.post = nn.ModuleList([Block(2 * width, mid, 2 * zdim, False, res=r)
+        spans = {r: widths[r] * r * r for r in sorted(widths, reverse=True)}
+        starts = [0, *torch.tensor(list(spans.values())).cumsum(0).tolist()[:-1]]
+        self.enc_slices = {r: (s, spans[r]) for r, s in zip(spans, starts, strict=True)}
+        order, depth = sorted(widths), len(self.at)
+        # where the state arrives at a resolution: its width changed, a learned map added
+        self.shifts = nn.ModuleList([widen(widths[prev], widths[r]) for prev, r
+                                     in zip([order[0], *order[:-1]], order, strict=True)])
+        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(1, widths[r], r, r))
+                                      for r in order])
+        self.prior = nn.ModuleList([Block(widths[r], mids[r], 2 * zdim + widths[r], False,
+                                          res=r) for r in self.at])
+        self.post = nn.ModuleList([Block(2 * widths[r], mids[r], 2 * zdim, False, res=r)
                                    for r in self.at])
-        self.proj = nn.ModuleList([nn.Conv2d(zdim, width, 1) for _ in self.at])
-        self.blocks = nn.ModuleList([Block(width, mid, width, True, depth, r) for r in self.at])
+        self.proj = nn.ModuleList([nn.Conv2d(zdim, widths[r], 1) for r in self.at])
+        self.blocks = nn.ModuleList([Block(widths[r], mids[r], widths[r], True, depth, r)
+                                     for r in self.at])
         for conv in self.proj:  # the new z enters the state at 1 / sqrt(depth)
             conv.weight.data.mul_(1 / math.sqrt(depth))
         with torch.no_grad():  # the prior's own features start at zero, its z at N(0, I)
             for p in self.prior:
                 p.convs[-1].weight.zero_()
                 p.convs[-1].bias.zero_()
-        self.out = nn.Conv2d(width, c_out, 1)
+        self.out = nn.Conv2d(widths[order[-1]], c_out, 1)
         # the log-variance bounds of every layer's q and p: the posterior group's (set there)
         self.bounds = (-30.0, 20.0)
         self._kept: Pass | None = None
@@ -154,19 +167,22 @@ class TopDown(nn.Module):
         is given (the encoder's rows, repeated to n), else drawn from p with its standard
         deviation times ``temperature``. ``noise(width)`` gives the standard normal draws."""
         self._kept, bounds = None, self.bounds
-        bias = dict(zip(sorted(self.enc_slices), self.bias, strict=True))
+        arrive = dict(zip(sorted(self.widths), zip(self.shifts, self.bias, strict=True),
+                          strict=True))
         h = torch.zeros_like(self.bias[0]).expand(n, -1, -1, -1)
         found = Pass(z=torch.empty(0), out=torch.empty(0))
         zs, offset = [], 0
         for i, r in enumerate(self.at):
+            w = self.widths[r]
             if i == 0 or r != self.at[i - 1]:
-                h = resize(h, r) + bias[r]
-            mu_p, logvar_p, feat = self.prior[i](h).split([self.zdim, self.zdim, self.width], 1)
+                shift, bias = arrive[r]
+                h = shift(resize(h, r)) + bias
+            mu_p, logvar_p, feat = self.prior[i](h).split([self.zdim, self.zdim, w], 1)
             p = gaussian(mu_p, logvar_p, bounds)
             q = None
             if enc is not None:
-                start, width = self.enc_slices[r]
-                e = enc[:, start:start + width].view(n, self.width, r, r)
+                start, span = self.enc_slices[r]
+                e = enc[:, start:start + span].view(n, w, r, r)
                 q = gaussian(*self.post[i](torch.cat([h, e], 1)).chunk(2, 1), bounds)
             part = slice(offset, offset + self.sizes[i])
             if given is not None and (noise is None or i < keep):
@@ -193,36 +209,41 @@ def gaussian(mu: torch.Tensor, logvar: torch.Tensor,
     return torch.distributions.Normal(mu.float(), torch.exp(0.5 * logvar.float().clamp(*bounds)))
 
 
-def build(latent_dim: int = 16, width: int = 64, bottleneck: float = 0.25,
+def build(latent_dim: int = 16, width: int | list[int] = 64, bottleneck: float = 0.25,
           resolutions: tuple[int, ...] = (4, 8, 16), layers: tuple[int, ...] = (2, 2, 2),
           enc_blocks: int | list[int] = 2, conditional: bool = False, *,
           shape: tuple[int, int, int], out_mult: int = 1, **_: object) -> Networks:
     """``latent_dim``: channels of each layer's z; ``resolutions``: the maps' sizes, lowest
-    first; ``layers``: stochastic layers at each; ``enc_blocks``: the encoder's residual
-    blocks at each resolution (one count for all, or one per resolution, lowest first)."""
-    zdim = latent_dim
+    first; ``layers``: stochastic layers at each; ``width`` and ``enc_blocks``: the blocks'
+    channels and the encoder's blocks at each resolution (one value for all, or one per
+    resolution, lowest first)."""
     if conditional:
         raise UserError("model=vdvae has no conditional form yet; use model=mlp, conv or "
                         "resnet with model.conditional=true")
     c, h, w = image_shape(shape, "vdvae")
-    resolutions, layers = [int(r) for r in resolutions], [int(n) for n in layers]
+    resolutions = [int(r) for r in resolutions]
     if h != w:
         raise UserError(f"model=vdvae needs square images, not {h}x{w}")
-    if not resolutions or len(layers) != len(resolutions) or min(layers) < 1:
-        raise UserError(f"model.layers={layers} needs one count >= 1 for each of "
-                        f"model.resolutions={resolutions}")
-    if sorted(set(resolutions)) != resolutions or resolutions[0] < 1 or resolutions[-1] > h:
+    if sorted(set(resolutions)) != resolutions or not resolutions or resolutions[0] < 1 \
+            or resolutions[-1] > h:
         raise UserError(f"model.resolutions={resolutions} must increase, from 1 up to the "
                         f"image size {h}")
-    blocks = [int(b) for b in enc_blocks] if isinstance(enc_blocks, list | tuple) else \
-        [int(enc_blocks)] * len(resolutions)
-    if len(blocks) != len(resolutions) or min(blocks) < 1:
-        raise UserError(f"model.enc_blocks={enc_blocks} needs one count >= 1 (or one for "
-                        f"each of model.resolutions={resolutions})")
-    if width < 1 or zdim < 1 or not 0 < bottleneck <= 1:
-        raise UserError("model.width and model.latent_dim must be >= 1 and model.bottleneck "
-                        f"in (0, 1] (got {width}, {zdim}, {bottleneck})")
-    mid = max(1, int(width * bottleneck))
-    decoder = TopDown(c * out_mult, h, width, mid, zdim, resolutions, layers, sum(layers))
-    encoder = Encoder(c, h, width, mid, resolutions, blocks)
+    per = {key: per_resolution(key, value, resolutions)
+           for key, value in (("layers", layers), ("width", width), ("enc_blocks", enc_blocks))}
+    if latent_dim < 1 or not 0 < bottleneck <= 1:
+        raise UserError(f"model.latent_dim must be >= 1 and model.bottleneck in (0, 1] (got "
+                        f"{latent_dim}, {bottleneck})")
+    mids = {r: max(1, int(v * bottleneck)) for r, v in per["width"].items()}
+    decoder = TopDown(c * out_mult, h, per["width"], mids, latent_dim, per["layers"])
+    encoder = Encoder(c, per["width"], mids, per["enc_blocks"])
     return Networks(encoder, decoder, topdown=decoder)
+
+
+def per_resolution(key: str, value: object, resolutions: list[int]) -> dict[int, int]:
+    """model.<key>: one count >= 1, or one for each resolution (lowest first)."""
+    values = list(value) if isinstance(value, list | tuple) else [value] * len(resolutions)
+    if len(values) != len(resolutions) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise UserError(f"model.{key}={value} needs one count >= 1 for each of "
+                        f"model.resolutions={resolutions} (or one for all)")
+    return dict(zip(resolutions, values, strict=True))
