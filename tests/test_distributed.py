@@ -93,3 +93,16 @@ def test_vq_codebook_moving_averages_are_those_of_the_global_batch(tmp_path):
     assert a["family.ema_count"].sum() > 0
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_top_down_hierarchy_takes_the_step_of_one_process(tmp_path):
+    """model=vdvae draws every layer's noise for the global batch and keeps its rows, as
+    the one-layer posterior does: two processes end with one process's weights."""
+    vdvae = [*DATA, "dataset.n_train=64", "trainer.epochs=1", "trainer.pictures=false",
+             "model=vdvae", "model.width=8", "model.latent_dim=2", "model.resolutions=[2,4]",
+             "model.layers=[1,1]", "model.enc_blocks=1"]
+    torchrun(*vdvae, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    in_process("train", *vdvae, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -212,7 +212,7 @@ def gaussian(mu: torch.Tensor, logvar: torch.Tensor,
 def build(latent_dim: int = 16, width: int | list[int] = 64, bottleneck: float = 0.25,
           resolutions: tuple[int, ...] = (4, 8, 16), layers: tuple[int, ...] = (2, 2, 2),
           enc_blocks: int | list[int] = 2, conditional: bool = False, *,
-          shape: tuple[int, int, int], out_mult: int = 1, **_: object) -> Networks:
+          shape: tuple[int, int, int], out_mult: int = 1) -> Networks:
     """``latent_dim``: channels of each layer's z; ``resolutions``: the maps' sizes, lowest
     first; ``layers``: stochastic layers at each; ``width`` and ``enc_blocks``: the blocks'
     channels and the encoder's blocks at each resolution (one value for all, or one per
