@@ -206,7 +206,10 @@ class TopDown(nn.Module):
 
 def gaussian(mu: torch.Tensor, logvar: torch.Tensor,
              bounds: tuple[float, float]) -> torch.distributions.Normal:
-    return torch.distributions.Normal(mu.float(), torch.exp(0.5 * logvar.float().clamp(*bounds)))
+    """N(mu, exp(logvar)), logvar clamped; unvalidated, as priors.diagonal_normal: the
+    checks would sync with the device twice a layer, on every pass."""
+    return torch.distributions.Normal(mu.float(), torch.exp(0.5 * logvar.float().clamp(*bounds)),
+                                      validate_args=False)
 
 
 def build(latent_dim: int = 16, width: int | list[int] = 64, bottleneck: float = 0.25,
