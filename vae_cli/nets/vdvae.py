@@ -148,11 +148,9 @@ class TopDown(nn.Module):
         self._kept = found
 
     def kept(self, z: torch.Tensor) -> Pass | None:
-        """The kept pass if it drew exactly this z (the same tensor, or a view of its rows)."""
+        """The kept pass if it drew exactly this z."""
         k = self._kept
-        if k is not None and z.data_ptr() == k.z.data_ptr() and z.shape == k.z.shape:
-            return k
-        return None
+        return k if k is not None and drew(k, z) else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's parameters for given z's [N, latent_dim]."""
@@ -202,6 +200,13 @@ class TopDown(nn.Module):
         found.z = torch.cat(zs, 1)
         found.out = self.out(resize(h, self.size))
         return found
+
+
+def drew(found: Pass, z: torch.Tensor) -> bool:
+    """Whether z is the sample this pass drew: the same tensor, or a view of it with the
+    same rows ([k, B, D] of a pass over k x B rows)."""
+    a = found.z
+    return z.data_ptr() == a.data_ptr() and z.numel() == a.numel() and z.dtype == a.dtype
 
 
 def gaussian(mu: torch.Tensor, logvar: torch.Tensor,

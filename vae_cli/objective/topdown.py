@@ -19,7 +19,7 @@ import math
 import torch
 from torch.distributions import Distribution, register_kl
 
-from vae_cli.nets.vdvae import Pass, TopDown
+from vae_cli.nets.vdvae import Pass, TopDown, drew
 from vae_cli.objective.parallel import Noise
 from vae_cli.objective.posteriors import LatentDistribution, Posterior
 from vae_cli.objective.priors import Prior, PriorDist
@@ -80,7 +80,7 @@ class LayeredPosterior(LatentDistribution):
         return self.sample_pass(lead, lambda w: torch.randn(rows, w, device=self.device))
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        if self.last is None or not same(z, self.last.z):
+        if self.last is None or not drew(self.last, z):
             raise ValueError("a top-down posterior's density is known only at the sample "
                              "it last drew")
         return sum(self.last.log_q).view(z.shape[:-1])
@@ -111,7 +111,7 @@ class LayeredPrior(Prior):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         flat = z.reshape(-1, z.shape[-1])
-        found = self.net.kept(flat) or self.net.run(len(flat), given=flat)
+        found = self.net.kept(z) or self.net.run(len(flat), given=flat)
         return sum(found.log_p).view(z.shape[:-1])
 
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
@@ -130,7 +130,3 @@ def _layerwise_kl(q: LayeredPosterior, p: PriorDist) -> torch.Tensor:
         raise ValueError("the layers' KL is known after the posterior drew a sample")
     return sum(q.last.kl).view(-1, len(q.enc)).squeeze(0)
 
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a is b or a view of it with the same rows (a reshaped sample)."""
-    return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
