@@ -209,10 +209,7 @@ class CodeMap(Discrete):
 
     spatial = True
     deterministic = True
-
-    def __init__(self):
-        super().__init__()
-        self.hw: tuple[int, int] = (1, 1)
+    hw: tuple[int, int] = (1, 1)  # the encoder's map, set by the model's builder
 
     def outputs(self, latent_dim: int) -> int:
         return latent_dim  # channels of the encoder's map
@@ -222,19 +219,14 @@ class CodeMap(Discrete):
         return self.hw
 
     def uniform(self, latent_dim: int) -> Distribution:
-        return uniform_codes(self, latent_dim)
+        """Each position of the grid one of the K codes, drawn as indices and embedded."""
+        rows, cols = self.grid
 
+        def draw(n: int) -> torch.Tensor:
+            device = next(itertools.chain(self.buffers(), self.parameters())).device
+            return self.embed(torch.randint(self.classes, (n, rows, cols), device=device))
 
-def uniform_codes(family: Discrete, latent_dim: int) -> UniformCodes:
-    """The uniform distribution over a family's codes: each of its grid's positions one of
-    its K classes, drawn as indices and embedded."""
-    rows, cols = family.grid
-
-    def draw(n: int) -> torch.Tensor:
-        device = next(itertools.chain(family.buffers(), family.parameters())).device
-        return family.embed(torch.randint(family.classes, (n, rows, cols), device=device))
-
-    return UniformCodes(rows * cols, family.classes, latent_dim, draw)
+        return UniformCodes(rows * cols, self.classes, latent_dim, draw)
 
 
 class GumbelSoftmax(Discrete):

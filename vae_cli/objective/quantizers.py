@@ -30,17 +30,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.distributions import Distribution
 
 from vae_cli.errors import UserError
-from vae_cli.objective.discrete import (
-    CodeMap,
-    Discrete,
-    Quantized,
-    VectorQuantizer,
-    uniform_codes,
-    usage,
-)
+from vae_cli.objective.discrete import CodeMap, Quantized, VectorQuantizer, usage
 from vae_cli.objective.parallel import AllSum
 
 
@@ -121,10 +113,8 @@ class Residuals(Quantized):
         self.commit = commit
 
 
-class ResidualVQ(Discrete):
+class ResidualVQ(CodeMap):
     option = "rvq"
-    spatial = True
-    deterministic = True
 
     def __init__(self, quantizers: int = 4, codes: int = 256, commitment: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, restart: float = 1.0,
@@ -149,9 +139,6 @@ class ResidualVQ(Discrete):
     def distribute(self, all_sum: AllSum) -> None:
         for stage in self.stages:
             stage.distribute(all_sum)
-
-    def outputs(self, latent_dim: int) -> int:
-        return latent_dim
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -211,9 +198,6 @@ class ResidualVQ(Discrete):
     def snap(self, z: torch.Tensor) -> torch.Tensor:
         return self.embed(self.codes(z))
 
-    def uniform(self, latent_dim: int) -> Distribution:
-        return uniform_codes(self, latent_dim)
-
 
 class LookupFree(CodeMap):
     option = "lfq"
@@ -239,10 +223,12 @@ class LookupFree(CodeMap):
 
     def forward(self, h: torch.Tensor) -> Quantized:
         ze = h.float()
-        zq = torch.where(ze > 0, 1.0, -1.0)
-        weights = (2 ** torch.arange(self.d, device=ze.device)).view(-1, 1, 1)
-        indices = ((zq > 0).long() * weights).sum(1)
-        return Quantized(ze, zq, indices)
+        return Quantized(ze, torch.where(ze > 0, 1.0, -1.0), self.signs(ze))
+
+    def signs(self, maps: torch.Tensor) -> torch.Tensor:
+        """The code of each position: the binary number of its channels' signs."""
+        weights = (2 ** torch.arange(self.d, device=maps.device)).view(-1, 1, 1)
+        return ((maps > 0).long() * weights).sum(1)
 
     def entropies(self, ze: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean entropy of q(c | z) over positions, and the entropy of its mean. With
@@ -263,9 +249,7 @@ class LookupFree(CodeMap):
                 "batch_entropy": batch.detach(), **usage(q.indices, self.classes)}
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
-        maps = z.float().view(len(z), self.d, *self.hw)
-        weights = (2 ** torch.arange(self.d, device=z.device)).view(-1, 1, 1)
-        return ((maps > 0).long() * weights).sum(1)
+        return self.signs(z.float().view(len(z), self.d, *self.hw))
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         return (self.bits[indices] * 2 - 1).movedim(-1, 1).flatten(1)
