@@ -110,21 +110,20 @@ def located(node: object) -> object:
     return node
 
 
-
 def check_data(ckpt: dict, dataset: DictConfig, shape: tuple[int, ...], size: int) -> None:
     """Data a resumed run reads from another folder than its own has the run's shape and
     size. (In its own folder, an edited file is the user's to change: a text run continues
     with its own vocabulary.)"""
     saved = (ckpt.get("config") or {}).get("dataset") or {}
     if not isinstance(saved.get("root"), str) or not isinstance(dataset.get("root"), str) \
-            or folder(saved["root"]) == folder(dataset.root):
+            or absolute(saved["root"]) == absolute(dataset.root):
         return
-    want = (ckpt.get("shape", list(shape)), ckpt.get("dataset_size", size))
-    if (list(shape), size) != (list(want[0]), want[1]):
+    run_shape, run_size = list(ckpt.get("shape", shape)), ckpt.get("dataset_size", size)
+    if (list(shape), size) != (run_shape, run_size):
         raise UserError(f"the data read now has {size} training examples of shape "
-                        f"{list(shape)}, the run's had {want[1]} of shape {list(want[0])}; a "
+                        f"{list(shape)}, the run's had {run_size} of shape {run_shape}; a "
                         "resumed run keeps its data")
 
 
-def folder(path: str) -> str:
-    return str(Path(path).expanduser().resolve())
+def absolute(folder: str) -> str:
+    return str(Path(folder).expanduser().resolve())
