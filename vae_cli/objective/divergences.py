@@ -248,11 +248,13 @@ class TotalCorrelation(Divergence):
         if self.estimator == "mws":
             return torch.full((b, b), -math.log(n * b), device=device)
         m = b - 1
-        w = torch.full((b, b), 1.0 / m, device=device)
+        # masked_fill, not indexed assignment: a Python value put by index is first copied
+        # from the host, which a CUDA graph cannot capture
         idx = torch.arange(b, device=device)
-        w[idx, idx] = 1.0 / n
-        w[idx, (idx + 1) % b] = max(n - m, 0) / (n * m)
-        return w.log()
+        own = idx.unsqueeze(1) == idx
+        other = ((idx + 1) % b).unsqueeze(1) == idx
+        w = torch.full((b, b), 1.0 / m, device=device)
+        return w.masked_fill(own, 1.0 / n).masked_fill(other, max(n - m, 0) / (n * m)).log()
 
     def terms(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         b = len(z)
