@@ -1,7 +1,8 @@
 """The rows of docs/reproductions.md's table from the run folders `bench/reproduce.sh`
 writes: per preset the epochs run, whether the preset's own stopping rule ended training (else the
-budget did), the wall time summed over invocations, the machine, the test NLL (`vae eval`'s
-eval.json) and the published number it is compared with.
+budget did), the optimizer steps, the wall time summed over invocations, the machine, the
+test NLL and, for the disentanglement presets, the factor scores (`vae eval`'s eval.json),
+and the published number it is compared with.
 
     python bench/repro_table.py        # every run under $VAE_REPRO_DIR (default ~/vae-runs)
     python bench/repro_table.py ~/vae-runs/vamp_binarized_mnist
@@ -27,6 +28,10 @@ PUBLISHED = {
     "vae_binarized_mnist": 86.76,
     "iwae_binarized_mnist": 84.78,
 }
+# Disentanglement scores from eval.json: MIG, the FactorVAE and beta-VAE scores, DCI
+# disentanglement (their estimators are documented in docs/evaluation.md).
+SCORES = {"mig": "MIG", "factor_vae": "FactorVAE", "beta_vae": "beta-VAE",
+          "dci_disentanglement": "DCI"}
 
 
 def wall(run: Path) -> tuple[int, str]:
@@ -59,19 +64,23 @@ def row(run: Path) -> dict:
     preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")),
                   run.name)
     with (run / "metrics.csv").open() as f:
-        val = [float(r["val_loss"]) for r in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    val = [float(r["val_loss"]) for r in rows]
     best = min(range(len(val)), key=val.__getitem__) + 1 if val else 0
     seconds, machine = wall(run)
     ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
     nll = ev.get("nll_iwae")
     published = PUBLISHED.get(preset)
-    return {"preset": preset, "epochs": len(val), "best epoch": best,
+    scores = ", ".join(f"{name} {ev[k]:.3f}" for k, name in SCORES.items() if k in ev)
+    return {"preset": preset, "epochs": len(val), "steps": rows[-1]["step"] if rows else 0,
+            "best epoch": best,
             "stopped by": stopped_by(val, cfg["trainer"].get("patience"),
                                      cfg["trainer"]["epochs"]),
             "wall": f"{seconds / 3600:.1f} h", "machine": machine,
             "test NLL": f"{nll:.2f} (k={ev['iw_samples']}, {ev['examples']} images)"
             if nll is not None else "-",
             "best val -ELBO": f"{min(val):.2f}" if val else "-",
+            "scores": scores or "-",
             "published": published if published is not None else "-",
             "difference": f"{nll - published:+.2f}" if nll is not None and published else "-"}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import shutil
 import time
 from pathlib import Path
@@ -100,6 +101,12 @@ def test_a_preset_resumes_with_its_own_command_line_and_a_relative_data_root(tmp
     row = table.row(tmp_path / "run")  # the README's Reproductions row of that folder
     assert (row["preset"], row["epochs"], row["stopped by"], row["test NLL"]) == \
         ("beta_vae_shapes", 2, "epochs", "-")  # trainer.epochs=2 reached, not evaluated
+    assert (row["steps"], row["scores"]) == ("2", "-")  # 64 images, batch 64
+    (tmp_path / "run/eval.json").write_text(json.dumps(
+        {"mig": 0.125, "factor_vae": 0.79, "nll_iwae": 50.0, "iw_samples": 10, "examples": 32}))
+    row = table.row(tmp_path / "run")
+    assert (row["test NLL"], row["scores"]) == ("50.00 (k=10, 32 images)",
+                                                "MIG 0.125, FactorVAE 0.790")
 
 
 def _repro_table():
