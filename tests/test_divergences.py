@@ -124,6 +124,23 @@ def test_analytic_kl_against_learned_prior_matches_closed_form():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_analytic_kl_against_the_standard_normal_matches_closed_form():
+    """NormalPrior writes its KL out; it must be KL(q || N(0, I)) per example, also for the
+    values a clamped log-variance reaches, and leave other posteriors to torch's formulas."""
+    prior = NormalPrior(latent_dim=3)
+    q = _posterior()
+    expected = _gauss_kl(q.mean, q.stddev, torch.zeros(3), torch.ones(3)).sum(1)
+    assert torch.allclose(prior.kl(q), expected, atol=1e-6)
+    far = Independent(Normal(torch.tensor([[5.0, -3.0]]), torch.tensor([[math.exp(-3.0),
+                                                                          math.exp(1.0)]])), 1)
+    assert torch.allclose(NormalPrior(latent_dim=2).kl(far),
+                          torch.distributions.kl_divergence(far, Independent(
+                              Normal(torch.zeros(2), torch.ones(2)), 1)), atol=1e-5)
+    kl = KL()
+    kl.bind(prior)
+    assert torch.allclose(kl(q, q.rsample(), prior)["div"], expected.mean(), atol=1e-6)
+
+
 def test_mc_kl_against_one_component_mixture_converges_to_closed_form():
     # A 1-component mixture is a Gaussian, but torch has no KL for MixtureSameFamily, so the
     # estimator is Monte Carlo: with 100k draws it must land on the Gaussian closed form.

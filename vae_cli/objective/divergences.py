@@ -96,12 +96,11 @@ class KL(Divergence):
     def forward(self, q: Distribution, z: torch.Tensor, prior: Prior) -> dict[str, torch.Tensor]:
         if self._analytic is None:
             self.bind(prior)
-        p = prior.dist()
         if not self._analytic:
-            return {"div": (q.log_prob(z) - p.log_prob(z)).mean()}
+            return {"div": (q.log_prob(z) - prior.dist().log_prob(z)).mean()}
         if not self.free_bits:
-            return {"div": kl_divergence(q, p).mean()}
-        per_dim = kl_divergence(q.base_dist, p.base_dist).mean(0)  # [D], batch mean
+            return {"div": prior.kl(q).mean()}
+        per_dim = kl_divergence(q.base_dist, prior.dist().base_dist).mean(0)  # [D], batch mean
         kl = per_dim.sum()
         # The floor changes only the gradient: logged "kl" stays the true value.
         return {"div": per_dim.clamp(min=self.free_bits).sum(), "kl": kl}
