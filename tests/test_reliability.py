@@ -24,9 +24,10 @@ from hostile import (
     in_process,
     write_checkpoints_forever,
 )
-from test_cli import TINY, rows, vae
+from test_cli import DATA, TINY, rows, vae
 from torchvision.io import write_png
 
+from vae_cli import errors
 from vae_cli.runtime import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,6 +198,8 @@ def _battery(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
         (["train", "trainer.device=tpu"], "trainer.device"),
         (["train", *TINY, d, rd], "trainer.resume=true"),  # would overwrite the run
         (["train", *TINY, d, f"hydra.run.dir={tmp / 'a_file/run'}"], "hydra.run.dir"),
+        (["train", *DATA, "model.hidden=[1000000000000]", d, f"hydra.run.dir={tmp / 'big'}"],
+         "out of memory in host memory (it asked for 74505.8 GiB"),  # no machine holds it
         (["train", "--nonsense"], "unrecognized"),
         (["eval"], "ckpt="),
         (["eval", f"ckpt={tmp / 'nope.pt'}"], "does not exist"),
@@ -235,6 +238,16 @@ def test_bad_input_battery(existing_run, tmp_path):
     after = _digest(existing_run)
     # nothing in the existing run folder changed (a refused restart may add .hydra/again-*)
     assert {k: after.get(k) for k in before} == before
+
+
+def test_out_of_memory_on_a_gpu_is_one_line_with_the_size():
+    """torch's words for a GPU's allocation failure become the line the battery checks for
+    the host's (no GPU here: the exception is the one torch raises there)."""
+    e = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a "
+                               "total capacity of 79.11 GiB of which 1.50 GiB is free.")
+    assert errors.out_of_memory(e).startswith(
+        "out of memory on the GPU (it asked for 2.00 GiB at once): a smaller trainer.batch_size")
+    assert errors.out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
 def test_a_signal_inside_an_accumulated_step_waits_for_the_step_and_resumes_exactly(

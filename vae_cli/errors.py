@@ -3,6 +3,8 @@ exception is shortened to a line for a message."""
 
 from __future__ import annotations
 
+import re
+
 # Long enough for a path and a reason, short enough for one terminal line or two.
 LIMIT = 300
 
@@ -44,3 +46,21 @@ def buried(e: BaseException, kind: type | tuple[type, ...]) -> BaseException | N
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """The one line for an allocation that failed (host memory, or a GPU's), else None:
+    the size asked for and what needs less. torch reports a host failure as a plain
+    RuntimeError, a GPU's as its OutOfMemoryError (a RuntimeError too)."""
+    text = str(e)
+    gpu = type(e).__name__ == "OutOfMemoryError" or " out of memory" in text
+    if not (gpu or isinstance(e, MemoryError) or "can't allocate memory" in text):
+        return None
+    asked = re.search(r"[Tt]ried to allocate (\d+) bytes", text)
+    size = (f"{int(asked[1]) / 2**30:.1f} GiB" if asked else
+            (re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text) or [None, None])[1])
+    where = "on the GPU" if gpu else "in host memory"
+    return (f"out of memory {where}" + (f" (it asked for {size} at once)" if size else "")
+            + ": a smaller trainer.batch_size (trainer.accumulate keeps the batch the "
+            "optimizer sees), trainer.precision=bf16 or a smaller model needs less; in vae "
+            "eval, a smaller eval.iw_batch")

@@ -88,8 +88,9 @@ def one_line(e: BaseException) -> str:
 def guarded(task: Callable[[DictConfig], object], full_error: bool):
     """The Hydra task. Bad input (UserError, an OmegaConf refusal) -> one line and exit 2;
     in a sweep the job is marked failed and the others run. A signal -> one line and exit
-    128 + n, ending a sweep too. Anything unexpected -> one line naming it and exit 1, or
-    the traceback when the user set HYDRA_FULL_ERROR=1."""
+    128 + n, ending a sweep too. Out of memory -> one line with the size and what needs
+    less, exit 1. Anything unexpected -> one line naming it and exit 1, or the traceback
+    when the user set HYDRA_FULL_ERROR=1."""
 
     def app(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
@@ -108,8 +109,9 @@ def guarded(task: Callable[[DictConfig], object], full_error: bool):
         except Exception as e:
             if full_error:
                 raise
-            message = (f"unexpected {type(e).__name__}: {errors.one_line(e)} "
-                       "(HYDRA_FULL_ERROR=1 prints the traceback)")
+            message = errors.out_of_memory(e) or (
+                f"unexpected {type(e).__name__}: {errors.one_line(e)} "
+                "(HYDRA_FULL_ERROR=1 prints the traceback)")
             if sweep:
                 return job_failed(message)
             fail(message, 1)
