@@ -117,9 +117,7 @@ class GraphStepper(Stepper):
         with autocast(self.device, self.precision):
             terms, _ = self.net(x, self.step_t, self.shard, y)
         terms["loss"].backward()
-        if self.grad_clip is not None:
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            terms = {**terms, "grad_norm": nn.utils.clip_grad_norm_(params, self.grad_clip)}
+        terms = {**terms, **self.clipped()}  # no skipping here (refused): clipping alone
         for hook in self.hooks.after_backward:
             hook()
         self.opt.step()

@@ -111,9 +111,7 @@ class Stepper:
         made: dict[str, torch.Tensor] = {}
         if self.scaler:
             self.scaler.unscale_(self.opt)  # the clip threshold is in true gradient units
-        if self.grad_clip is not None or self.skip:  # the norm before clipping
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            made["grad_norm"] = nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
+        made.update(self.clipped())
         for hook in self.hooks.after_backward:
             hook()
         skipped = False
@@ -135,6 +133,14 @@ class Stepper:
         for hook in self.hooks.after_update:
             hook(step + 1)
         return made
+
+    def clipped(self) -> dict[str, torch.Tensor]:
+        """Clips the gradients to ``grad_clip``; {"grad_norm": the norm before clipping}
+        when clipping or skipping is on, else {}."""
+        if self.grad_clip is None and not self.skip:
+            return {}
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        return {"grad_norm": nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)}
 
 
 def auxiliary_step(aux: Auxiliary, opt: torch.optim.Optimizer, batch: Detached,
