@@ -111,6 +111,22 @@ def test_the_kept_pass_gives_what_fresh_passes_give(compose_cfg):
     assert net.kept(flat.clone()) is None  # another tensor of the same values: a new pass
 
 
+def test_the_mode_and_spread_come_from_one_pass_at_the_means(compose_cfg):
+    """vae eval's posterior statistics ask for both: one top-down pass, whose z is each
+    layer's mean given the means above and whose scales are the spread."""
+    objective = _objective(compose_cfg)
+    net = objective.model.prior.net
+    q = objective.model.posterior(torch.rand(4, 1, 8, 8))
+    runs, run = [], net.run
+    net.run = lambda *a, **kw: runs.append(1) or run(*a, **kw)
+    mode, spread = q.mode_point, q.spread
+    del net.run
+    assert len(runs) == 1
+    means = net.run(4, enc=q.enc, noise=lambda w: torch.zeros(4, w))
+    torch.testing.assert_close(mode, means.z)
+    torch.testing.assert_close(spread, torch.cat(means.scale, 1))
+
+
 def test_training_terms_use_the_layerwise_kl_and_the_iwae_bound_tightens(compose_cfg):
     objective = _objective(compose_cfg)
     x = (torch.rand(6, 1, 8, 8) > 0.5).float()

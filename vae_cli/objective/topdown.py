@@ -57,6 +57,7 @@ class LayeredPosterior(LatentDistribution):
         super().__init__(enc.shape[:1], torch.Size([net.latent_dim]), validate_args=False)
         self.enc, self.family, self.net = enc, family, net
         self.last: Pass | None = None
+        self.means: Pass | None = None  # the pass at the means, kept for spread
 
     @property
     def device(self) -> torch.device:
@@ -87,13 +88,17 @@ class LayeredPosterior(LatentDistribution):
 
     @property
     def mode_point(self) -> torch.Tensor:
-        """Each layer's posterior mean, given the means above it."""
-        return self.sample_pass((), lambda w: torch.zeros(len(self.enc), w, device=self.device))
+        """Each layer's posterior mean, given the means above it (one pass, kept)."""
+        if self.means is None:
+            self.sample_pass((), lambda w: torch.zeros(len(self.enc), w, device=self.device))
+            self.means = self.last
+        return self.means.z.view(len(self.enc), -1)
 
     @property
     def spread(self) -> torch.Tensor:
-        self.mode_point  # noqa: B018 - the pass at the means holds the scales
-        return torch.cat(self.last.scale, 1)
+        """Each layer's posterior scales at the means above it: the mode's pass."""
+        self.mode_point  # noqa: B018 - runs the pass at the means once
+        return torch.cat(self.means.scale, 1)
 
 
 class LayeredPrior(Prior):
