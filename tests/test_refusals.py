@@ -258,6 +258,24 @@ def test_a_model_past_the_parameter_bound_is_refused_before_it_moves_to_a_device
     limits.check_parameters(bound + 1, OmegaConf.create({"limits": False}))
 
 
+@pytest.mark.parametrize("overrides", [["model=mlp"], ["model=conv", "prior=vamp"],
+                                       ["model=hvae"]])
+def test_the_parameter_count_is_known_before_the_model_is_allocated(compose_cfg, overrides):
+    """The bound is checked on a build on the meta device: the real build's count, without
+    memory or random draws; a model that cannot be built there (vdvae reads values while
+    it is built) is counted after its build instead."""
+    from vae_cli.config.build import build_objective, planned_parameters
+    from vae_cli.config.schemas import validate_train
+
+    cfg = validate_train(compose_cfg(overrides))
+    rng = torch.get_rng_state()
+    planned = planned_parameters(cfg, (1, 28, 28), 100)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert planned == sum(p.numel() for p in build_objective(cfg, (1, 28, 28), 100).parameters())
+    vdvae = validate_train(compose_cfg(["model=vdvae"]))
+    assert planned_parameters(vdvae, (1, 28, 28), 100) is None
+
+
 def test_the_iwae_bound_reports_its_progress_in_decodes(monkeypatch, saved):
     """The longest loop of `vae eval` draws a bar whose count reaches examples x k."""
     import io

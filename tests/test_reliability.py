@@ -198,8 +198,12 @@ def _battery(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
         (["train", "trainer.device=tpu"], "trainer.device"),
         (["train", *TINY, d, rd], "trainer.resume=true"),  # would overwrite the run
         (["train", *TINY, d, f"hydra.run.dir={tmp / 'a_file/run'}"], "hydra.run.dir"),
+        # a model no machine holds: refused by its count before it is allocated, and
+        # with the bounds lifted, the allocation's failure in one line
         (["train", *DATA, "model.hidden=[1000000000000]", d, f"hydra.run.dir={tmp / 'big'}"],
-         "out of memory in host memory (it asked for 74505.8 GiB"),  # no machine holds it
+         "parameters, past the bound"),
+        (["train", *DATA, "model.hidden=[1000000000000]", "limits=false", d,
+          f"hydra.run.dir={tmp / 'big'}"], "out of memory in host memory (it asked for 74505.8"),
         (["train", "--nonsense"], "unrecognized"),
         (["eval"], "ckpt="),
         (["eval", f"ckpt={tmp / 'nope.pt'}"], "does not exist"),

@@ -26,6 +26,19 @@ from vae_cli.runtime import checkpoint
 from vae_cli.samplers.base import Sampler
 
 
+def planned_parameters(*args: Any) -> int | None:
+    """The parameter count of ``build_objective(*args)``, from a build on the meta device
+    (no memory taken, no random draws), so that a bound is checked before a model larger
+    than the machine is allocated; None where a component cannot be built there."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_objective(*args).parameters())
+    except UserError:
+        raise
+    except Exception:  # a component that reads its tensors' values while it is built
+        return None
+
+
 def build_objective(cfg: DictConfig, shape: tuple[int, ...], dataset_size: int,
                     vocab_size: int | None = None, num_classes: int | None = None
                     ) -> Objective:

@@ -40,8 +40,9 @@ def check(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} is past its bound {bound:,} ({cost}); {LIFT}")
 
 
-def check_parameters(count: int, cfg: DictConfig) -> None:
-    """Refuse a model past MAX_PARAMETERS (a width or depth typo), unless ``limits=false``."""
-    if cfg.get("limits", True) and count > MAX_PARAMETERS:
+def check_parameters(count: int | None, cfg: DictConfig) -> None:
+    """Refuse a model past MAX_PARAMETERS (a width or depth typo), unless ``limits=false``
+    (None: not known yet)."""
+    if cfg.get("limits", True) and count is not None and count > MAX_PARAMETERS:
         raise UserError(f"the model has {count:,} parameters, past the bound "
                         f"{MAX_PARAMETERS:,} (model.* widths, depths or latent sizes); {LIFT}")

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.config import limits
-from vae_cli.config.build import build_objective
+from vae_cli.config.build import build_objective, planned_parameters
 from vae_cli.config.components import instantiate
 from vae_cli.data.base import Splits
 from vae_cli.data.vocab import Vocab
@@ -85,8 +85,9 @@ def setup(cfg: DictConfig, run_dir: Path, ckpt: dict | None = None,
     data = data.to(device)
     if cfg.model.get("conditional") and data.num_classes:
         data.check_class_ids()
-    objective = build_objective(cfg, data.shape, len(data.train),
-                                data.vocab and len(data.vocab), data.num_classes)
+    args = (cfg, data.shape, len(data.train), data.vocab and len(data.vocab), data.num_classes)
+    limits.check_parameters(planned_parameters(*args), cfg)  # before memory is taken
+    objective = build_objective(*args)
     objective.model.likelihood.ready()
     size = sum(p.numel() for p in objective.parameters())
     limits.check_parameters(size, cfg)
