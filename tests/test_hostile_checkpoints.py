@@ -35,6 +35,8 @@ CASES = {
     "logger_function": (_set("logger", "_target_", "os.system"), "outside vae_cli"),
     "env_interpolation": (_set("dataset", "root", "${oc.env:HOME}"), "interpolation"),
     "self_interpolation": (_set("model", "latent_dim", "${trainer.epochs}"), "interpolation"),
+    # a config asking for a model no machine holds: refused before it is allocated
+    "giant_model": (_set("model", "hidden", [10**12]), "does not match its own config"),
 }
 
 

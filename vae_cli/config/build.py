@@ -110,9 +110,18 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
     vocab = Vocab.from_state(ckpt.get("vocab"))
     if cfg.model.get("conditional") and not ckpt.get("num_classes"):
         raise UserError(f"{path} is a conditional model without its number of classes")
-    objective = build_objective(cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
-                                len(vocab) if vocab else None, ckpt.get("num_classes"))
+    args = (cfg, tuple(ckpt["shape"]), ckpt.get("dataset_size", 1),
+            len(vocab) if vocab else None, ckpt.get("num_classes"))
     weights = ckpt.get("ema") or ckpt["model"]
+    # a config that asks for more parameters than the file holds values cannot match it:
+    # refused before that model is allocated (a doctored config can ask for terabytes)
+    held = sum(v.numel() for v in [*weights.values(), *(ckpt.get("divergence") or {}).values()]
+               if isinstance(v, torch.Tensor))
+    planned = planned_parameters(*args)
+    if planned is not None and planned > held:
+        raise UserError(f"{path} does not match its own config: the config's model has "
+                        f"{planned:,} parameters, the file holds {held:,} values")
+    objective = build_objective(*args)
     try:
         objective.model.load_state_dict(weights)
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})
