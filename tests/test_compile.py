@@ -11,6 +11,7 @@ import torch
 from test_cli import DATA
 
 from vae_cli.config.schemas import validate_train
+from vae_cli.errors import UserError
 from vae_cli.runtime.run_folder import read_metrics
 from vae_cli.training.recipe import fit, setup
 
@@ -77,3 +78,20 @@ def test_compiled_convolutions_on_cuda_are_refused_in_one_line(monkeypatch):
     check_compilable(convs, torch.device("cpu"))  # and convolutions on the CPU
     monkeypatch.setenv("VAE_COMPILE_CONV_CUDA", "1")
     check_compilable(convs, cuda)  # the way to check whether a torch release fixed it
+
+
+def test_a_failed_compile_is_one_line_naming_trainer_compile_false(tmp_path, compose_cfg):
+    """torch.compile failing on the user's machine (here: no working C++ compiler, as on a
+    machine without one) ends in one line with its reason and the way round it."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    cfg = validate_train(compose_cfg([*STEPS, f"dataset.root={tmp_path / 'data'}",
+                                      "trainer.compile=true"]))
+    torch._dynamo.reset()  # nothing compiled earlier in this process is reused
+    with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++")),
+                         "fx_graph_cache": False}), \
+            pytest.raises(UserError, match=r"^trainer.compile=true: torch.compile failed "
+                          r"\(.*C\+\+ compiler.*\); trainer.compile=false trains without it"):
+        fit(setup(cfg, tmp_path / "run"))
+    torch._dynamo.reset()

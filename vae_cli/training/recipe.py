@@ -319,12 +319,26 @@ def fit(run: Run) -> dict:
         except (Interrupted, Signalled):
             status = "interrupted"
             raise
+        except Exception as e:
+            failed = run.cfg.trainer.compile and compile_failure(e)
+            if failed:
+                raise failed from e
+            raise
         finally:
             if reports:
                 run.stepper.hooks.on_log.remove(reports.step)
                 reports.close(status)
     return {"best_val": state.best_val, "epoch": state.epoch, "step": state.step,
             "run_dir": str(run.run_dir)}
+
+
+def compile_failure(e: BaseException) -> UserError | None:
+    """torch.compile's own failure (no working C++ compiler, an operation it cannot
+    trace) as one line that names the way round it; None for any other error."""
+    if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    return UserError(f"trainer.compile=true: torch.compile failed ({one_line(e)}); "
+                     "trainer.compile=false trains without it")
 
 
 def open_reports(run: Run) -> TrainingReports | None:
