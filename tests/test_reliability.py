@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import pty
 import re
@@ -29,6 +30,7 @@ from torchvision.io import write_png
 
 from vae_cli import errors
 from vae_cli.runtime import checkpoint
+from vae_cli.training.loop import Window
 
 REPO = Path(__file__).resolve().parents[1]
 # Epochs of ~1 s (256 steps) so that a signal lands mid-epoch; log_every=1 checks each step.
@@ -147,6 +149,19 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fi
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (run / "checkpoints/last.pt").read_bytes() == good
     assert len(rows(run)) == 1
+
+
+def test_the_first_non_finite_step_of_a_window_is_named_exactly():
+    """The loop checks the losses since its last sync point there, not at every step: the
+    step named is still the first bad one, wherever it falls in the window."""
+    window = Window()
+    for step, loss in zip([5, 6, 6, 7, 8], [1.0, 2.0, math.inf, math.nan, 3.0], strict=True):
+        window.add(torch.tensor([loss, 0.0])[0], step)
+    assert window.first_bad().item() == 6
+    assert not window.losses and not window.steps  # emptied at each check
+    for step in (9, 10):
+        window.add(torch.tensor(1.5), step)
+    assert window.first_bad().item() == -1
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):

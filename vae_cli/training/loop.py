@@ -33,7 +33,7 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
     first = progress.batch if progress else 0
     names = progress.names if progress else None
     sums = progress.sums.to(device) if progress else None
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    window = Window()  # each batch's loss since the last sync point
     n = len(data.train) // t.batch_size
     bar = progress_bar(n, desc, initial=first)
     stepper.objective.train()
@@ -52,15 +52,13 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
         if sums is None:
             names, sums = list(out), torch.zeros_like(values)
         sums += values
-        # Remember the first non-finite step on the device: no host sync per step.
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values[0]), state.step,
-                               bad_step)
+        window.add(values[0], state.step)
         last = i + 1 == n
         # Ranks agree at the same steps: a signal is acted on at the next such step.
         alone = shard.world == 1 and stop is not None and stop.signum
         # ... and only where an optimizer step ends: no summed gradient is left unapplied
         if update and ((i + 1) % (t.log_every * k) == 0 or last or alone):
-            agree(bad_step, stop)
+            agree(window.first_bad(), stop)
             loss = values[0].item()
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update((i + 1) - bar.n)
@@ -73,6 +71,29 @@ def train_epoch(stepper: Stepper, data: Splits, t: TrainerConfig, order: torch.G
                 raise StopRequested
     bar.close()
     return dict(zip(names, distributed.all_mean(sums).div(n).tolist(), strict=True))
+
+
+class Window:
+    """The losses of the batches since the last sync point, kept as they are (views of
+    each step's metrics, no copy): checked for the first non-finite one at the sync point,
+    not with a test per step, whose operations each cost a launch on a GPU."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.steps: list[int] = []
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.losses.append(loss)
+        self.steps.append(step)
+
+    def first_bad(self) -> torch.Tensor:
+        """The step of the window's first non-finite loss, or -1, on the device; empties it."""
+        losses = torch.stack(self.losses)
+        steps = torch.tensor(self.steps, device=losses.device)
+        none = torch.iinfo(steps.dtype).max
+        first = torch.where(torch.isfinite(losses), none, steps).min()
+        self.losses, self.steps = [], []
+        return torch.where(first == none, -1, first)
 
 
 def agree(bad_step: torch.Tensor, stop: StopFlag | None) -> None:
