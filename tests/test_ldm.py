@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 
 from diffusers import AutoencoderKL  # noqa: E402
 
-from vae_cli.config.build import build_objective  # noqa: E402
+from vae_cli.config.build import build_objective, planned_parameters  # noqa: E402
 from vae_cli.config.schemas import validate_train  # noqa: E402
 from vae_cli.errors import UserError  # noqa: E402
 
@@ -151,6 +151,10 @@ def test_training_starts_from_a_diffusers_autoencoderkl_folder(compose_cfg, tmp_
     (tmp_path / "broken" / "config.json").write_text(json.dumps({"_class_name": "x"}))
     with pytest.raises(UserError, match="cannot be loaded as a diffusers AutoencoderKL"):
         objective(compose_cfg, f"model.init_from={tmp_path / 'broken'}")
+    # the count taken before allocation (on the meta device) reads no weights
+    broken = validate_train(compose_cfg([*TINY_LDM, f"model.init_from={tmp_path / 'broken'}"]))
+    assert planned_parameters(broken, (1, 16, 16), 100) == sum(
+        p.numel() for p in objective(compose_cfg).parameters())
 
 
 def test_tiles_are_decoded_at_the_tile_size_and_blended_only_at_their_seams(compose_cfg):

@@ -134,7 +134,7 @@ def build(latent_dim: int = 4, ch: int = 128, ch_mult: list[int] = (1, 2, 4, 4),
     config = autoencoder_config(c, c * out_mult, h, latent_dim, ch, ch_mult, num_res_blocks,
                                 norm_groups)
     ae = diffusers.AutoencoderKL(**config)
-    if init_from is not None:
+    if init_from is not None and not torch.empty(0).is_meta:  # a count needs no weights
         load_pretrained(ae, init_from, config)
     grid = (latent_dim, h // factor, w // factor)
     return Networks(LDMEncoder(ae.encoder, ae.quant_conv),
