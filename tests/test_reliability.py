@@ -151,6 +151,22 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, fi
     assert len(rows(run)) == 1
 
 
+def test_a_run_its_patience_ended_stays_ended_when_started_again(tmp_path, finished_run):
+    """bench/reproduce.sh starts every stage with trainer.resume=auto: a run that early
+    stopping ended must not train another epoch when it is started again."""
+    run = copy_run(finished_run, tmp_path / "run")  # one epoch of TINY
+    ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
+    ckpt["state"]["bad_epochs"] = 2  # as the rule left it: two epochs without improvement
+    torch.save(ckpt, run / "checkpoints/last.pt")
+    base = [*TINY, f"dataset.root={finished_run.parent / 'data'}", f"hydra.run.dir={run}"]
+    in_process("train", *base, "trainer.resume=true", "trainer.epochs=3", "trainer.patience=2",
+               cwd=tmp_path)
+    assert len(rows(run)) == 1
+    in_process("train", *base, "trainer.resume=true", "trainer.epochs=3", "trainer.patience=3",
+               cwd=tmp_path)  # a longer patience continues it
+    assert len(rows(run)) > 1
+
+
 def test_the_first_non_finite_step_of_a_window_is_named_exactly():
     """The loop checks the losses since its last sync point there, not at every step: the
     step named is still the first bad one, wherever it falls in the window."""

@@ -363,7 +363,7 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
     signal."""
     t, state = run.cfg.trainer, run.state
     started, durations = time.monotonic(), []
-    while state.epoch < t.epochs:
+    while state.epoch < t.epochs and not patience_spent(t, state):
         epoch_start = time.monotonic()
         row, improved = run_epoch(run, stop)
         save_checkpoint(run, run.folder.last)
@@ -377,7 +377,7 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
                     state.epoch % t.image_every == 0 or state.epoch == t.epochs))
         if agreed_signal(run, stop) and state.epoch < t.epochs:
             raise Interrupted(stop.signum, state.step, run.folder.last)
-        if t.patience and state.bad_epochs >= t.patience:
+        if patience_spent(t, state):
             log.info("early stop: no val improvement in %d epochs", t.patience)
             break
         durations.append(time.monotonic() - epoch_start)
@@ -386,6 +386,13 @@ def train_epochs(run: Run, stop: StopFlag, reports: TrainingReports | None) -> N
                      "after epoch %d (trainer.resume=true continues)", t.max_minutes,
                      state.epoch)
             break
+
+
+def patience_spent(t: DictConfig, state: TrainState) -> bool:
+    """Early stopping's rule: trainer.patience epochs without a better validation loss.
+    Checked before each epoch too, so that a run the rule ended stays ended when started
+    again (bench/reproduce.sh starts every stage with trainer.resume=auto)."""
+    return bool(t.patience) and state.bad_epochs >= t.patience
 
 
 def out_of_time(run: Run, started: float, durations: list[float]) -> bool:
