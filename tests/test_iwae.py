@@ -160,3 +160,29 @@ def test_settings_the_iw_bound_cannot_honour_are_refused(divergence, schedule, w
         _with(divergence, schedule)
     assert "\n" not in str(e.value)
     _with(divergence, schedule, iw_samples=1)(_data())
+
+
+def test_the_bounds_mixture_density_is_the_mixtures_log_prob():
+    """vae eval scores a mixture prior (VampPrior, mog) by matrix products in float64: the
+    mixture's own density, to float32 rounding, also far from every component; any other
+    prior keeps its log_prob."""
+    from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+    from vae_cli.evaluation.likelihood import density
+
+    g = torch.Generator().manual_seed(3)
+    k, d = 50, 6
+    logits, loc = torch.randn(k, generator=g), 2 * torch.randn(k, d, generator=g)
+    scale = torch.exp(0.5 * (8 * torch.rand(k, d, generator=g) - 6))  # logvar in [-6, 2]
+
+    def mixture(dtype):
+        return MixtureSameFamily(Categorical(logits=logits.to(dtype)),
+                                 Independent(Normal(loc.to(dtype), scale.to(dtype)), 1))
+
+    z = 3 * torch.randn(4, 30, d, generator=g)
+    exact = mixture(torch.float64).log_prob(z.double())
+    fast = density(mixture(torch.float32))(z)
+    assert fast.shape == z.shape[:-1] and fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), exact, rtol=1e-6, atol=1e-4)
+    normal = NormalPrior(latent_dim=d).dist()
+    assert density(normal) == normal.log_prob
