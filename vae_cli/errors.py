@@ -56,9 +56,10 @@ def out_of_memory(e: BaseException) -> str | None:
     gpu = type(e).__name__ == "OutOfMemoryError" or " out of memory" in text
     if not (gpu or isinstance(e, MemoryError) or "can't allocate memory" in text):
         return None
-    asked = re.search(r"[Tt]ried to allocate (\d+) bytes", text)
-    size = (f"{int(asked[1]) / 2**30:.1f} GiB" if asked else
-            (re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text) or [None, None])[1])
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text)  # "2.00 GiB", "160 bytes"
+    size = asked and asked[1]
+    if size and size.endswith(" bytes"):
+        size = f"{int(size.split()[0]) / 2**30:.1f} GiB"
     where = "on the GPU" if gpu else "in host memory"
     return (f"out of memory {where}" + (f" (it asked for {size} at once)" if size else "")
             + ": a smaller trainer.batch_size (trainer.accumulate keeps the batch the "

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vae_cli.errors import UserError, out_of_memory
+from vae_cli.errors import UserError, one_line, out_of_memory
 from vae_cli.objective.bounds import Objective
 from vae_cli.objective.hierarchy import TwoLevel
 from vae_cli.objective.posteriors import DiagonalGaussian
@@ -144,9 +144,8 @@ class GraphStepper(Stepper):
             except RuntimeError as e:  # the same step ran eagerly above: capture refused it
                 if out_of_memory(e):
                     raise
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise UserError(f"trainer.cuda_graph=true: this step cannot be captured into "
-                                f"a CUDA graph ({reason}); trainer.cuda_graph=false trains "
+                                f"a CUDA graph ({one_line(e)}); trainer.cuda_graph=false trains "
                                 "it") from e
         return graph
 
