@@ -6,12 +6,13 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal
+from torch.distributions import Distribution
 
 from vae_cli.data.batching import labelled
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.bounds import log_weights
 from vae_cli.objective.model import VAE
+from vae_cli.objective.priors import mixture_parts
 from vae_cli.runtime.progress import bar
 
 
@@ -81,16 +82,3 @@ def density(prior: Distribution) -> Callable[[torch.Tensor], torch.Tensor]:
         return out.view(z.shape[:-1]).to(z.dtype)
 
     return log_prob
-
-
-def mixture_parts(prior: Distribution) -> tuple[torch.Tensor, ...] | None:
-    """(log weights [K], means [K, D], scales [K, D]) of a mixture of diagonal Gaussians."""
-    if not isinstance(prior, MixtureSameFamily):
-        return None
-    comp = prior.component_distribution
-    if not (isinstance(comp, Independent) and type(comp.base_dist) is Normal
-            and comp.base_dist.loc.dim() == 2):
-        return None
-    log_w = torch.log_softmax(prior.mixture_distribution.logits, -1)
-    return log_w, comp.base_dist.loc, comp.base_dist.scale
-

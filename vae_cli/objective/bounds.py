@@ -26,12 +26,13 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, MixtureSameFamily, Normal
+from torch.distributions import Distribution, Independent, Normal
 
 from vae_cli.objective.auxiliary import Auxiliary, Detached
 from vae_cli.objective.divergences import Divergence
 from vae_cli.objective.model import VAE
 from vae_cli.objective.parallel import WHOLE, Shard
+from vae_cli.objective.priors import mixture_parts
 from vae_cli.objective.schedules import Constant, Schedule
 
 
@@ -132,10 +133,10 @@ def prior_marginals(prior: Distribution, z: torch.Tensor) -> torch.Tensor:
     them (each marginal is a 1-D mixture with the same weights)."""
     if isinstance(prior, Independent) and isinstance(prior.base_dist, Normal):
         return prior.base_dist.log_prob(z)
-    if isinstance(prior, MixtureSameFamily):
-        comp = prior.component_distribution.base_dist  # Normal, batch [K, D]
-        log_pi = torch.log_softmax(prior.mixture_distribution.logits, -1)  # [K]
-        per = Normal(comp.loc, comp.scale, validate_args=False).log_prob(z.unsqueeze(-2))
+    parts = mixture_parts(prior)
+    if parts is not None:
+        log_pi, loc, scale = parts  # [K], [K, D], [K, D]
+        per = Normal(loc, scale, validate_args=False).log_prob(z.unsqueeze(-2))
         return torch.logsumexp(per + log_pi.unsqueeze(-1), dim=-2)
     raise TypeError(f"no per-dimension marginals for {type(prior).__name__}")
 

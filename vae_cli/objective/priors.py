@@ -147,6 +147,18 @@ def _mixture(logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> Di
                              diagonal_normal(loc, scale), validate_args=False)
 
 
+def mixture_parts(prior: Distribution) -> tuple[torch.Tensor, ...] | None:
+    """(log weights [K], means [K, D], scales [K, D]) of a mixture of diagonal Gaussians."""
+    if not isinstance(prior, MixtureSameFamily):
+        return None
+    comp = prior.component_distribution
+    if not (isinstance(comp, Independent) and type(comp.base_dist) is Normal
+            and comp.base_dist.loc.dim() == 2):
+        return None
+    log_w = torch.log_softmax(prior.mixture_distribution.logits, -1)
+    return log_w, comp.base_dist.loc, comp.base_dist.scale
+
+
 class MixturePrior(Prior):
     """Mixture of K diagonal Gaussians with trainable weights, means and variances.
 
