@@ -109,7 +109,7 @@ def test_the_fused_update_is_the_same_optimizer_and_a_resume_keeps_its_own(compo
                                                                              option):
     import torch
 
-    from vae_cli.training.recipe import load_optimizer
+    from vae_cli.training.optimizers import load_optimizer
 
     cfg = validate(compose_cfg([f"optim={option}", "optim.weight_decay=0.01"])).optim
     torch.manual_seed(0)

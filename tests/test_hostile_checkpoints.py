@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hostile import digest, doctored, in_process, one_line_failure, unchanged
+from hostile import copy_run, digest, doctored, in_process, one_line_failure, unchanged
 from test_cli import vae
 
 from vae_cli.config.build import load_trained
 from vae_cli.errors import UserError
 from vae_cli.runtime import checkpoint
+from vae_cli.training.state import TrainState
 
 
 @pytest.fixture
@@ -105,3 +106,64 @@ def test_a_damaged_training_state_is_refused_on_resume(run, tmp_path):
     proc = in_process("train", f"ckpt={tmp_path / 'r/checkpoints/last.pt'}",
                       "trainer.epochs=2", cwd=tmp_path, check=False)
     one_line_failure(proc, "cannot be resumed")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("epoch", "one"), ("epoch", -1), ("step", -100), ("bad_epochs", 2.5),
+    ("best_val", float("nan")), ("best_epoch", 99), ("rows", "garbage"),
+    ("rows", [{"epoch": "x", "zzz": 1}]),
+])
+def test_impossible_counters_are_refused(run, key, value):
+    # a wrong counter would retrain, skip or misreport epochs, or crash the reports later
+    state = torch.load(run / "checkpoints/last.pt", weights_only=True)["state"]
+    assert TrainState.from_dict(state).epoch == 1  # the real one loads
+    state[key] = value
+    with pytest.raises(ValueError, match=f"state.{key}"):
+        TrainState.from_dict(state)
+
+
+def _moments_of_another_shape(ckpt):
+    for s in ckpt["optim"]["state"].values():
+        s["exp_avg"] = torch.zeros(2)
+
+
+def _rows_of_another_run(ckpt):
+    ckpt["state"]["rows"] = [{"epoch": "x", "zzz": 1}]
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    # torch loads moments of any shape; its fused Adam then read past their end (a crash)
+    (_moments_of_another_shape, "optimizer state 'exp_avg' of shape [2]"),
+    (_rows_of_another_run, "state.rows[0]"),
+])
+def test_a_doctored_resume_is_refused_before_the_run_changes(run, tmp_path, edit, fragment):
+    own = copy_run(run, tmp_path / "own")
+    ckpt = torch.load(own / "checkpoints/last.pt", weights_only=True)
+    ckpt.pop("format")
+    edit(ckpt)
+    checkpoint.save(own / "checkpoints/last.pt", ckpt)
+    kept = {p: digest(own)[p] for p in ("metrics.csv", "checkpoints/best.pt",
+                                          "checkpoints/last.pt")}
+    # a process of its own: a crash fails this test instead of ending the test session
+    start = vae if edit is _moments_of_another_shape else in_process
+    proc = start("train", f"hydra.run.dir={own}", "trainer.resume=true", "trainer.epochs=2",
+                 cwd=tmp_path, check=False)
+    one_line_failure(proc, fragment)
+    assert {p: digest(own)[p] for p in kept} == kept
+
+
+def test_a_resume_refuses_another_seed(run, tmp_path):
+    # the saved random streams continue: seed=5 would be recorded yet change nothing
+    own = copy_run(run, tmp_path / "own")
+    proc = in_process("train", f"hydra.run.dir={own}", "trainer.resume=true",
+                      "trainer.epochs=2", "seed=5", cwd=tmp_path, check=False)
+    one_line_failure(proc, "seed=5 differs from the run's (0)")
+
+
+def test_a_folder_or_a_link_loop_given_as_a_checkpoint_is_named_so(tmp_path):
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)
+    for path, what in ((tmp_path, "is a folder"), (loop, "is a link to no file"),
+                       (tmp_path / "none.pt", "does not exist")):
+        with pytest.raises(UserError, match=what):
+            checkpoint.load(path)

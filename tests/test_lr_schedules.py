@@ -92,6 +92,15 @@ def test_ema_is_the_warmed_up_exponential_average():
     assert lin.weight.item() == 29.0  # its own weights back
 
 
+def test_ema_refuses_saved_averages_of_another_shape():
+    # copy_ would broadcast a doctored file's (1, 1) average over a (3, 2) weight
+    ema = WeightAverage(torch.nn.Linear(2, 3, bias=False), decay=0.9)
+    with pytest.raises(ValueError, match=r"'weight' of shape \[1, 1\]"):
+        ema.load_state_dict({"weight": torch.ones(1, 1)}, updates=5)
+    ema.load_state_dict({"weight": torch.ones(3, 2)}, updates=5)
+    assert ema.shadow["weight"].sum() == 6 and ema.updates == 5
+
+
 def _cfg(compose, tmp: Path, *extra: str):
     return validate_train(compose([*TINY, f"dataset.root={tmp / 'data'}", "trainer.epochs=3",
                                    "trainer.log_every=1", *extra]))

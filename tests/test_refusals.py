@@ -111,6 +111,8 @@ def test_a_deeply_nested_eval_json_is_an_unreadable_file_not_a_recursion_error(t
     ("epoch,val_loss\n1,2.0\n", {"fd_shapes_features": "12"}, "is str, not a number"),
     ("epoch,val_loss,kl\n1,2.0,3\n2,1.5\n", {}, "line 3 has another number of cells"),
     ("epoch,val_loss\n1,2.0,3,4\n", {}, "line 2 has another number of cells"),
+    ("epoch,val_loss\n1,abc\n", {}, "line 2: val_loss='abc' is not a number"),
+    ("epoch,val_loss\nfoo,2.0\n", {}, "line 2: epoch='foo' is not an epoch count"),
 ])
 def test_compare_skips_a_run_whose_shown_values_are_not_numbers_naming_the_file(
         tmp_path, metrics, results, why):

@@ -126,7 +126,8 @@ def load_trained(path: str, device: torch.device) -> tuple[Objective, dict]:
         objective.model.load_state_dict(weights)
         objective.divergence.load_state_dict(ckpt.get("divergence") or {})
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"{path} does not match its own config: {one_line(e)}") from None
+        raise UserError(f"{path} does not match its own config: "
+                        f"{one_line(e, chain=True)}") from None
     bad = next((k for k, v in weights.items() if v.is_floating_point()
                 and not torch.isfinite(v).all()), None)
     if bad is not None:

@@ -41,7 +41,9 @@ def load(path: str | Path | None) -> dict[str, Any]:
         raise UserError("no checkpoint given; pass ckpt=outputs/<run>/checkpoints/best.pt")
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass ckpt=<run>/checkpoints/best.pt")
+        what = "is a folder" if path.is_dir() else "is a link to no file" \
+            if path.is_symlink() else "does not exist"
+        raise UserError(f"checkpoint {path} {what}; pass ckpt=<run>/checkpoints/best.pt")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles; we refuse them anyway
             warnings.simplefilter("ignore")

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class RunFolder:
     def of_checkpoint(cls, ckpt_path: str | Path) -> RunFolder:
         """The run folder a checkpoint belongs to: <run>/checkpoints/x.pt -> <run>; a
         checkpoint kept anywhere else: the folder it sits in."""
-        p = Path(ckpt_path).resolve().parent
+        p = _real(ckpt_path).parent
         return cls(p.parent if p.name == CHECKPOINTS else p)
 
     @property
@@ -87,7 +88,13 @@ class RunFolder:
 
 def in_run_folder(ckpt_path: str | Path) -> bool:
     """Whether a checkpoint sits in a run folder's checkpoints/ (a resume writes back there)."""
-    return Path(ckpt_path).resolve().parent.name == CHECKPOINTS
+    return _real(ckpt_path).parent.name == CHECKPOINTS
+
+
+def _real(path: str | Path) -> Path:
+    """The path with its links followed; a symlink loop stays as it is (Path.resolve raises
+    there), for the checkpoint's reader to refuse in one line."""
+    return Path(os.path.realpath(path))
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -105,7 +112,22 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
         if None in row or None in row.values():
             raise RunFileError(f"{path} is unreadable (line {line} has another number of "
                                f"cells than the header's {len(rows[0]) - (None in rows[0])})")
+        problem = _cell_problem(row)
+        if problem:
+            raise RunFileError(f"{path} is unreadable (line {line}: {problem})")
     return rows
+
+
+def _cell_problem(row: dict[str, str]) -> str | None:
+    """Why a row's cells are not what vae writes (an epoch count, then numbers or empty)."""
+    if not row["epoch"].isdigit():
+        return f"epoch={row['epoch']!r} is not an epoch count"
+    for key, value in row.items():
+        try:
+            float(value or 0)  # an empty cell: a term this epoch did not log
+        except ValueError:
+            return f"{key}={value!r} is not a number"
+    return None
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:

@@ -55,5 +55,8 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         for k, v in self.shadow.items():
+            if state[k].shape != v.shape:  # copy_ would broadcast a doctored file's tensor
+                raise ValueError(f"averaged weight {k!r} of shape {list(state[k].shape)}, "
+                                 f"the model's is {list(v.shape)}")
             v.copy_(state[k])
         self.updates = updates

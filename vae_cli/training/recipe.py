@@ -34,7 +34,7 @@ from vae_cli.training import graph
 from vae_cli.training.ema import WeightAverage
 from vae_cli.training.loop import StopRequested, train_epoch
 from vae_cli.training.lr_schedules import LRSchedule
-from vae_cli.training.optimizers import build_optimizer, optimizer_settings
+from vae_cli.training.optimizers import build_optimizer, load_optimizer, override_settings
 from vae_cli.training.resume import check_data
 from vae_cli.training.signals import Interrupted, Signalled, StopFlag
 from vae_cli.training.state import TrainState
@@ -202,42 +202,12 @@ def restore(ckpt: dict, objective: Objective, stepper: Stepper, schedule: LRSche
         set_rng_state(ckpt["rng"])
         order.set_state(ckpt["rng"]["order"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        reason = one_line(e)
+        reason = one_line(e, chain=True)
         raise UserError(f"{path or 'the checkpoint'} cannot be resumed: its training state "
                         f"does not fit this run ({reason})") from None
     override_settings(stepper.opt, cfg.optim, ckpt, scheduled=schedule.scheduler is not None)
     log.info("resumed at epoch %d, step %d", state.epoch, state.step)
     return state
-
-
-def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
-    """The saved moments and settings, with this process's implementation choice (a run
-    saved fused on one device may continue where that kernel is missing, or compiled)."""
-    chosen = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
-              for g in opt.param_groups]
-    # the choice goes in before loading: torch places each step count by it (on the
-    # weights' device for a fused or capturable update, a CPU run's continuing on a GPU)
-    groups = [{**g, **keep} for g, keep in zip(saved["param_groups"], chosen, strict=True)]
-    opt.load_state_dict({**saved, "param_groups": groups})
-    for group in opt.param_groups:
-        if isinstance(group["lr"], torch.Tensor):  # saved by a graph-safe run
-            group["lr"] = float(group["lr"])
-
-
-def override_settings(opt: torch.optim.Optimizer, optim_cfg: DictConfig, ckpt: dict,
-                      scheduled: bool) -> None:
-    """optim settings given now win over the saved ones, except the lr under a schedule:
-    the schedule's saved state owns it, so a changed optim.lr is refused, not half-applied."""
-    settings = optimizer_settings(optim_cfg)
-    if scheduled:
-        saved = (ckpt["config"].get("optim") or {}).get("lr")
-        if saved is not None and settings.get("lr") != saved:
-            raise UserError(f"optim.lr={settings.get('lr')} differs from the run's ({saved}), "
-                            "and an lr_scheduler continues from its saved state; resume "
-                            "without changing optim.lr, or start a new run")
-        settings.pop("lr", None)
-    for group in opt.param_groups:
-        group.update({k: v for k, v in settings.items() if k in group})
 
 
 def training_net(objective: Objective, opt: torch.optim.Optimizer, compile: bool,

@@ -57,7 +57,8 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> DictConfig:
-    """The checkpoint's config, with this command's trainer/optim/seed overrides on top.
+    """The checkpoint's config, with this command's trainer/optim overrides on top (a
+    changed seed is refused: the saved random streams continue).
 
     Component choices (dataset, model, ...) define the weights, so changing one is refused;
     the logger may change (a resumed run can start tracking), and so may where the data is
@@ -69,6 +70,10 @@ def resume_config(saved: dict, current: DictConfig, overrides: list[str]) -> Dic
         head = key.split(".")[0].split("@")[0]
         if head in ("ckpt", "hydra") or key == "trainer.resume":
             continue
+        if head == "seed" and current.get("seed") != cfg.get("seed"):
+            raise UserError(f"seed={current.get('seed')} differs from the run's "
+                            f"({cfg.get('seed')}); a resumed run continues its saved random "
+                            "streams, so a seed is chosen only when a run starts")
         if head == "experiment":  # a preset: what it chose must be what the run chose
             check_components(current, saved, ov)
             continue
