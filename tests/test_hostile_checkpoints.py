@@ -85,6 +85,7 @@ def test_command_line_targets_are_registered_components_only(tmp_path, override)
     ("shape", [1, -5, 3], "data shape"),
     ("model", {"w": "not a tensor"}, "weights"),
     ("vocab", {"itos": [1, 2], "tokens": "word"}, "vocabulary"),
+    ("vocab", {"itos": ["<pad>", "x", "x"], "tokens": "word"}, "vocabulary"),  # ambiguous
     ("dataset_size", -1, "dataset size"),
     ("state", [1, 2], "'state'"),
 ])

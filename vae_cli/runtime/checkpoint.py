@@ -86,6 +86,7 @@ def _malformed(ckpt: dict) -> str | None:
     vocab = ckpt.get("vocab")
     if vocab is not None and not (isinstance(vocab, dict) and isinstance(vocab.get("itos"), list)
                                   and all(isinstance(t, str) for t in vocab["itos"])
+                                  and len(set(vocab["itos"])) == len(vocab["itos"])
                                   and isinstance(vocab.get("tokens"), str)):
         return "its vocabulary"
     for key in ("optim", "state", "rng", "divergence", "scaler", "lr_scheduler"):
