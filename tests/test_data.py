@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 import pickle
@@ -28,6 +29,7 @@ from vae_cli.data.dsprites import dsprites
 from vae_cli.data.folder import folder
 from vae_cli.data.shapes import render, shapes
 from vae_cli.data.standard import binarized_mnist, cifar10, fashion_mnist, mnist
+from vae_cli.data.text import text
 from vae_cli.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
@@ -432,13 +434,73 @@ def test_folder_errors(tmp_path):
         folder(path=str(tmp_path / "missing"), cache=False)
     path = make_folder(tmp_path / "imgs")
     (path / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(UserError, match="broken.png") as e:
-        folder(path=str(path), cache=False)
+    with pytest.raises(UserError, match="broken.png.*dataset.on_error=skip replaces") as e:
+        folder(path=str(path), cache=False, on_error="refuse")
     assert str(path / "sub" / "broken.png") in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="channels"):
         folder(path=str(path), channels=2, cache=False)
     with pytest.raises(UserError, match="val_fraction"):
         folder(path=str(path), val_fraction=1.5, cache=False)
+
+
+def test_an_image_that_does_not_decode_is_replaced_in_memory_as_when_streamed(tmp_path,
+                                                                             caplog):
+    """on_error=skip (the default) holds for a folder in memory too: the next readable
+    image of the split instead, warned with its path, the same pixels as streamed."""
+    path = make_folder(tmp_path / "imgs")
+    (path / "sub" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    kw = {"path": str(path), "root": str(tmp_path / "cache"), "image_size": 8,
+          "val_fraction": 0.2, "test_fraction": 0.2}
+    for attempt in ("decoded", "from the cache"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            held = folder(**kw)
+        assert "broken.png" in caplog.text and "1 unreadable" in caplog.text, attempt
+    streamed = folder(**kw, stream=True, workers=0)
+    for s in ("train", "val", "test"):
+        assert torch.equal(held.split(s), streamed.split(s)[:]), s
+    with pytest.raises(UserError, match=r"broken\.png: .*; dataset\.on_error=skip replaces"):
+        folder(**kw, on_error="refuse")  # the cache remembers what did not decode
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit grey PNG (Pillow's mode I;16)."""
+    Image.fromarray(pixels.astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+
+
+def test_16_bit_pngs_keep_their_most_significant_byte(tmp_path):
+    """16-bit grey gradients beside an 8-bit colour image decode to v >> 8 (not the low
+    byte, not clipped at 255), held in memory and streamed, where a batch once mixed uint16
+    with uint8 and failed."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    v = np.arange(256).reshape(16, 16)
+    expected = []
+    for i in range(4):  # high byte v (shifted), low byte 255 - v: wrapping gives the latter
+        write_png16(root / f"g{i}.png", ((v + 16 * i) % 256) * 256 + (255 - v))
+        expected.append(torch.from_numpy(((v + 16 * i) % 256).astype(np.uint8)).expand(3, -1, -1))
+    colour = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    write_png(colour, str(root / "rgb.png"))
+    expected.append(colour)
+    kw = {"path": str(root), "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2,
+          "cache": False, "workers": 0}
+    held, streamed = folder(**kw), folder(**kw, stream=True)
+    batch = torch.cat(list(streamed.train.batches([list(range(len(streamed.train)))])))
+    images = [*held.train, *held.val, *held.test, *batch]
+    assert batch.dtype == torch.uint8 and len(images) == 8
+    for x in images:
+        assert any(torch.equal(x, e) for e in expected)
+
+
+def test_an_empty_val_file_is_named_not_the_training_file(tmp_path):
+    corpus = tmp_path / "good.txt"
+    corpus.write_text("".join(f"line {i} of words\n" for i in range(20)))
+    empty = tmp_path / "empty_val.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(UserError, match=r"empty_val\.txt holds no lines.*dataset\.val_path"):
+        text(str(corpus), val_path=str(empty))
 
 
 # ---------------------------------------------------------------- dSprites file

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
+import tarfile
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from hostile import Forked, in_process, once
+from hostile import Forked, in_process, once, one_line_failure
 from test_reliability import interrupted, resumed_as
 
 from vae_cli.data.folder import folder
@@ -135,8 +139,49 @@ def test_unreadable_images_are_replaced_and_counted_or_refused_naming_the_file(
     assert torch.equal(batch[0], s[(at + 1) % len(s)])  # the next readable item instead
     with pytest.raises(UserError, match=r"cannot decode image .*000\.png.*on_error=skip"):
         next(stream(broken, 2, on_error="refuse").batches([[at]]))
-    with pytest.raises(UserError, match=r"cannot decode image .*000\.png"):
-        s[at]  # a single read (pictures, features) names it too
+    # a read by index (pictures, features) replaces it too, or names it
+    assert torch.equal(s[at], s[(at + 1) % len(s)]) and s.skipped == 2
+    with pytest.raises(UserError, match=r"cannot decode image .*000\.png.*on_error=skip"):
+        stream(broken, 0, on_error="refuse")[at]
+
+
+def short_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels but whose zlib stream (valid, as are
+    the CRCs) holds 100 bytes: libpng's "Not enough image data"."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + \
+        chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
+
+
+def test_a_png_that_crashed_the_decoder_is_one_line_in_memory_streamed_and_sharded(tmp_path):
+    """torchvision's PNG decoder died with SIGSEGV on a short image stream (and on most
+    corrupt PNGs), past any handler. Each reading path runs as a process of its own (a
+    crash fails the test, not pytest) and refuses the file in one line."""
+    photos = write_folder(tmp_path / "photos", n=12)
+    train = folder(str(photos), val_fraction=0.1, test_fraction=0.1, stream=True).train
+    bad = next(Path(train.source.name(i)) for i in train.items.ids  # read in any epoch
+               if train.source.name(i).endswith(".png"))
+    bad.write_bytes(short_png(2000, 2000))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    in_process("shard", str(photos), str(shards), cwd=tmp_path)
+    urls = f'dataset.urls="{shards}/shards-000000.tar"'
+    path = f"dataset.path={photos}"
+    for name, how in (("held", [path]), ("streamed", [path, "dataset.stream=true"]),
+                      ("sharded", ["dataset=webdataset", urls])):
+        start = Forked(["train", *FOLDER, *how, *SPLIT,
+                        "dataset.workers=0", "dataset.on_error=refuse", "trainer.epochs=1",
+                        f"dataset.root={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / name}"],
+                       cwd=tmp_path)
+        _, err = start.communicate(timeout=300)
+        key = str(bad.relative_to(photos).with_suffix(""))
+        where = f"{shards}/shards-000000.tar:{key}" if name == "sharded" else str(bad)
+        one_line_failure(SimpleNamespace(returncode=start.returncode, stderr=err),
+                         f"cannot decode image {where}: image file is truncated")
 
 
 def test_a_streamed_run_preempted_mid_epoch_resumes_bit_for_bit(tmp_path):
@@ -255,3 +300,52 @@ def test_two_processes_on_shards_take_the_step_of_one(shards, tmp_path):
     a, b = weights(tmp_path / "ddp"), weights(tmp_path / "one")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def write_shard(path: Path, samples: dict[str, bytes]) -> str:
+    """A tar shard of ``<key>.png`` members, as webdataset writes them."""
+    import io
+
+    with tarfile.open(path, "w") as tar:
+        for key, data in samples.items():
+            member = tarfile.TarInfo(f"{key}.png")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return str(path)
+
+
+def test_a_sample_that_does_not_decode_is_skipped_when_read_by_index_too(photos, tmp_path,
+                                                                        caplog):
+    """Pictures and features read a split by index: on_error=skip replaces the sample there
+    as in batches; refuse names the shard, the key and a cause (no Python object's repr)."""
+    from vae_cli.data.webdataset import webdataset
+
+    good = sorted(photos.rglob("*.png"))[:8]
+    samples = {f"k{i:02d}": f.read_bytes() for i, f in enumerate(good)}
+    urls = write_shard(tmp_path / "s.tar", {**samples, "k11": b"notpng"})
+    kw = {"root": str(tmp_path), "val_fraction": 0.2, "test_fraction": 0.2, "workers": 0}
+    data = webdataset(urls, **kw)
+    split = next(s for s in ("train", "val", "test")
+                 if any(data.split(s).source.name(i).endswith(":k11")
+                        for i in data.split(s).items.ids))
+    x = data.split(split)
+    with caplog.at_level(logging.WARNING):
+        images = x[:]
+    assert len(images) == len(x) and "s.tar:k11" in caplog.text and x.skipped == 1
+    with pytest.raises(UserError) as refused:
+        webdataset(urls, **kw, on_error="refuse").split(split)[:]
+    message = str(refused.value)
+    assert "s.tar:k11: not a png, jpeg, bmp or webp image" in message, message
+    assert "object at" not in message and "dataset.on_error=skip" in message
+
+
+@pytest.mark.parametrize("urls", ["/x/shards-{000000..999999999}.tar",  # one range
+                                  "/x/s-{0..999}{0..999}{0..9}.tar"])  # their product
+def test_shard_names_past_a_million_are_refused_before_they_are_all_listed(tmp_path, urls):
+    """Expanded, a billion names alone fill the memory (killed after minutes, no message)."""
+    from vae_cli.data.webdataset import webdataset
+
+    with pytest.raises(UserError, match=r"names more than 1,000,000 shards"):
+        webdataset(urls, root=str(tmp_path))
+    with pytest.raises(UserError, match=r"dataset\.urls=/x/s-\{0\.\.9\.tar: its braces"):
+        webdataset("/x/s-{0..9.tar", root=str(tmp_path))

@@ -6,7 +6,8 @@ images at its top level has no labels.
 
 Every image is resized so its shorter side is image_size, then centre-cropped to a square:
 aspect ratios are kept and nothing is padded. The decoded tensor is cached under <root>/folder,
-keyed by the file list, sizes and modification times, so editing the folder rebuilds it.
+keyed by the file list, sizes and modification times, so editing the folder rebuilds it. An
+image that does not decode is replaced or refused as ``on_error`` says, as when streamed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,93 +25,68 @@ from vae_cli.data.base import (
     load_cache,
     three_way,
 )
-from vae_cli.data.stream import Decoder, streamed_data, streaming
-from vae_cli.errors import UserError, one_line
+from vae_cli.data.images import decode, decode_failure
+from vae_cli.data.stream import RETRIES, Decoder, stopped_at, streamed_data, streaming
+from vae_cli.errors import UserError
 from vae_cli.runtime.files import save_cache
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-# Pixels an image may decode to (8192 x 8192): a small file can claim a huge size (a
-# decompression bomb), so the size in its header is checked before anything is decoded.
-MAX_PIXELS = 2**26
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: PNGs by Pillow (grey from colour may move by 1), failures kept
 
 
-def _opened(src: Path | bytes):
-    import io
-
-    from PIL import Image
-
-    return Image.open(src if isinstance(src, Path) else io.BytesIO(src))
-
-
-def _check_size(src: Path | bytes, name: str) -> None:
-    """Refuse an image whose header claims more than MAX_PIXELS, before decoding it."""
-    from PIL import Image
-
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # read the size, not refuse
-    try:
-        with _opened(src) as im:
-            w, h = im.size
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    if w * h > MAX_PIXELS:
-        raise UserError(f"{name} would decode to {w}x{h} pixels, over the limit of "
-                        f"{MAX_PIXELS} (8192x8192); resize it or leave it out")
-
-
-def decode(src: Path | bytes, channels: int, name: str = "") -> torch.Tensor:
-    """uint8 [channels, H, W] from a file or its bytes; torchvision.io does png/jpeg/webp,
-    PIL the rest (bmp)."""
-    name = name or str(src)
-    _check_size(src, name)
-    if (src[:2] if isinstance(src, bytes) else src.suffix.lower()) in (b"BM", ".bmp"):
-        import numpy as np
-
-        with _opened(src) as im:
-            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-        t = torch.from_numpy(arr.copy())
-        return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
-    from torchvision.io import ImageReadMode, decode_image
+def _load(files: list[Path], channels: int, size: int, on_error: str
+          ) -> tuple[torch.Tensor, dict[int, str]]:
+    """Every image decoded and centre-cropped; one that does not decode stays zeros and its
+    failure is returned by index (with on_error=refuse the first one stops here)."""
     from torchvision.transforms.v2 import functional as F
 
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    raw = str(src) if isinstance(src, Path) else torch.frombuffer(bytearray(src), dtype=torch.uint8)
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (TorchCodec)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        # EXIF orientation: phone photos are often stored sideways with a rotation tag.
-        img = decode_image(raw, mode=mode, apply_exif_orientation=True)
-    # The webp decoder ignores GRAY and returns RGB(A), so fix the channel count here.
-    img = img[:3] if img.shape[0] == 4 else img[:1] if img.shape[0] == 2 else img
-    if img.shape[0] != channels:
-        img = F.rgb_to_grayscale(img) if channels == 1 else img.expand(3, -1, -1)
-    return img
-
-
-def decode_failure(name: str, e: Exception) -> str:
-    """One line for an image that did not decode: its name and the decoder's message,
-    without torchvision's C++ source location prefix."""
-    message = re.sub(r"^.*?\.cpp:\d+, ", "", one_line(e))
-    return f"cannot decode image {name}: {message}"
-
-
-def _load(files: list[Path], channels: int, size: int) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as F
-
-    out = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
+    out = torch.zeros(len(files), channels, size, size, dtype=torch.uint8)
+    unreadable = {}
     for i, f in enumerate(files):
         try:
             img = decode(f, channels)
-        except UserError:
+        except UserError:  # a decompression bomb is refused before any work, not skipped
             raise
-        except Exception as e:
-            raise UserError(decode_failure(str(f), e)) from None
+        except Exception as e:  # noqa: BLE001 - any decoder's failure names the file
+            unreadable[i] = decode_failure(str(f), e)
+            if on_error == "refuse":
+                raise UserError(stopped_at(unreadable[i], on_error)) from None
+            continue
         img = F.resize(img, [size], antialias=True)  # one int: the shorter side
         out[i] = F.center_crop(img, [size, size])
         if i % 5000 == 4999:
             log.info("decoded %d / %d images", i + 1, len(files))
-    return out
+    return out, unreadable
+
+
+def readable(split: dict[str, torch.Tensor], unreadable: dict[int, str], on_error: str
+             ) -> dict[str, torch.Tensor]:
+    """The split with each unreadable image replaced by the next readable one of its split,
+    as a streamed split replaces it, so both give the same run; or one line naming it."""
+    if not unreadable:
+        return split
+    first = unreadable[min(unreadable)]
+    if on_error == "refuse":
+        raise UserError(stopped_at(first, on_error))
+    log.warning("%s; replaced by the next readable image of its split (%d unreadable in all)",
+                first, len(unreadable))
+    replaced = {}
+    for s, idx in split.items():
+        ids = idx.tolist()
+        replaced[s] = torch.tensor([_next_readable(ids, p, unreadable) for p in range(len(ids))],
+                                   dtype=torch.long)
+    return replaced
+
+
+def _next_readable(ids: list[int], position: int, unreadable: dict[int, str]) -> int:
+    """The item a streamed split reads for ``position`` (stream.Items)."""
+    for step in range(RETRIES):
+        i = ids[(position + step) % len(ids)]
+        if i not in unreadable:
+            return i
+    raise UserError(stopped_at(unreadable[ids[position]], "skip"))
 
 
 def class_labels(base: Path, files: list[Path]) -> torch.Tensor | None:
@@ -170,18 +144,20 @@ def folder(
     split = three_way(len(files), val_fraction, test_fraction, split_seed,
                       f"{base.absolute()} holds {len(files)} images")
     y = class_labels(base, files)
+    loading = streaming(workers, prefetch, on_error, augment)
     if stream:
-        loading = streaming(workers, prefetch, on_error, augment)
         source, decoder = Files(files), Decoder(channels, image_size)
         return streamed_data("folder", source, split, decoder, loading, augment, y)
-    images = decoded(base, files, root, channels, image_size, cache)
+    images, unreadable = decoded(base, files, root, channels, image_size, cache, on_error)
+    split = readable(split, unreadable, on_error)
     return ImageData(name="folder", **{s: images[idx] for s, idx in split.items()},
                      labels={} if y is None else {s: y[idx] for s, idx in split.items()})
 
 
 def decoded(base: Path, files: list[Path], root: str, channels: int, image_size: int,
-            cache: bool) -> torch.Tensor:
-    """Every image decoded, from the cache when the files are unchanged."""
+            cache: bool, on_error: str) -> tuple[torch.Tensor, dict[int, str]]:
+    """Every image decoded, from the cache when the files are unchanged, and the failures
+    of those that did not decode, by index."""
     stats = [(str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = {"v": CACHE_VERSION, "dir": str(base.resolve()), "files": stats, "c": channels,
            "size": image_size}
@@ -190,7 +166,8 @@ def decoded(base: Path, files: list[Path], root: str, channels: int, image_size:
     data = load_cache(cache_path) if cache else None
     if data is None or "images" not in data or len(data["images"]) != len(files):
         log.info("decoding %d images from %s", len(files), base)
-        data = {"images": _load(files, channels, image_size)}
+        images, unreadable = _load(files, channels, image_size, on_error)
+        data = {"images": images, "unreadable": unreadable}
         if cache:
             save_cache(cache_path, data, "the dataset cache", "continuing without it")
-    return data["images"]
+    return data["images"], dict(data.get("unreadable", {}))

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vae_cli.data.images import decode, decode_failure
 from vae_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ class Decoder:
                  rng: torch.Generator | None = None) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
-        from vae_cli.data.folder import decode
-
         img = F.resize(decode(raw, self.channels, name), [self.size], antialias=True)
         h, w = img.shape[1:]
         if rng is None:
@@ -98,18 +97,6 @@ class Items(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def read(self, position: int) -> torch.Tensor:
-        """Item at ``position``, centre-cropped; an unreadable one is one line naming it."""
-        i = self.ids[position]
-        try:
-            return self.decoder(self.source.read(i), self.source.name(i))
-        except UserError:
-            raise
-        except Exception as e:
-            from vae_cli.data.folder import decode_failure
-
-            raise UserError(decode_failure(self.source.name(i), e)) from None
-
     def __getitem__(self, request: tuple[int, int]) -> tuple[torch.Tensor, str]:
         """(position, seed) -> (image, ""); with on_error=skip an unreadable item gives the
         next readable one in the split and its own message; what cannot be given is zeros
@@ -123,8 +110,6 @@ class Items(Dataset):
                 image = self.decoder(self.source.read(i), self.source.name(i), rng)
                 return image, failures[0] if failures else ""
             except Exception as e:  # noqa: BLE001 - any decoder's failure names the item
-                from vae_cli.data.folder import decode_failure
-
                 failures.append(decode_failure(self.source.name(i), e))
         size = self.decoder.size
         return torch.zeros(self.decoder.channels, size, size, dtype=torch.uint8), \
@@ -142,7 +127,7 @@ class ImageStream:
         self.items = Items(source, ids.long().tolist(), decoder, augment, loading.on_error)
         self.source, self.ids, self.decoder = source, ids.long().cpu(), decoder
         self.loading, self.augment, self.device = loading, augment, torch.device(device)
-        self.skipped = 0  # unreadable items replaced in training batches so far
+        self.skipped = 0  # unreadable items replaced so far
         self._loader: DataLoader | None = None
         self._plan = _Plan()
 
@@ -166,11 +151,17 @@ class ImageStream:
         return moved
 
     def __getitem__(self, key: Any) -> torch.Tensor:
-        """``x[i]``, ``x[a:b]``, ``x[index_tensor]``: those items decoded here, centred."""
+        """``x[i]``, ``x[a:b]``, ``x[index_tensor]``: those items decoded here, centred,
+        an unreadable one replaced (or refused) as in batches."""
         if isinstance(key, int):
-            return self.items.read(key).to(self.device)
+            return self[[key]][0]
         positions = torch.arange(len(self))[key.cpu() if torch.is_tensor(key) else key]
-        images = [self.items.read(int(i)) for i in positions.flatten()]
+        images, problems = [], []
+        for i in positions.flatten().tolist():
+            image, problem = self.items[(i, -1)]
+            images.append(image)
+            problems.append(problem)
+        self._account(problems)
         out = torch.stack(images) if images else torch.empty(0, *self.shape[1:],
                                                              dtype=torch.uint8)
         return out.to(self.device)
@@ -196,9 +187,7 @@ class ImageStream:
         with on_error=refuse) stops the run in one line naming it."""
         fatal = next((p[1:] for p in problems if p.startswith("!")), None)
         if fatal:
-            raise UserError(fatal + ("; dataset.on_error=skip replaces unreadable images"
-                                     if self.loading.on_error == "refuse" else
-                                     f" (and the {RETRIES - 1} items after it)"))
+            raise UserError(stopped_at(fatal, self.loading.on_error))
         bad = [p for p in problems if p]
         if bad:
             self.skipped += len(bad)
@@ -222,6 +211,14 @@ class ImageStream:
                 # stream that the model's noise comes from
                 generator=torch.Generator(), worker_init_fn=_worker_start)
         return self._loader
+
+
+def stopped_at(failure: str, on_error: OnError) -> str:
+    """The line that stops a run at an unreadable image: with skip, when the items after it
+    are unreadable too."""
+    if on_error == "refuse":
+        return f"{failure}; dataset.on_error=skip replaces unreadable images"
+    return f"{failure} (and the {RETRIES - 1} items after it)"
 
 
 def worker_start(workers: int) -> str | None:

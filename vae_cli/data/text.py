@@ -45,7 +45,10 @@ def read_lines(path: str | Path, fix: str) -> list[str]:
     except (UnicodeDecodeError, OSError) as e:
         raise UserError(f"cannot read {p.absolute()} as UTF-8 text ({type(e).__name__}: "
                         f"{one_line(e)})") from None
-    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:  # named here: a split found empty later knows only the training file
+        raise UserError(f"{p.absolute()} holds no lines of text; {fix}")
+    return lines
 
 
 def encode_splits(name: str, lines: dict[str, list[str]], tokens: str, min_freq: int,

@@ -14,8 +14,10 @@ Local paths; brace patterns (``shards-{000000..000127}.tar``) as webdataset expa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_VERSION = 1
+# Far past any published set of shards; each is listed, checked and indexed before training,
+# and a typo in a brace range (one digit too many) would otherwise fill the memory first.
+MAX_SHARDS = 10**6
+INT_RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}")
 
 
 class Shards:
@@ -60,7 +66,18 @@ def expand(urls: str) -> list[Path]:
     alternatives, ``{/a/s-{0..9}.tar,/b/s-{0..9}.tar}``)."""
     import braceexpand
 
-    names = list(braceexpand.braceexpand(str(urls)))
+    # braceexpand builds each range whole (a typo of one digit too many would fill the
+    # memory) and their product lazily: both are bounded before anything is listed
+    too_many = UserError(f"dataset.urls={urls} names more than {MAX_SHARDS:,} shards (each "
+                         "is listed, checked and indexed before training); check its ranges")
+    if any(abs(int(m[2]) - int(m[1])) >= MAX_SHARDS for m in INT_RANGE.finditer(str(urls))):
+        raise too_many
+    try:
+        names = list(itertools.islice(braceexpand.braceexpand(str(urls)), MAX_SHARDS + 1))
+    except braceexpand.UnbalancedBracesError:
+        raise UserError(f"dataset.urls={urls}: its braces are unbalanced") from None
+    if len(names) > MAX_SHARDS:
+        raise too_many
     if not names:
         raise UserError("dataset.urls names no shards")
     remote = next((u for u in names if "://" in u or u.startswith("pipe:")), None)
