@@ -417,6 +417,13 @@ def test_folder_cache_and_invalidation(tmp_path, monkeypatch):
     monkeypatch.setattr(folder_mod, "_load", fail)
     b = folder(**kw)
     assert torch.equal(a.train, b.train)
+    cached, = (tmp_path / "cache" / "folder").glob("folder_*.pt")
+    images = torch.load(cached, weights_only=True)["images"]
+    for foreign in ({"images": images[:1]}, {"images": images, "unreadable": {10**6: "x"}},
+                    {"images": "x"}, ["images"]):  # a cache file is read as possibly hostile
+        torch.save(foreign, cached)
+        with pytest.raises(AssertionError):  # rebuilt, not trusted
+            folder(**kw)
     os.utime(path / "a.png", ns=(1, 1))  # a changed file means a new cache key
     with pytest.raises(AssertionError):
         folder(**kw)

@@ -164,10 +164,22 @@ def decoded(base: Path, files: list[Path], root: str, channels: int, image_size:
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     cache_path = Path(root).expanduser() / "folder" / f"folder_{digest}.pt"
     data = load_cache(cache_path) if cache else None
-    if data is None or "images" not in data or len(data["images"]) != len(files):
+    if not _usable(data, (len(files), channels, image_size, image_size)):
         log.info("decoding %d images from %s", len(files), base)
         images, unreadable = _load(files, channels, image_size, on_error)
         data = {"images": images, "unreadable": unreadable}
         if cache:
             save_cache(cache_path, data, "the dataset cache", "continuing without it")
     return data["images"], dict(data.get("unreadable", {}))
+
+
+def _usable(data: object, shape: tuple[int, ...]) -> bool:
+    """Whether a cache file holds what decoded() writes for these files (a truncated or
+    foreign one is rebuilt)."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), torch.Tensor):
+        return False
+    failures = data.get("unreadable", {})
+    return data["images"].dtype == torch.uint8 and tuple(data["images"].shape) == shape \
+        and isinstance(failures, dict) and all(
+            isinstance(i, int) and 0 <= i < shape[0] and isinstance(m, str)
+            for i, m in failures.items())
