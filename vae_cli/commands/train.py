@@ -66,18 +66,21 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Run:
 def no_trace_if_refused(hc: DictConfig) -> Iterator[None]:
     """A start refused before any work takes back what Hydra wrote for it: its config
     record (.hydra, or .hydra/again-<time> beside another run's), an empty log, a folder
-    made for it alone. A sweep's failed job keeps its folder: the sweep reports it."""
+    made for it alone, the lines it added to a run's log. A sweep's failed job keeps its
+    folder: the sweep reports it."""
     from hydra.types import RunMode
 
+    log_file = Path(hc.runtime.output_dir) / LOG
+    logged = log_file.stat().st_size if log_file.is_file() else 0
     try:
         yield
     except UserError:
         if hc.mode != RunMode.MULTIRUN and hc.output_subdir is not None:
-            take_back(Path(hc.runtime.output_dir))
+            take_back(Path(hc.runtime.output_dir), logged)
         raise
 
 
-def take_back(run_dir: Path) -> None:
+def take_back(run_dir: Path, logged: int) -> None:
     # this start's record: the newest .hydra/again-<time> beside a run's own, else .hydra
     # (hydra.output_subdir cannot say: it is resolved anew on each access)
     again = sorted((run_dir / HYDRA).glob("again-*"))
@@ -86,8 +89,10 @@ def take_back(run_dir: Path) -> None:
     elif not (run_dir / CHECKPOINTS).exists() and not (run_dir / METRICS).exists():
         shutil.rmtree(run_dir / HYDRA, ignore_errors=True)
     log_file = run_dir / LOG
-    if log_file.is_file() and log_file.stat().st_size == 0:
+    if log_file.is_file() and logged == 0:
         log_file.unlink()
+    elif log_file.is_file():  # a refused resume's lines (the data it loaded, say)
+        os.truncate(log_file, logged)
     for folder in (run_dir / HYDRA, run_dir):
         with suppress(OSError):  # only when nothing else is in it
             folder.rmdir()
