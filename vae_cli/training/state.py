@@ -62,9 +62,8 @@ class TrainState:
         for key, n in counts.items():
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 return f"state.{key}={n!r} is not a count"
-        if self.best_epoch > self.epoch or self.bad_epochs > self.epoch:
-            return f"state.best_epoch={self.best_epoch} or state.bad_epochs=" \
-                   f"{self.bad_epochs} lies past state.epoch={self.epoch}"
+        if self.best_epoch > self.epoch:
+            return f"state.best_epoch={self.best_epoch} lies past state.epoch={self.epoch}"
         if isinstance(self.best_val, bool) or not isinstance(self.best_val, int | float) \
                 or math.isnan(self.best_val):
             return f"state.best_val={self.best_val!r} is not a loss"
