@@ -79,6 +79,22 @@ def test_optuna_search_minimises_the_returned_validation_loss(tmp_path):
     assert {"optim.lr", "divergence.beta", "model.latent_dim"} == set(result["best_params"])
 
 
+@needs("hydra_optuna_sweeper")
+@pytest.mark.parametrize("args, code, line", [
+    (["hydra.sweeper.n_trials=0"], 2, "error: hydra.sweeper.n_trials=0 runs no trial"),
+    (["hydra.sweeper.n_trials=1", "trainer.epochs=-1"], 1,
+     "error: no job of the sweep completed: 1 of 1 sweep jobs failed; their logs:")])
+def test_an_optuna_search_that_completes_no_trial_ends_in_one_line(tmp_path, args, code,
+                                                                    line):
+    # Optuna itself then fails ("No trials are completed yet"): the cause is what is said
+    out = in_process("train", "hparams_search=optuna", *SMALL, *args, cwd=tmp_path,
+                     check=False)
+    errors = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert out.returncode == code and len(errors) == 1 and errors[0].startswith(line), \
+        out.stderr[-600:]
+    assert "Traceback" not in out.stderr + out.stdout
+
+
 def test_resume_auto_starts_fresh_then_continues_like_a_requeued_job(tmp_path):
     # in-process through the real dispatcher; the refusal as a process of its own
     run = tmp_path / "run"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from hostile import copy_run, one_line_failure
+from hostile import copy_run, digest, in_process, one_line_failure
 from test_cli import TINY, vae
 
 
@@ -50,3 +50,52 @@ def test_compare_refuses_an_out_that_is_a_file(runs, tmp_path):
     one_line_failure(vae("compare", str(runs / "good"), "--out", str(tmp_path / "f"),
                          cwd=tmp_path, check=False), "is a file")
     one_line_failure(vae("compare", cwd=tmp_path, check=False), "vae compare --help")
+
+
+@pytest.fixture(scope="module")
+def reused(tmp_path_factory):
+    """A sweep (job 1 failed), then a second sweep into its folder: job 0's folder holds the
+    first sweep's run, job 1's only the failed job's records."""
+    tmp = tmp_path_factory.mktemp("reused")
+    sweep, base = tmp / "sweep", [*TINY, "trainer.epochs=1", "trainer.pictures=false",
+                                  f"dataset.root={tmp / 'data'}"]
+    in_process("train", "-m", *base, "model.latent_dim=2,-3", f"hydra.sweep.dir={sweep}",
+               cwd=tmp, check=False)
+    before = digest(sweep / "0")
+    second = in_process("train", "-m", *base, "model.latent_dim=5,3",
+                        f"hydra.sweep.dir={sweep}", cwd=tmp, check=False)
+    return sweep, before, second
+
+
+def test_a_job_refused_as_its_folder_holds_a_run_leaves_it_as_it_was(reused):
+    sweep, before, second = reused
+    one_line_failure(second, "1 of 2 sweep jobs failed", code=1)
+    assert f"refused as their folders hold another run, left as they were: {sweep / '0'}" \
+        in second.stderr and "train.log" not in second.stderr
+    assert digest(sweep / "0") == before  # no FAILED, no log lines, no config record
+
+
+def test_a_job_that_trains_in_a_failed_jobs_folder_clears_its_failure(reused):
+    sweep, _, _ = reused
+    assert (sweep / "1/checkpoints/last.pt").is_file() and not (sweep / "1/FAILED").exists()
+    assert "model.latent_dim=3" in (sweep / "1/.hydra/overrides.yaml").read_text()
+
+
+def test_a_sweep_of_no_jobs_is_refused(tmp_path):
+    proc = in_process("train", "-m", *TINY, "model.latent_dim=range(5,1)",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=False)
+    one_line_failure(proc, "the sweep has no jobs: model.latent_dim=range(5,1) sweeps no value")
+
+
+def test_a_sweep_folder_that_cannot_be_made_names_hydra_sweep_dir(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = in_process("train", "-m", *TINY, "model.latent_dim=2,3",
+                      f"hydra.sweep.dir={tmp_path / 'file'}", cwd=tmp_path, check=False)
+    one_line_failure(proc, "set hydra.sweep.dir elsewhere")
+
+
+def test_compare_of_a_file_names_the_file_not_out(tmp_path):
+    (tmp_path / "f").write_text("x")
+    proc = in_process("compare", str(tmp_path / "f"), cwd=tmp_path, check=False)
+    one_line_failure(proc, f"{tmp_path / 'f'} is not a folder")
+    assert "--out" not in proc.stderr

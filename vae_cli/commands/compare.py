@@ -22,11 +22,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--desc", action="store_true", help="sort descending")
     parser.add_argument("--out", help="folder for compare.csv/.md (default: the first DIR)")
     args = parser.parse_args(argv)
+    found = find_runs(args.dirs)  # first: each DIR must be a folder
     out = Path(args.out or args.dirs[0])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; name a folder for compare.csv/.md")
-    runs = readable(find_runs(args.dirs), lambda line: print(f"warning: {line}",
-                                                             file=sys.stderr))
+    runs = readable(found, lambda line: print(f"warning: {line}", file=sys.stderr))
     columns, rows = build_table(runs, args.sort, args.desc)
     text, md = render(columns, rows)
     write_tables(columns, rows, md, out)

@@ -29,8 +29,6 @@ from vae_cli.errors import UserError
 from vae_cli.runtime.run_folder import RunFolder, in_run_folder
 from vae_cli.training.signals import Signalled, raise_on_signals
 
-log = logging.getLogger("vae_cli")
-
 USAGE = """usage: vae <command> [hydra overrides...]
 
 commands:
@@ -68,10 +66,24 @@ def _run_dir(ckpt: str | None, default: str) -> str:
 
 def _output_subdir(run_dir: str) -> str:
     """A folder that already holds a run keeps its .hydra/ untouched: a resume (or a refused
-    second start) records its own config beside it."""
-    if (Path(run_dir) / ".hydra" / "config.yaml").exists():
+    second start) records its own config beside it. The folder is the job's own (a sweep's
+    job runs in <sweep dir>/<n>, not in hydra.run.dir); one holding only an earlier start's
+    records (a failed sweep job's) takes this start's in their place."""
+    from vae_cli.training.resume import another_run
+
+    folder = Path(_job_dir() or run_dir)
+    if another_run(folder):
         return f".hydra/again-{datetime.now():%Y%m%d-%H%M%S-%f}"
     return ".hydra"
+
+
+def _job_dir() -> str | None:
+    """The folder Hydra set for the job being started, if it set one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None)
 
 
 def register_resolvers() -> None:
@@ -96,15 +108,19 @@ def guarded(task: Callable[[DictConfig], object], full_error: bool):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        from vae_cli.commands import sweeps
+
+        hc = HydraConfig.get() if HydraConfig.initialized() else None
+        sweep = hc is not None and hc.mode == RunMode.MULTIRUN
+        start = sweeps.JobStart.of(Path(hc.runtime.output_dir)) if sweep else None
         try:
-            return unwrapped(task, cfg)
+            result = unwrapped(task, cfg)
         except Signalled as e:
             fail(f"{e} received; stopped", 128 + e.signum)
         except (UserError, OmegaConfBaseException) as e:
             code = e.exit_code if isinstance(e, UserError) else 2
-            if sweep and code == 2:
-                return job_failed(one_line(e))
+            if start and code == 2:
+                return sweeps.job_failed(start, one_line(e))
             fail(one_line(e), code)
         except Exception as e:
             if full_error:
@@ -112,9 +128,12 @@ def guarded(task: Callable[[DictConfig], object], full_error: bool):
             message = errors.out_of_memory(e) or (
                 f"unexpected {type(e).__name__}: {errors.one_line(e)} "
                 "(HYDRA_FULL_ERROR=1 prints the traceback)")
-            if sweep:
-                return job_failed(message)
+            if start:
+                return sweeps.job_failed(start, message)
             fail(message, 1)
+        if hc is not None:
+            sweeps.job_done(Path(hc.runtime.output_dir), hc.job.name, sweep)
+        return result
 
     return app
 
@@ -134,16 +153,6 @@ def unwrapped(task: Callable[[DictConfig], object], cfg: DictConfig) -> object:
 def fail(message: str, code: int) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def job_failed(message: str) -> None:
-    """A sweep goes on past a failed job; its folder records why (see sweeps.py)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from vae_cli.commands.sweeps import mark_failed
-
-    log.error("job failed: %s", message)
-    mark_failed(Path(HydraConfig.get().runtime.output_dir), message)
 
 
 def check_flags(args: list[str]) -> None:
@@ -224,7 +233,7 @@ def as_found() -> Iterator[None]:
         root.setLevel(level)
         sweeps = sys.modules.get("vae_cli.commands.sweeps")
         if sweeps is not None:
-            sweeps.REPORT.jobs, sweeps.REPORT.failed = 0, []
+            sweeps.REPORT.reset()
 
 
 def run_command(argv: list[str]) -> int:
@@ -255,7 +264,11 @@ def run_command(argv: list[str]) -> int:
         print(f"error: {e} received; stopped", file=sys.stderr)
         return 128 + e.signum
     except Exception as e:
-        message = describe(e)
+        ended = None if full_error else sweep_ended()
+        if ended is not None:
+            print(f"error: {ended[0]}", file=sys.stderr)
+            return ended[1]
+        message = describe(e, command)
         if full_error or message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
@@ -267,17 +280,37 @@ def run_command(argv: list[str]) -> int:
 
 
 def sweep_outcome() -> int:
-    """0, or 1 with one line when jobs of the sweep that just ran failed."""
+    """0; or 1 with one line when jobs of the sweep that just ran failed or were refused;
+    or 2 when it had no job (an empty range, no trial)."""
     from vae_cli.commands.sweeps import REPORT
 
-    if not REPORT.failed:
+    if REPORT.swept and REPORT.jobs == 0:
+        print(f"error: {REPORT.no_jobs()}", file=sys.stderr)
+        return 2
+    if not REPORT.failed and not REPORT.refused:
         return 0
-    print(f"error: {len(REPORT.failed)} of {REPORT.jobs} sweep jobs failed; their logs: "
-          f"{', '.join(str(p) for p in REPORT.failed)}", file=sys.stderr)
+    print(f"error: {REPORT.summary()}", file=sys.stderr)
     return 1
 
 
-def describe(e: Exception) -> str | None:
+def sweep_ended() -> tuple[str, int] | None:
+    """The one line and exit code for a sweep that its sweeper ended with an error of its
+    own as no job completed (Optuna's "No trials are completed yet"): no trial asked for, or
+    every job failed, the cause to report. None otherwise (no sweep, a job completed, an
+    error before any job ran)."""
+    sweeps = sys.modules.get("vae_cli.commands.sweeps")
+    if sweeps is None or not sweeps.REPORT.swept:
+        return None
+    report = sweeps.REPORT
+    report.read()
+    if report.jobs == 0 and report.n_trials is not None and report.n_trials < 1:
+        return report.no_jobs(), 2
+    if report.jobs and len(report.failed) + len(report.refused) == report.jobs:
+        return f"no job of the sweep completed: {report.summary()}", 1
+    return None
+
+
+def describe(e: Exception, command: str = "train") -> str | None:
     """The one line for an error the user can fix (bad input, a Hydra or OmegaConf
     refusal, a run folder that cannot be made); None for anything else."""
     from hydra.errors import HydraException, MissingConfigException
@@ -290,6 +323,11 @@ def describe(e: Exception) -> str | None:
         return one_line(e)
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({one_line(e)}); free space and start again"
-    if isinstance(e, OSError):  # Hydra making the run folder, before the task starts
-        return f"cannot write the run folder ({one_line(e)}); set hydra.run.dir elsewhere"
+    if isinstance(e, OSError) and command in ("compare", "shard"):
+        return f"cannot write {e.filename or 'the output'} ({one_line(e)})"
+    if isinstance(e, OSError):  # Hydra making the run (or sweep) folder, before the task
+        sweeps = sys.modules.get("vae_cli.commands.sweeps")
+        swept = sweeps is not None and sweeps.REPORT.swept
+        key, what = ("hydra.sweep.dir", "sweep") if swept else ("hydra.run.dir", "run")
+        return f"cannot write the {what} folder ({one_line(e)}); set {key} elsewhere"
     return None

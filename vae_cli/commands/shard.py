@@ -4,10 +4,11 @@ written with webdataset's ShardWriter; train on them with dataset=webdataset."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vae_cli.commands.plain import Parser
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, one_line
 
 
 def main(argv: list[str]) -> int:
@@ -20,12 +21,22 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.per_shard < 1:
         raise UserError(f"--per-shard {args.per_shard} must be >= 1")
+    check_prefix(args.prefix)
     written = write_shards(Path(args.folder), Path(args.out), args.per_shard, args.prefix)
     last = len(written) - 1
     urls = f"{Path(args.out).resolve()}/{args.prefix}-{{000000..{last:06d}}}.tar"
     print(f"wrote {sum(n for _, n in written)} samples in {len(written)} shards; train on "
           f"them with: vae train dataset=webdataset 'dataset.urls=\"{urls}\"'")
     return 0
+
+
+def check_prefix(prefix: str) -> None:
+    """A prefix is a file name: a path in it would write the shards outside OUT, and a % would
+    be read as a format by webdataset's ShardWriter."""
+    seps = {"/", "\\", os.sep, os.altsep} - {None}
+    if not prefix or ".." in prefix or "%" in prefix or any(s in prefix for s in seps):
+        raise UserError(f"--prefix {prefix!r} must be a plain file name (no /, \\, .. or %): "
+                        "the shards go into OUT")
 
 
 def write_shards(folder: Path, out: Path, per_shard: int, prefix: str
@@ -45,9 +56,14 @@ def write_shards(folder: Path, out: Path, per_shard: int, prefix: str
                    and p.is_file())
     if not files:
         raise UserError(f"no images ({', '.join(e[1:] for e in EXTENSIONS)}) under {folder}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; OUT must be a folder for the shards")
     if out.exists() and any(out.glob(f"{prefix}-*.tar")):
         raise UserError(f"{out} already holds {prefix}-*.tar shards; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the shards' folder {out} ({one_line(e)})") from None
     labels = class_labels(folder, files)
     counts: dict[str, int] = {}
     with webdataset.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=per_shard,
