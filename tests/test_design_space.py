@@ -39,7 +39,8 @@ def _sweep(tmp_path, *axes: str, base=SMALL, name="sweep", failed: int = 0) -> l
                       f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=not failed)
     if failed:  # the others ran; the exit code and one line say how many did not
         assert proc.returncode == 1 and f"{failed} of " in proc.stderr, proc.stderr
-    return sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    jobs = (p for p in sweep.iterdir() if p.name.isdigit())  # not the sweep's .vae-jobs/
+    return sorted(jobs, key=lambda p: int(p.name))
 
 
 def test_every_divergence_with_every_prior(tmp_path):
