@@ -574,3 +574,33 @@ def test_dsprites_wrong_or_corrupt_file(tmp_path):
     (tmp_path / DSPRITES_FILE).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(UserError, match="cannot read dSprites file"):
         dsprites(root=str(tmp_path), val_size=1, test_size=1)
+
+
+def _png(w: int, h: int, raw: bytes, colour: int = 0, interlaced: int = 0) -> bytes:
+    """A PNG of 8-bit samples whose image stream is ``raw`` (filter bytes included)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, interlaced)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) \
+        + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("interlaced", [0, 1])
+def test_a_png_whose_stream_ends_early_is_refused_not_filled_with_black(interlaced):
+    # Pillow decodes the rows it finds and leaves the rest black, without a word
+    from vae_cli.data.images import ADAM7, decode
+
+    w, h = 11, 6
+    pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8)
+    passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
+    rows = [b"\0" + bytes(row.flatten().tolist()) for x0, y0, dx, dy in passes
+            for row in pixels[y0::dy, x0::dx] if row.numel()]
+    whole = decode(_png(w, h, b"".join(rows), colour=2, interlaced=interlaced), 3)
+    assert torch.equal(whole, pixels.permute(2, 0, 1))  # every row counted, Adam7's too
+    with pytest.raises(ValueError, match="truncated PNG"):
+        decode(_png(w, h, b"".join(rows[:-1]), colour=2, interlaced=interlaced), 3)

@@ -35,6 +35,7 @@ def decode(src: Path | bytes, channels: int, name: str = "") -> torch.Tensor:
         fmt = im.format
         if fmt == "PNG":
             im.verify()  # every chunk's CRC; a verified image must be opened again
+            _check_rows(data)
     if fmt in TORCHVISION_FORMATS:
         # torchvision's webp decoder has no grey mode (and warns for each image)
         img = _by_torchvision(data, 3 if fmt == "WEBP" else channels)
@@ -63,6 +64,37 @@ def _opened(data: bytes):
         raise ValueError("not a png, jpeg, bmp or webp image") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def _check_rows(png: bytes) -> None:
+    """A PNG's image stream holds every row its header claims: Pillow fills the rows of a
+    stream that ends early with black, silently (costs one more decompression)."""
+    import struct
+    import zlib
+
+    pos, stream, header = 8, [], b""
+    while pos + 8 <= len(png):
+        size, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        body = png[pos + 8:pos + 8 + size]
+        header = body if kind == b"IHDR" else header
+        stream += [body] if kind == b"IDAT" else []
+        pos += 12 + size
+    w, h, depth, colour, _, _, interlaced = struct.unpack(">IIBBBBB", header[:13])
+    bits = depth * {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
+    passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
+    need = 0
+    for x0, y0, dx, dy in passes:  # each pass's rows: a filter byte and their pixels
+        pw, ph = -(-(w - x0) // dx), -(-(h - y0) // dy)
+        need += ph * (1 + -(-(pw * bits) // 8)) if pw > 0 and ph > 0 else 0
+    got = len(zlib.decompressobj().decompress(b"".join(stream)))
+    if got < need:
+        raise ValueError(f"its image stream ends after {got} of {need} bytes (a truncated "
+                         "PNG)")
+
+
+# Adam7's passes: first column and row, then the steps between their pixels
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2))
 
 
 def _check_size(size: tuple[int, int], name: str) -> None:
