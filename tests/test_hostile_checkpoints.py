@@ -144,7 +144,7 @@ def test_a_doctored_resume_is_refused_before_the_run_changes(run, tmp_path, edit
     edit(ckpt)
     checkpoint.save(own / "checkpoints/last.pt", ckpt)
     before = digest(own)
-    # a process of its own: a crash fails this test instead of ending the test session
+    # a process of its own: a crash fails this test instead of ending pytest
     start = vae if edit is _moments_of_another_shape else in_process
     proc = start("train", f"hydra.run.dir={own}", "trainer.resume=true", "trainer.epochs=2",
                  cwd=tmp_path, check=False)
