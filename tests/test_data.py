@@ -576,7 +576,7 @@ def test_dsprites_wrong_or_corrupt_file(tmp_path):
         dsprites(root=str(tmp_path), val_size=1, test_size=1)
 
 
-def _png(w: int, h: int, raw: bytes, colour: int = 0, interlaced: int = 0) -> bytes:
+def png_bytes(w: int, h: int, raw: bytes, colour: int = 0, interlaced: int = 0) -> bytes:
     """A PNG of 8-bit samples whose image stream is ``raw`` (filter bytes included)."""
     import struct
     import zlib
@@ -600,7 +600,7 @@ def test_a_png_whose_stream_ends_early_is_refused_not_filled_with_black(interlac
     passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
     rows = [b"\0" + bytes(row.flatten().tolist()) for x0, y0, dx, dy in passes
             for row in pixels[y0::dy, x0::dx] if row.numel()]
-    whole = decode(_png(w, h, b"".join(rows), colour=2, interlaced=interlaced), 3)
+    whole = decode(png_bytes(w, h, b"".join(rows), colour=2, interlaced=interlaced), 3)
     assert torch.equal(whole, pixels.permute(2, 0, 1))  # every row counted, Adam7's too
     with pytest.raises(ValueError, match="truncated PNG"):
-        decode(_png(w, h, b"".join(rows[:-1]), colour=2, interlaced=interlaced), 3)
+        decode(png_bytes(w, h, b"".join(rows[:-1]), colour=2, interlaced=interlaced), 3)

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import tarfile
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from hostile import Forked, in_process, once, one_line_failure
+from test_data import png_bytes
 from test_reliability import interrupted, resumed_as
 
 from vae_cli.data.folder import folder
@@ -145,18 +144,6 @@ def test_unreadable_images_are_replaced_and_counted_or_refused_naming_the_file(
         stream(broken, 0, on_error="refuse")[at]
 
 
-def short_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels but whose zlib stream (valid, as are
-    the CRCs) holds 100 bytes: libpng's "Not enough image data"."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + \
-        chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
-
-
 def test_a_png_that_crashed_the_decoder_is_one_line_in_memory_streamed_and_sharded(tmp_path):
     """torchvision's PNG decoder died with SIGSEGV on a short image stream (and on most
     corrupt PNGs), past any handler. Each reading path runs as a process of its own (a
@@ -165,7 +152,8 @@ def test_a_png_that_crashed_the_decoder_is_one_line_in_memory_streamed_and_shard
     train = folder(str(photos), val_fraction=0.1, test_fraction=0.1, stream=True).train
     bad = next(Path(train.source.name(i)) for i in train.items.ids  # read in any epoch
                if train.source.name(i).endswith(".png"))
-    bad.write_bytes(short_png(2000, 2000))
+    # a 2000 x 2000 RGB header over a 100-byte stream: libpng's "Not enough image data"
+    bad.write_bytes(png_bytes(2000, 2000, bytes(100), colour=2))
     shards = tmp_path / "shards"
     shards.mkdir()
     in_process("shard", str(photos), str(shards), cwd=tmp_path)
