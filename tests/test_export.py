@@ -84,6 +84,8 @@ def variant(compose, run: Path, dst: Path, overrides: list[str], vocab=None,
             p.add_(0.05 * torch.randn_like(p))
     config = OmegaConf.to_container(cfg, resolve=True)
     config["ckpt"] = None
+    if shape == ckpt["shape"]:  # the run's own examples, so the run's own dataset node
+        config["dataset"] = ckpt["config"]["dataset"]
     dst.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(dst, {"config": config, "shape": list(shape), "dataset_size": 256,
                           "vocab": vocab, "num_classes": num_classes,

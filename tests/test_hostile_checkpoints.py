@@ -88,11 +88,16 @@ def test_command_line_targets_are_registered_components_only(tmp_path, override)
     ("vocab", {"itos": ["<pad>", "x", "x"], "tokens": "word"}, "vocabulary"),  # ambiguous
     ("dataset_size", -1, "dataset size"),
     ("state", [1, 2], "'state'"),
+    ("config", lambda c: c["dataset"].update(image_size=-16), "image_size=-16 but its exa"),
+    ("config", lambda c: c["dataset"].update(image_size=8), "image_size=8 but its exa"),
 ])
 def test_a_damaged_layout_is_refused_on_load(run, tmp_path, key, value, fragment):
     ckpt = torch.load(run / "checkpoints/last.pt", weights_only=True)
     ckpt.pop("format")
-    ckpt[key] = value
+    if callable(value):
+        value(ckpt[key])
+    else:
+        ckpt[key] = value
     checkpoint.save(tmp_path / "bad.pt", ckpt)
     with pytest.raises(UserError, match=fragment):
         checkpoint.load(tmp_path / "bad.pt")

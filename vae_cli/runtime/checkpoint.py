@@ -76,6 +76,9 @@ def _malformed(ckpt: dict) -> str | None:
     if not (isinstance(shape, list) and len(shape) in (1, 3)
             and all(isinstance(n, int) and n > 0 for n in shape)):
         return f"data shape {shape!r}"
+    problem = _dataset_disagrees(ckpt["config"].get("dataset"), shape)
+    if problem:
+        return problem
     size = ckpt.get("dataset_size", 1)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         return f"dataset size {size!r}"
@@ -97,3 +100,16 @@ def _malformed(ckpt: dict) -> str | None:
             isinstance(aux, list) and all(isinstance(a, dict) for a in aux)):
         return "its 'aux_optim' is not a list of mappings"
     return None
+
+
+def _dataset_disagrees(node: Any, shape: list[int]) -> str | None:
+    """The dataset node's size keys against the examples' shape: both were written by the
+    same run, so a disagreement is an edit (and export would copy the node as it is)."""
+    if not isinstance(node, dict) or len(shape) != 3:
+        return None
+    for key, want in (("channels", shape[0]), ("image_size", shape[1])):
+        if key in node and (node[key] != want or shape[1] != shape[2]):
+            return f"dataset.{key}={node[key]!r} but its examples are " \
+                   f"{'x'.join(map(str, shape))}"
+    return None
+
