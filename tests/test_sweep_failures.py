@@ -72,6 +72,8 @@ def test_a_job_refused_as_its_folder_holds_a_run_leaves_it_as_it_was(reused):
     one_line_failure(second, "1 of 2 sweep jobs failed", code=1)
     assert f"refused as their folders hold another run, left as they were: {sweep / '0'}" \
         in second.stderr and "train.log" not in second.stderr
+    assert "another hydra.sweep.dir" in second.stderr + second.stdout
+    assert "hydra.run.dir" not in second.stderr + second.stdout  # not what a sweep sets
     assert digest(sweep / "0") == before  # no FAILED, no log lines, no config record
 
 

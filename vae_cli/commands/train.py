@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    key = "hydra.sweep.dir" if hc.mode == RunMode.MULTIRUN else "hydra.run.dir"
     run_dir = Path(hc.runtime.output_dir)
     share_cores(hc)
     with no_trace_if_refused(hc):
@@ -34,7 +36,7 @@ def run(cfg: DictConfig) -> float:
     # one run per folder: a second process into it is refused (rank 0 holds it for all)
     with folder_lock(run_dir) if distributed.rank() == 0 else nullcontext():
         with no_trace_if_refused(hc):
-            run = prepare(cfg, run_dir, list(hc.overrides.task))
+            run = prepare(cfg, run_dir, list(hc.overrides.task), key)
         summary = fit(run)
     log.info("best val loss %.4f after %d epochs; outputs in %s", summary["best_val"],
              summary["epoch"], run_dir)
@@ -47,10 +49,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
     return summary["best_val"]
 
 
-def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Run:
+def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str],
+            folder_key: str = "hydra.run.dir") -> Run:
     """The run, set up from the config, or from the checkpoint it continues; refusals are
     raised here, before any work."""
-    path = find_resume(cfg, run_dir)
+    path = find_resume(cfg, run_dir, folder_key)
     ckpt = None
     if path is not None:
         ckpt = checkpoint.load(path)

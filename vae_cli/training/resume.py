@@ -31,10 +31,12 @@ def another_run(run_dir: Path) -> list[str]:
                   if p.name not in OWN and not (p == ckpts and empty))
 
 
-def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+def find_resume(cfg: DictConfig, run_dir: Path, folder_key: str = "hydra.run.dir"
+                ) -> Path | None:
     """The checkpoint to continue from: ckpt=..., or last.pt when trainer.resume=true (or
     auto and it exists). A run folder is written only when it is empty, absent, or the
-    resumed run's own: never mixed with another run's files."""
+    resumed run's own: never mixed with another run's files. ``folder_key`` is the setting
+    that chose run_dir (a sweep's job folder comes from hydra.sweep.dir)."""
     last = RunFolder(run_dir).last
     others = another_run(run_dir)
     if cfg.get("ckpt"):
@@ -52,7 +54,7 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
         return last
     if others:
         raise UserError(f"{run_dir} already holds a run ({', '.join(others[:3])}); pass "
-                        "trainer.resume=true to continue it or choose another hydra.run.dir")
+                        f"trainer.resume=true to continue it or choose another {folder_key}")
     return None
 
 
