@@ -240,6 +240,7 @@ def _battery(tmp: Path, run: Path) -> list[tuple[list[str], str]]:
         (["eval"], "ckpt="),
         (["eval", f"ckpt={tmp / 'nope.pt'}"], "does not exist"),
         (["eval", f"ckpt={tmp / 'trunc.pt'}"], "not a readable vae checkpoint"),
+        (["eval", f"ckpt={tmp / 'é.pt'}"], "must be quoted, as in 'ckpt=\""),  # Hydra's grammar
         (["eval", f"ckpt={run / 'checkpoints/last.pt'}", "eval.split=holdout"], "eval.split"),
         (["sample", f"ckpt={run / 'checkpoints/last.pt'}", "num_samples=0"], "num_samples"),
         (["sample", f"ckpt={run / 'metrics.csv'}"], "not a readable vae checkpoint"),
