@@ -302,6 +302,8 @@ def test_mmd_forward_compares_z_with_prior_samples():
 def test_mmd_rejects_bad_options():
     with pytest.raises(UserError, match="kernel"):
         MMD(kernel="laplace")
+    with pytest.raises(UserError, match="prior_scale=0 must be > 0"):  # else NaN at step 1
+        MMD(prior_scale=0)
     with pytest.raises(UserError, match="batch_size"):
         MMD().mmd(torch.zeros(1, 2), torch.zeros(5, 2))
 

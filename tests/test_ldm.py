@@ -68,6 +68,7 @@ def test_the_latent_is_autoencoderkls_map_and_the_kl_is_its_own(compose_cfg):
 @pytest.mark.parametrize(("override", "why"), [
     ("dataset.image_size=17", "17x17 is not a multiple of it"),
     ("model.norm_groups=3", "model.norm_groups=3 must divide every width"),
+    ("model.norm_groups=0", "model.norm_groups=0 must divide every width"),
     ("posterior=vq", "model=ldm keeps a Gaussian latent map"),
     ("model.ch_mult=[1,0]", "must be positive integers"),
 ])

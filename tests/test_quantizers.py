@@ -76,6 +76,8 @@ def test_levels_that_do_not_fit_the_latent_are_one_line():
         FiniteScalar(LEVELS, latent_dim=8)
     with pytest.raises(UserError, match="integers >= 2"):
         FiniteScalar([4, 1], latent_dim=2)
+    with pytest.raises(UserError, match="too many to index"):  # past int64 (limits=false)
+        FiniteScalar([10**5] * 4, latent_dim=4)
 
 
 def test_fsq_trains_reports_code_usage_and_fits_the_pixelcnn_prior(tmp_path):

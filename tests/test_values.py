@@ -39,6 +39,7 @@ TRAIN = [
     (["optim.lr=inf"], "optim.lr"),
     (["divergence.beta=nan"], "divergence.beta"),
     (["optim.weight_decay=-1"], "optim.weight_decay"),
+    (["optim.eps=0"], "optim.eps=0 must be a number > 0"),  # else NaN at step 2
     (["seed=18446744073709551616"], "seed"),
     (["dataset.root=${oc.env:VAE_TEST_UNSET_VARIABLE}"], "VAE_TEST_UNSET_VARIABLE"),
     (["model.hidden=[64,nan]"], "model.hidden"),

@@ -6,7 +6,9 @@ sit an order of magnitude past the largest published setting of each key."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+import math
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_cli.errors import UserError
 
@@ -24,6 +26,9 @@ BOUNDS: dict[str, tuple[int, str]] = {
     "fd.epochs": (1_000, "epochs training the feature network"),
     "sampler.components": (10_000, "mixture components fitted to the codes"),
     "sampler.epochs": (10_000, "epochs training the sampler"),
+    # 10x MAGVIT-v2's 2^18 codes
+    "posterior.codes": (2_621_440, "codebook vectors each encoder output is compared with"),
+    "posterior.levels": (2_621_440, "codes, their product, whose use is counted every step"),
 }
 
 # Ten times the largest image autoencoder the field trains (latent diffusion's, 84M).
@@ -36,8 +41,16 @@ def check(cfg: DictConfig) -> None:
         return
     for key, (bound, cost) in BOUNDS.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+        if _count(value) > bound:
             raise UserError(f"{key}={value} is past its bound {bound:,} ({cost}); {LIFT}")
+
+
+def _count(value: object) -> int:
+    """An integer setting, or the product of a list of them (0 for anything else: the
+    component that reads it refuses it)."""
+    if isinstance(value, ListConfig) and value:
+        return math.prod(_count(v) for v in value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def check_parameters(count: int | None, cfg: DictConfig) -> None:

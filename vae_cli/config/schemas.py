@@ -275,6 +275,8 @@ def validate_train(cfg: DictConfig) -> DictConfig:
         raise UserError(f"optim.lr={o.lr} must be a number > 0")
     if not _number(o.get("weight_decay", 0)) or not o.get("weight_decay", 0) >= 0:
         raise UserError(f"optim.weight_decay={o.weight_decay} must be a number >= 0")
+    if "eps" in o and not (_number(o.eps) and o.eps > 0):  # Adam: 0/0 where v is still 0
+        raise UserError(f"optim.eps={o.eps} must be a number > 0")
     betas = o.get("betas", [0.0, 0.0])
     if len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
         raise UserError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")

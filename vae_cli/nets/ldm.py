@@ -151,7 +151,7 @@ def check(ch: int, ch_mult: list[int], num_res_blocks: int, norm_groups: int, h:
         raise UserError(f"model.ch_mult={ch_mult} must be positive integers, one per level")
     if ch < 1 or num_res_blocks < 1:
         raise UserError("model.ch and model.num_res_blocks must be positive")
-    if any((ch * m) % norm_groups for m in ch_mult):
+    if norm_groups < 1 or any((ch * m) % norm_groups for m in ch_mult):
         raise UserError(f"model.norm_groups={norm_groups} must divide every width "
                         f"{[ch * m for m in ch_mult]} (model.ch x model.ch_mult)")
     if h % factor or w % factor:

@@ -125,6 +125,9 @@ class MMD(Divergence):
         super().__init__(beta)
         if kernel not in KERNELS:
             raise UserError(f"divergence.kernel={kernel!r} is not one of {KERNELS}")
+        if not prior_scale > 0:
+            raise UserError(f"divergence.prior_scale={prior_scale} must be > 0 (the kernels' "
+                            "bandwidth is proportional to its square)")
         self.kernel, self.prior_scale = kernel, prior_scale
 
     def k(self, d2: torch.Tensor, dim: int) -> torch.Tensor:

@@ -49,6 +49,9 @@ class FiniteScalar(CodeMap):
                             f"{latent_dim} channels to its own number of levels, and "
                             f"posterior.levels={levels} has {len(levels)}: set "
                             f"model.latent_dim={len(levels)} or give one level per channel")
+        if math.prod(levels) >= 2**62:  # the codes are indexed by int64
+            raise UserError(f"posterior.levels={levels} make {math.prod(levels):.3g} codes, too "
+                            "many to index")
         self.levels = levels
         n = torch.tensor(levels, dtype=torch.float32).view(-1, 1, 1)
         self.register_buffer("n", n, persistent=False)
