@@ -181,6 +181,10 @@ def test_a_tiny_run_trains_scores_and_draws_its_layers(tmp_path):
     import json
     scores = json.loads((run / "eval.json").read_text())
     assert scores["nll_iwae"] <= scores["nelbo"] + 1e-3 and scores["bpd_iwae"] > 0
+    refused = in_process("export", f"ckpt={run / 'checkpoints/best.pt'}", "format=diffusers",
+                         f"out_dir={tmp_path / 'export'}", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "format=diffusers exports model=ldm runs" in \
+        refused.stderr and not (tmp_path / "export").exists()
 
 
 def test_the_cifar10_preset_is_vdvaes_network(compose_cfg):

@@ -26,10 +26,12 @@ def diffusers_files(src: Exported, cfg: DictConfig, ckpt: dict, out_dir: Path
     from vae_cli.export.diffusers_format import (
         CHECK_BATCH,
         SCALE_IMAGES,
+        exportable_config,
         measured_scale,
         write_diffusers,
     )
 
+    exportable_config(src)  # before the data is read and measured
     scale, source = cfg.scaling_factor, "given at export"
     if scale is None:
         data = load_data(ckpt, cfg.dataset, torch.device("cpu"))

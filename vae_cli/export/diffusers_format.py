@@ -20,8 +20,9 @@ CHECK_BATCH = 3
 SCALE_IMAGES = 1000  # training images whose latents measure the scaling factor
 
 
-def autoencoder_state(src: Exported) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The AutoencoderKL config and state dict of a model=ldm run."""
+def exportable_config(src: Exported) -> dict:
+    """The AutoencoderKL config of a model=ldm run; one line why not for any other run
+    (checked before anything is measured or written)."""
     from vae_cli.nets.ldm import LDMDecoder
 
     decoder = src.model.decoder
@@ -34,6 +35,12 @@ def autoencoder_state(src: Exported) -> tuple[dict, dict[str, torch.Tensor]]:
                         f"loss={src.components.get('loss')} outputs "
                         f"{config['out_channels'] // config['in_channels']} parameters per "
                         "channel: train with loss=laplace, gaussian or mse")
+    return config
+
+
+def autoencoder_state(src: Exported) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The AutoencoderKL config and state dict of a model=ldm run."""
+    config = exportable_config(src)
     state = {}
     for name, tensor in src.model.state_dict().items():
         for ours, theirs in RENAMES:
