@@ -70,6 +70,8 @@ def test_a_schedule_moves_only_on_its_own_event():
 
 @pytest.mark.parametrize("cls, kw, key", [
     (ls.Cosine, {"warmup_epochs": 8.0, "steps_per_epoch": 5, "epochs": 8}, "warmup_epochs"),
+    (ls.Cosine, {"min_lr": 2.0, "steps_per_epoch": 5, "epochs": 8}, "min_lr=2.0 must be >= 0 "
+     "and at most optim.lr=1"),
     (ls.Step, {"gamma": 0.0}, "gamma"), (ls.Staged, {"decay": -1.0}, "decay")])
 def test_impossible_settings_are_one_line(cls, kw, key):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -110,8 +110,10 @@ class Cosine(LRSchedule):
         if warmup_epochs < 0 or warmup >= total:
             raise UserError(f"lr_scheduler.warmup_epochs={warmup_epochs} must be >= 0 and "
                             f"shorter than the run ({epochs} epochs)")
-        if min_lr < 0:
-            raise UserError(f"lr_scheduler.min_lr={min_lr} must be >= 0")
+        lr = optimizer.param_groups[0]["lr"]
+        if not 0 <= min_lr <= lr:  # above it, the "decay" would climb to min_lr
+            raise UserError(f"lr_scheduler.min_lr={min_lr} must be >= 0 and at most "
+                            f"optim.lr={lr:g}")
         cosine = torch_schedulers.CosineAnnealingLR(optimizer, T_max=total - warmup,
                                                     eta_min=min_lr)
         if warmup == 0:
