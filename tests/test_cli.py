@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vae_cli.errors import UserError
+
 DATA = ["dataset=shapes", "dataset.image_size=16", "dataset.n_train=256", "dataset.n_val=64",
         "dataset.n_test=64", "trainer.batch_size=32", "trainer.epochs=2", "trainer.device=cpu",
         "trainer.num_images=16"]
@@ -120,6 +122,22 @@ def test_fitted_samplers_sample_end_to_end_and_are_scored(trained, compose_cfg):
                             "pictures=false"], name="sample"))
     assert torch.equal(torch.load(trained / "samples_gmm_seed0.pt", weights_only=True)["z"],
                        before)  # the saved fit reused, the same seed: the same draws
+
+
+def test_a_tempered_prior_draw_is_its_own_file_and_a_fitted_sampler_refuses_one(
+        trained, compose_cfg):
+    from vae_cli.commands import sample
+
+    ckpt = f"ckpt={trained / 'checkpoints/best.pt'}"
+    for seed in (0, 1):  # at temperature 0 every draw is the prior's mean: seeds agree
+        sample.run(compose_cfg([ckpt, "temperature=0", f"seed={seed}", "num_samples=4",
+                                "pictures=false"], name="sample"))
+    first, second = (torch.load(trained / f"samples_t0_seed{s}.pt", weights_only=True)
+                     for s in (0, 1))
+    assert torch.equal(first["z"], torch.zeros(4, 4)) and torch.equal(first["images"],
+                                                                      second["images"])
+    with pytest.raises(UserError, match="sampler=gmm draws from its own fit"):
+        sample.run(compose_cfg([ckpt, "temperature=0.5", "sampler=gmm"], name="sample"))
 
 
 def test_compare_reads_a_multirun(tmp_path):

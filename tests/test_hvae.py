@@ -93,3 +93,16 @@ def test_what_hvae_cannot_do_is_refused_in_one_line(compose_cfg, overrides, frag
     with pytest.raises(UserError, match=fragment):
         build_objective(validate_train(compose_cfg([*SMALL, *overrides])), (1, 6, 6), 100,
                         num_classes=3)
+
+
+def test_a_temperature_tempers_both_layers(compose_cfg):
+    prior = _objective(compose_cfg).model.prior
+    z = prior.sample(6, temperature=0.0)  # z2 at the top prior's mean, z1 at p(z1|z2)'s
+    assert torch.equal(z[:, 3:], torch.zeros(6, 2))
+    torch.testing.assert_close(z[:, :3], _normal(prior.hierarchy.prior_z1(z[:, 3:])).mean)
+    torch.manual_seed(0)
+    z = prior.sample(20000, temperature=0.5)
+    torch.testing.assert_close(z[:, 3:].std(0), torch.full((2,), 0.5), rtol=0.03, atol=0)
+    lower = _normal(prior.hierarchy.prior_z1(z[:, 3:]))
+    residual = (z[:, :3] - lower.mean) / lower.stddev  # ~N(0, 0.25) given z2
+    torch.testing.assert_close(residual.std(0), torch.full((3,), 0.5), rtol=0.03, atol=0)

@@ -2,7 +2,9 @@
 plus the run's picture set. The draws come from the model's prior (``sampler=prior``) or
 from a sampler fitted once to the training split's codes (``sampler=gmm | two_stage``,
 saved in <run>/samplers/); ``fd.samples=N`` scores N of them with the Fréchet distance. A
-conditional model draws one class (``label=k``) or one row per class."""
+conditional model draws one class (``label=k``) or one row per class. ``temperature``
+tempers an image model's prior draws (every Gaussian's standard deviation times it) and a
+text model's decoding."""
 
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"fd.samples={cfg.fd.samples}: the Fréchet distance scores images, "
                         "and this is a text model; leave fd.samples=0")
     sampler, settings = build_sampler(cfg.sampler, model)
+    tempered = not vocab and cfg.temperature != 1  # a text model's is its decoding's
+    if tempered and sampler.name != "prior":
+        raise UserError(f"temperature={cfg.temperature} tempers the prior's draws "
+                        f"(sampler=prior); sampler={sampler.name} draws from its own fit: "
+                        "leave temperature=1")
     tile = large_tile(cfg, model, sampler) if cfg.image_size else None
     out_dir = Path(cfg.out_dir) if cfg.out_dir else RunFolder.of_checkpoint(cfg.ckpt).path
     data = None
@@ -52,8 +59,10 @@ def run(cfg: DictConfig) -> Path:
     fitted_sampler(sampler, settings, model, data, cfg.ckpt, ckpt, out_dir)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        z = sampler.sample(sample_draws(model, cfg.num_samples, cfg.label))
+        n = sample_draws(model, cfg.num_samples, cfg.label)
+        z = model.prior.sample(n, cfg.temperature) if tempered else sampler.sample(n)
     stem = "samples" if sampler.name == "prior" else f"samples_{sampler.name}"
+    stem += f"_t{cfg.temperature:g}" if tempered else ""
     main = out_dir / f"{stem}_seed{cfg.seed}.{'txt' if vocab else 'png'}"
     if vocab:  # a sequence model: lines of text, printed and written
         text = sample_text(model, vocab, z, float(cfg.temperature))

@@ -376,7 +376,8 @@ def validate_sample(cfg: DictConfig) -> DictConfig:
         if cfg[key] is not None:
             positive(**{key: cfg[key]})
     if cfg.temperature < 0:
-        raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: greedy only)")
+        raise UserError(f"temperature={cfg.temperature!r} must be >= 0 (0: a text model's "
+                        "greedy decoding, an image model's prior means)")
     if cfg.split not in SPLITS:
         raise UserError(f"split={cfg.split!r} is not one of val, test, train")
     return cfg

@@ -15,7 +15,7 @@ import torch
 from torch.distributions import Distribution, Independent
 
 from vae_cli.objective.posteriors import Posterior, PushedGaussian, bounded_gaussian
-from vae_cli.objective.priors import Prior, PriorDist
+from vae_cli.objective.priors import Prior, PriorDist, tempered
 
 
 class TwoLevel(Posterior):
@@ -93,9 +93,13 @@ class TwoLevelPrior(Prior):
         return self.top.log_prob(z[..., d1:]) + self.conditional(z[..., d1:]).log_prob(
             z[..., :d1])
 
-    def sample(self, n: int) -> torch.Tensor:
-        z2 = self.top.sample(n)
-        return torch.cat([self.conditional(z2).rsample(), z2], dim=-1)
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        """Each layer's draw at the temperature (as VDVAE tempers every layer)."""
+        z2 = self.top.sample(n, temperature)
+        z1 = self.conditional(z2)
+        if temperature != 1:
+            z1 = tempered(z1, temperature)
+        return torch.cat([z1.rsample(), z2], dim=-1)
 
     @property
     def top_dims(self) -> list[int]:

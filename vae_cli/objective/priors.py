@@ -66,11 +66,12 @@ class Prior(nn.Module):
         """Called once by the VAE with its posterior family; only a prior over a discrete
         family's codes needs it (rules.py pairs the two)."""
 
-    def sample(self, n: int) -> torch.Tensor:
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """Reparameterised where possible, so sample-based divergences train the prior too:
         a mixture draws component indices, then rsamples the chosen components (gradients
-        reach means, scales and VampPrior pseudo-inputs; not the mixture weights)."""
-        d = self.dist()
+        reach means, scales and VampPrior pseudo-inputs; not the mixture weights).
+        ``temperature`` t scales every Gaussian's standard deviation (t = 0: the means)."""
+        d = self.dist() if temperature == 1 else tempered(self.dist(), temperature)
         if d.has_rsample:
             return d.rsample((n,))
         if isinstance(d, MixtureSameFamily):
@@ -89,6 +90,19 @@ class Prior(nn.Module):
     def settle(self, z: torch.Tensor) -> torch.Tensor:
         """z made consistent after some dimensions were moved (identity for one layer)."""
         return z
+
+
+def tempered(d: Distribution, t: float) -> Distribution:
+    """A diagonal Gaussian, or a mixture of them, with its standard deviations times t."""
+    if isinstance(d, Independent) and type(d.base_dist) is Normal:
+        return diagonal_normal(d.base_dist.loc, d.base_dist.scale * t)
+    parts = mixture_parts(d)
+    if parts is None:
+        raise UserError(f"temperature={t} scales a Gaussian prior's standard deviations; "
+                        f"this model's p(z) ({type(d).__name__}) has none: leave "
+                        "temperature=1")
+    log_w, loc, scale = parts
+    return _mixture(log_w, loc, scale * t)
 
 
 class PriorDist(Distribution):
