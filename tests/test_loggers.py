@@ -235,3 +235,10 @@ def test_a_missing_package_is_one_line_from_the_command(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: logger=mlflow needs the mlflow package: pip install 'vae-cli[mlflow]'"]
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_an_empty_mlflow_experiment_name_stops_before_any_work(compose_cfg, tmp_path):
+    cfg = validate_train(compose_cfg([*TINY, "logger=mlflow", "logger.experiment=' '"]))
+    with pytest.raises(UserError, match="logger.experiment=' ' must be a name"):
+        setup(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

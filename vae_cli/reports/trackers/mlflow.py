@@ -35,6 +35,8 @@ class MLflow(Tracker):
     def __init__(self, tracking_uri: str | None = None, experiment: str = "vae",
                  run_name: str | None = None, tags: dict[str, str] | None = None):
         self.mlflow = need("mlflow", self.option)
+        if not str(experiment).strip():  # MLflow would fail later, on a None experiment
+            raise UserError(f"logger.experiment={experiment!r} must be a name")
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         self.experiment, self.run_name = experiment, run_name
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
