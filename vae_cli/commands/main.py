@@ -315,10 +315,11 @@ def describe(e: Exception, command: str = "train") -> str | None:
     refusal, a run folder that cannot be made); None for anything else."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
-    if isinstance(e, OverrideParseException) and not e.override.isascii():
-        key, _, value = e.override.partition("=")  # Hydra's grammar: unquoted is ASCII only
-        return (f"{e.override}: a value with characters outside ASCII must be quoted, "
-                f"as in '{key}=\"{value}\"'")
+    if isinstance(e, OverrideParseException):  # Hydra reads unquoted values in ASCII only
+        key, _, value = e.override.partition("=")
+        if key.isascii() and not value.isascii():
+            return (f"{e.override}: a value with characters outside ASCII must be quoted, "
+                    f"as in '{key}=\"{value}\"'")
     if isinstance(e, MissingConfigException) and e.options:  # an unknown group option
         return (f"no config {e.missing_cfg_file!r}; the options are "
                 f"{', '.join(sorted(e.options))}")
