@@ -106,3 +106,13 @@ def test_a_temperature_tempers_both_layers(compose_cfg):
     lower = _normal(prior.hierarchy.prior_z1(z[:, 3:]))
     residual = (z[:, :3] - lower.mean) / lower.stddev  # ~N(0, 0.25) given z2
     torch.testing.assert_close(residual.std(0), torch.full((3,), 0.5), rtol=0.03, atol=0)
+
+
+def test_the_bounds_frozen_density_is_the_two_level_log_prob(compose_cfg):
+    # vae eval scores z under p(z) computed once: the VampPrior over z2 by matrix products
+    prior = _objective(compose_cfg, "prior=vamp", "prior.components=7").model.prior
+    torch.manual_seed(1)
+    z = 2 * torch.randn(3, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(prior.frozen_log_prob()(z), prior.log_prob(z), rtol=1e-5,
+                                   atol=1e-4)

@@ -168,7 +168,7 @@ def test_the_bounds_mixture_density_is_the_mixtures_log_prob():
     prior keeps its log_prob."""
     from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-    from vae_cli.evaluation.likelihood import density
+    from vae_cli.objective.priors import fixed_density as density
 
     g = torch.Generator().manual_seed(3)
     k, d = 50, 6

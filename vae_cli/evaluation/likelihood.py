@@ -6,13 +6,11 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.distributions import Distribution
 
 from vae_cli.data.batching import labelled
 from vae_cli.evaluation.units import per_unit
 from vae_cli.objective.bounds import log_weights
 from vae_cli.objective.model import VAE
-from vae_cli.objective.priors import mixture_parts
 from vae_cli.runtime.progress import bar
 
 
@@ -35,7 +33,7 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     model.eval()
     # Fixed weights: the prior (a VampPrior's pass over its pseudo-inputs) is built once, and
     # q(z|x) once per batch, however many chunks the samples take.
-    log_prior = log_prior or density(model.prior.dist())
+    log_prior = log_prior or model.prior.frozen_log_prob()
     iw_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     elbo_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     progress = bar(len(x) * k, f"IWAE bound, k={k}", unit="decodes")
@@ -59,26 +57,3 @@ def iwae_bound(model: VAE, x: torch.Tensor, k: int, batch_size: int,
     iw, elbo = (iw_sum / n).item(), (elbo_sum / n).item()
     return {"iw_samples": k, "nll_iwae": -iw, "nelbo_iw": -elbo,
             **per_unit(-iw, x, "_iwae")}
-
-
-def density(prior: Distribution) -> Callable[[torch.Tensor], torch.Tensor]:
-    """log p(z) for the bound. A mixture of diagonal Gaussians (VampPrior, mog) is scored
-    by two matrix products in float64 instead of torch's [N, K, D] broadcast:
-    sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 . (1/s_k^2) - 2 z . (m_k/s_k^2) + sum_d m_kd^2/s_kd^2.
-    A VampPrior with K = 500 made the prior, not the decoder, most of a CPU's bound at
-    k = 5000; float64 keeps the expansion's cancellation far below the estimate's noise."""
-    parts = mixture_parts(prior)
-    if parts is None:
-        return prior.log_prob
-    log_w, loc, scale = (t.double() for t in parts)
-    inv = scale.pow(-2)  # [K, D]
-    const = log_w - scale.log().sum(-1) - 0.5 * (loc.square() * inv).sum(-1) \
-        - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
-
-    def log_prob(z: torch.Tensor) -> torch.Tensor:
-        flat = z.reshape(-1, z.shape[-1]).double()
-        quad = flat.square() @ inv.T - 2 * flat @ (loc * inv).T  # [N, K]
-        out = torch.logsumexp(const - 0.5 * quad, dim=-1)
-        return out.view(z.shape[:-1]).to(z.dtype)
-
-    return log_prob

@@ -93,6 +93,10 @@ class TwoLevelPrior(Prior):
         return self.top.log_prob(z[..., d1:]) + self.conditional(z[..., d1:]).log_prob(
             z[..., :d1])
 
+    def frozen_log_prob(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        top, d1 = self.top.frozen_log_prob(), self.hierarchy.latent_dim
+        return lambda z: top(z[..., d1:]) + self.conditional(z[..., d1:]).log_prob(z[..., :d1])
+
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """Each layer's draw at the temperature (as VDVAE tempers every layer)."""
         z2 = self.top.sample(n, temperature)
