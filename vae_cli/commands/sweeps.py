@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.runtime.files import write_text
-from vae_cli.runtime.run_folder import HYDRA, LOG, RunFolder
+from vae_cli.runtime.run_folder import LOG, RunFolder, take_back
 from vae_cli.training.resume import OWN, another_run
 
 log = logging.getLogger("vae_cli")
@@ -55,18 +55,14 @@ class JobStart:
 
     folder: Path
     run: dict[str, tuple[int, int]]  # the run already there ({}: none)
-    log_size: int | None  # its train.log's size before this job (None: no log)
-    record: Path | None  # the .hydra/again-<time> Hydra just wrote for this job
+    log_size: int  # its train.log's size before this job (0: none of its own)
 
     @classmethod
     def of(cls, folder: Path) -> JobStart:
         if not another_run(folder):
-            return cls(folder, {}, None, None)
-        log_file = folder / LOG
-        size = log_file.stat().st_size if log_file.is_file() else None
-        size = size or None  # Hydra opened (made) the log before the task: empty is its own
-        again = sorted((folder / HYDRA).glob("again-*"))
-        return cls(folder, _files(folder), size, again[-1] if again else None)
+            return cls(folder, {}, 0)
+        log_file = folder / LOG  # Hydra opened (made) it before the task: empty is its own
+        return cls(folder, _files(folder), log_file.stat().st_size if log_file.is_file() else 0)
 
     def refused(self) -> bool:
         """Failed without changing the run already in the folder."""
@@ -81,14 +77,7 @@ class JobStart:
             if getattr(handler, "baseFilename", None) == os.path.abspath(log_file):
                 root.removeHandler(handler)
                 handler.close()
-        if self.log_size is None:
-            log_file.unlink(missing_ok=True)
-        elif log_file.is_file():
-            os.truncate(log_file, self.log_size)
-        if self.record is not None:
-            shutil.rmtree(self.record, ignore_errors=True)
-        with suppress(OSError):  # a .hydra/ made for that record alone
-            (self.folder / HYDRA).rmdir()
+        take_back(self.folder, self.log_size)
 
 
 def _ledger_entry(outcome: str, message: str = "") -> None:

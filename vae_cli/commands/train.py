@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +15,7 @@ from vae_cli.config.schemas import validate_train
 from vae_cli.errors import UserError
 from vae_cli.runtime import checkpoint, distributed
 from vae_cli.runtime.files import folder_lock
-from vae_cli.runtime.run_folder import CHECKPOINTS, HYDRA, LOG, METRICS
+from vae_cli.runtime.run_folder import LOG, take_back
 from vae_cli.training.recipe import Run, fit, setup
 from vae_cli.training.resume import find_resume, resume_config
 
@@ -81,24 +80,6 @@ def no_trace_if_refused(hc: DictConfig) -> Iterator[None]:
         if hc.mode != RunMode.MULTIRUN and hc.output_subdir is not None:
             take_back(Path(hc.runtime.output_dir), logged)
         raise
-
-
-def take_back(run_dir: Path, logged: int) -> None:
-    # this start's record: the newest .hydra/again-<time> beside a run's own, else .hydra
-    # (hydra.output_subdir cannot say: it is resolved anew on each access)
-    again = sorted((run_dir / HYDRA).glob("again-*"))
-    if again:
-        shutil.rmtree(again[-1], ignore_errors=True)
-    elif not (run_dir / CHECKPOINTS).exists() and not (run_dir / METRICS).exists():
-        shutil.rmtree(run_dir / HYDRA, ignore_errors=True)
-    log_file = run_dir / LOG
-    if log_file.is_file() and logged == 0:
-        log_file.unlink()
-    elif log_file.is_file():  # a refused resume's lines (the data it loaded, say)
-        os.truncate(log_file, logged)
-    for folder in (run_dir / HYDRA, run_dir):
-        with suppress(OSError):  # only when nothing else is in it
-            folder.rmdir()
 
 
 def share_cores(hc) -> None:

@@ -22,6 +22,8 @@ import io
 import json
 import math
 import os
+import shutil
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,23 @@ def read_eval(path: Path) -> dict[str, Any] | None:
     if not isinstance(result, dict):
         raise RunFileError(f"{path} is unreadable (not a JSON object)")
     return result
+
+
+def take_back(run_dir: Path, logged: int) -> None:
+    """Undo what Hydra wrote for a start refused before any work: its config record, the
+    lines it added to the log (all of it when ``logged`` is 0), folders made for it alone."""
+    # this start's record: the newest .hydra/again-<time> beside a run's own, else .hydra
+    # (hydra.output_subdir cannot say: it is resolved anew on each access)
+    again = sorted((run_dir / HYDRA).glob("again-*"))
+    if again:
+        shutil.rmtree(again[-1], ignore_errors=True)
+    elif not (run_dir / CHECKPOINTS).exists() and not (run_dir / METRICS).exists():
+        shutil.rmtree(run_dir / HYDRA, ignore_errors=True)
+    log_file = run_dir / LOG
+    if log_file.is_file() and logged == 0:
+        log_file.unlink()
+    elif log_file.is_file():  # a refused resume's lines (the data it loaded, say)
+        os.truncate(log_file, logged)
+    for folder in (run_dir / HYDRA, run_dir):
+        with suppress(OSError):  # only when nothing else is in it
+            folder.rmdir()
