@@ -86,7 +86,14 @@ def _check_rows(png: bytes) -> None:
     for x0, y0, dx, dy in passes:  # each pass's rows: a filter byte and their pixels
         pw, ph = -(-(w - x0) // dx), -(-(h - y0) // dy)
         need += ph * (1 + -(-(pw * bits) // 8)) if pw > 0 and ph > 0 else 0
-    got = len(zlib.decompressobj().decompress(b"".join(stream)))
+    # counted chunk by chunk in pieces of at most 1 MiB, up to what is needed: neither the
+    # stream nor its rows are held whole (an image of 8192 x 8192 RGBA is 256 MiB of rows)
+    inflate, got = zlib.decompressobj(), 0
+    for body in stream:
+        while body and got < need:
+            got += len(inflate.decompress(body, 1 << 20))
+            body = inflate.unconsumed_tail
+    got += len(inflate.flush()) if got < need else 0
     if got < need:
         raise ValueError(f"its image stream ends after {got} of {need} bytes (a truncated "
                          "PNG)")
